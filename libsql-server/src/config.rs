@@ -1,0 +1,77 @@
+//! Command-line flags and environment variables of `sqld`, named as the libSQL server names them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The configuration of one server process. Every field has a working default, so `sqld` with
+/// no flags serves the `default` database from `./data.sqld` on 127.0.0.1:8080.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "sqld", version, about = "libSQL server: SQLite over HTTP (Hrana), with namespaces")]
+pub struct Config {
+    /// Directory that holds every database of this server (`dbs/<namespace>/data`).
+    #[arg(long, env = "SQLD_DB_PATH", default_value = "data.sqld")]
+    pub db_path: PathBuf,
+
+    /// Address of the user API: Hrana over HTTP, `/health`, `/version`.
+    #[arg(long, env = "SQLD_HTTP_LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_listen_addr: SocketAddr,
+
+    /// Address of the admin API (namespaces, configuration, `/metrics`). Off unless given.
+    #[arg(long, env = "SQLD_ADMIN_LISTEN_ADDR")]
+    pub admin_listen_addr: Option<SocketAddr>,
+
+    /// Bearer key every admin API request must carry (`Authorization: Bearer <key>`).
+    #[arg(long, env = "LIBSQL_ADMIN_AUTH_KEY", hide_env_values = true)]
+    pub admin_auth_key: Option<String>,
+
+    /// Serve many databases: a request's namespace comes from `x-namespace-bin`,
+    /// `x-namespace` or the first label of `Host`. Without it every request uses `default`.
+    #[arg(long, env = "SQLD_ENABLE_NAMESPACES")]
+    pub enable_namespaces: bool,
+
+    /// How many namespaces may be open at once; the least recently used idle one is closed
+    /// cleanly when another must be opened.
+    #[arg(long, env = "SQLD_MAX_ACTIVE_NAMESPACES", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_active_namespaces: u64,
+
+    /// Largest HTTP request body the user API accepts, in bytes.
+    #[arg(long, env = "SQLD_MAX_BODY_SIZE", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_size: usize,
+
+    /// Seconds an idle Hrana stream (an interactive transaction's baton) lives before it is
+    /// rolled back and its baton refused.
+    #[arg(long, env = "SQLD_STREAM_EXPIRY_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stream_expiry_s: u64,
+
+    /// Milliseconds a writer waits for its namespace's write lock before it gets SQLITE_BUSY.
+    #[arg(long, env = "SQLD_WRITE_LOCK_TIMEOUT_MS", default_value_t = 5000)]
+    pub write_lock_timeout_ms: u64,
+
+    /// Seconds a graceful shutdown waits for in-flight requests before it closes anyway.
+    #[arg(long, env = "SQLD_SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
+    pub shutdown_timeout_s: u64,
+}
+
+impl Config {
+    /// A configuration with every default, rooted at `db_path`: what tests and benches start from.
+    pub fn with_db_path(db_path: impl Into<PathBuf>) -> Self {
+        let mut config = Config::parse_from(["sqld"]);
+        config.db_path = db_path.into();
+        config
+    }
+
+    pub fn stream_expiry(&self) -> Duration {
+        Duration::from_secs(self.stream_expiry_s)
+    }
+
+    pub fn write_lock_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_lock_timeout_ms)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_s)
+    }
+}

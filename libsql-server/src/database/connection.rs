@@ -1,0 +1,174 @@
+//! A connection of one namespace, with the rules every statement passes before it runs:
+//! the namespace's read/write blocks and the write gate.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use libsql_sys::rusqlite;
+
+use super::{synchronous_pragma, EngineConnection, Shared, WritePermit};
+
+/// Whether a statement needs the namespace's write lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StmtKind {
+    Read,
+    Write,
+}
+
+impl StmtKind {
+    /// `BEGIN IMMEDIATE` and `BEGIN EXCLUSIVE` count as writes: SQLite reports every
+    /// transaction-control statement as read-only, yet these take its write lock at once.
+    pub fn of(stmt: &rusqlite::Statement<'_>, sql: &str) -> Self {
+        if !stmt.readonly() || begins_write_transaction(sql) {
+            StmtKind::Write
+        } else {
+            StmtKind::Read
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error("reads are blocked on this namespace{}", reason_suffix(.0))]
+    ReadsBlocked(Option<String>),
+    #[error("writes are blocked on this namespace{}", reason_suffix(.0))]
+    WritesBlocked(Option<String>),
+    #[error("timed out waiting for the namespace's write lock (another transaction is writing)")]
+    WriteLockTimeout,
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+fn reason_suffix(reason: &Option<String>) -> String {
+    reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
+}
+
+pub struct Connection {
+    /// Declared first so it is dropped first: an open transaction rolls back before the write
+    /// permit is released.
+    conn: EngineConnection,
+    access: WriteAccess,
+}
+
+/// The write side of a connection: whether it holds the namespace's write gate.
+pub struct WriteAccess {
+    permit: Option<WritePermit>,
+    shared: Arc<Shared>,
+    /// The configuration version whose per-connection pragmas are applied.
+    config_seen: Option<u64>,
+}
+
+impl Connection {
+    pub(super) fn new(conn: EngineConnection, shared: Arc<Shared>) -> Self {
+        Connection { conn, access: WriteAccess { permit: None, shared, config_seen: None } }
+    }
+
+    pub fn sqlite(&self) -> &rusqlite::Connection {
+        &self.conn
+    }
+
+    /// The SQLite connection and its write access, borrowed apart so a prepared statement
+    /// (which borrows the connection) can be admitted.
+    pub fn split(&mut self) -> (&rusqlite::Connection, &mut WriteAccess) {
+        (&self.conn, &mut self.access)
+    }
+}
+
+impl WriteAccess {
+    /// Lets a statement of `kind` run, or says why not. A write waits (bounded) for the write
+    /// gate unless this connection already holds it.
+    pub fn admit(&mut self, conn: &rusqlite::Connection, kind: StmtKind) -> Result<(), AccessError> {
+        self.apply_config(conn)?;
+        let config = self.shared.config();
+        if config.block_reads {
+            return Err(AccessError::ReadsBlocked(config.block_reason.clone()));
+        }
+        if kind == StmtKind::Write {
+            if config.block_writes {
+                return Err(AccessError::WritesBlocked(config.block_reason.clone()));
+            }
+            if self.permit.is_none() {
+                let permit = self.shared.gate.acquire(self.shared.write_lock_timeout);
+                self.permit = Some(permit.ok_or(AccessError::WriteLockTimeout)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Called after every statement: once the transaction has ended, the gate is released.
+    pub fn settle(&mut self, conn: &rusqlite::Connection) {
+        if conn.is_autocommit() {
+            self.permit = None;
+        }
+    }
+
+    fn apply_config(&mut self, conn: &rusqlite::Connection) -> Result<(), rusqlite::Error> {
+        let version = self.shared.config_version.load(Ordering::Acquire);
+        if self.config_seen == Some(version) {
+            return Ok(());
+        }
+        let config = self.shared.config();
+        conn.pragma_update(None, "synchronous", synchronous_pragma(&config))?;
+        // 0 pages means "no limit": SQLite's own maximum.
+        let max_pages = if config.max_db_pages == 0 { u32::MAX as u64 - 1 } else { config.max_db_pages };
+        conn.pragma_update(None, "max_page_count", max_pages)?;
+        self.config_seen = Some(version);
+        Ok(())
+    }
+}
+
+/// True when `sql` starts (after blanks and comments) with `BEGIN IMMEDIATE` or
+/// `BEGIN EXCLUSIVE`.
+fn begins_write_transaction(sql: &str) -> bool {
+    let mut words = SqlWords { rest: sql };
+    match words.next() {
+        Some(w) if w.eq_ignore_ascii_case("begin") => {}
+        _ => return false,
+    }
+    matches!(words.next(), Some(w) if w.eq_ignore_ascii_case("immediate") || w.eq_ignore_ascii_case("exclusive"))
+}
+
+/// The leading keywords of a SQL text, skipping whitespace and comments.
+struct SqlWords<'a> {
+    rest: &'a str,
+}
+
+impl<'a> Iterator for SqlWords<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        loop {
+            self.rest = self.rest.trim_start();
+            if let Some(after) = self.rest.strip_prefix("--") {
+                self.rest = after.split_once('\n').map_or("", |(_, r)| r);
+            } else if let Some(after) = self.rest.strip_prefix("/*") {
+                self.rest = after.split_once("*/").map_or("", |(_, r)| r);
+            } else {
+                break;
+            }
+        }
+        let end = self.rest.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(self.rest.len());
+        if end == 0 {
+            return None;
+        }
+        let (word, rest) = self.rest.split_at(end);
+        self.rest = rest;
+        Some(word)
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_transactions_that_take_the_write_lock_at_once() {
+        for sql in ["BEGIN IMMEDIATE", "begin exclusive;", "  -- c\n /* x */ Begin  Immediate Transaction"] {
+            assert!(begins_write_transaction(sql), "{sql}");
+        }
+        for sql in ["BEGIN", "BEGIN DEFERRED", "BEGIN TRANSACTION", "SELECT 1", "", "immediate"] {
+            assert!(!begins_write_transaction(sql), "{sql}");
+        }
+    }
+}

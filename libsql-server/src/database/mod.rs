@@ -1,0 +1,175 @@
+//! One namespace's SQLite database: how connections are opened, pooled and admitted to write.
+//!
+//! Everything here blocks (SQLite calls, fsyncs) and is called from blocking threads only.
+
+mod connection;
+mod write_gate;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use libsql_replication::rpc::metadata::{DatabaseConfig, DurabilityMode};
+use libsql_sys::rusqlite::{self, OpenFlags};
+use libsql_sys::wal::{Sqlite3Wal, Sqlite3WalManager};
+
+pub use connection::{AccessError, Connection, StmtKind, WriteAccess};
+pub use write_gate::{WriteGate, WritePermit};
+
+/// The connection type of the engine. The replication log replaces the WAL type here.
+pub type EngineConnection = libsql_sys::Connection<Sqlite3Wal>;
+
+/// SQLite's page size, and the only one this server's formats accept.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Idle connections kept open per namespace: opening one costs far more than a request.
+const MAX_IDLE_CONNECTIONS: usize = 8;
+
+/// SQLite's own default: checkpoint once the WAL holds this many frames.
+const AUTO_CHECKPOINT_FRAMES: u32 = 1000;
+
+/// How long SQLite itself retries a busy database (a checkpoint racing a reader, say). Writers
+/// already queue on the [`WriteGate`]; this is a backstop, not the queue.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// State shared by every connection of one database.
+pub struct Shared {
+    pub gate: Arc<WriteGate>,
+    config: RwLock<Arc<DatabaseConfig>>,
+    /// Bumped by every configuration change, so connections re-apply per-connection pragmas.
+    config_version: AtomicU64,
+    write_lock_timeout: Duration,
+}
+
+impl Shared {
+    pub fn config(&self) -> Arc<DatabaseConfig> {
+        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+pub struct Database {
+    path: PathBuf,
+    shared: Arc<Shared>,
+    idle: Mutex<Vec<Connection>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum CheckpointMode {
+    /// Copy what it can without waiting for readers (SQLite's PASSIVE).
+    Passive,
+    /// Copy everything and empty the WAL file (SQLite's TRUNCATE).
+    Truncate,
+}
+
+impl Database {
+    /// Opens (creating if needed) the database file at `path` and checks it can be used.
+    pub fn open(path: &Path, config: DatabaseConfig, write_lock_timeout: Duration) -> Result<Self, Error> {
+        let db = Database {
+            path: path.to_owned(),
+            shared: Arc::new(Shared {
+                gate: Arc::new(WriteGate::default()),
+                config: RwLock::new(Arc::new(config)),
+                config_version: AtomicU64::new(0),
+                write_lock_timeout,
+            }),
+            idle: Mutex::new(Vec::new()),
+        };
+        let conn = db.connection()?;
+        db.recycle(conn);
+        Ok(db)
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn config(&self) -> Arc<DatabaseConfig> {
+        self.shared.config()
+    }
+
+    pub fn set_config(&self, config: DatabaseConfig) {
+        *self.shared.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        self.shared.config_version.fetch_add(1, Ordering::Release);
+    }
+
+    /// A connection from the pool, or a new one.
+    pub fn connection(&self) -> Result<Connection, Error> {
+        if let Some(conn) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(conn);
+        }
+        let conn = open_engine_connection(&self.path)?;
+        Ok(Connection::new(conn, self.shared.clone()))
+    }
+
+    /// Gives a connection back. One still inside a transaction is dropped (which rolls the
+    /// transaction back) rather than handed to the next user.
+    pub fn recycle(&self, conn: Connection) {
+        if !conn.sqlite().is_autocommit() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE_CONNECTIONS {
+            idle.push(conn);
+        }
+    }
+
+    /// Runs a checkpoint on a connection of the pool. Returns SQLite's (busy, log frames,
+    /// checkpointed frames).
+    pub fn checkpoint(&self, mode: CheckpointMode) -> Result<(i64, i64, i64), Error> {
+        let conn = self.connection()?;
+        let pragma = match mode {
+            CheckpointMode::Passive => "PRAGMA wal_checkpoint(PASSIVE)",
+            CheckpointMode::Truncate => "PRAGMA wal_checkpoint(TRUNCATE)",
+        };
+        let result = conn.sqlite().query_row(pragma, [], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        self.recycle(conn);
+        Ok(result)
+    }
+
+    /// Closes the idle connections after moving the WAL into the data file, so the directory
+    /// is self-contained once the namespace is closed.
+    pub fn close(&self) -> Result<(), Error> {
+        let result = self.checkpoint(CheckpointMode::Truncate);
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        result.map(|_| ())
+    }
+
+    /// Size in bytes of the data file and of SQLite's WAL beside it.
+    pub fn file_sizes(&self) -> (u64, u64) {
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        (size(&self.path), size(Path::new(&wal)))
+    }
+}
+
+fn open_engine_connection(path: &Path) -> Result<EngineConnection, Error> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = EngineConnection::open(path, flags, Sqlite3WalManager::new(), AUTO_CHECKPOINT_FRAMES, None)?;
+    conn.busy_timeout(SQLITE_BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+/// `PRAGMA synchronous` for a configured durability mode. The default is FULL: a commit that
+/// was acknowledged survives a power cut, not only a process crash.
+fn synchronous_pragma(config: &DatabaseConfig) -> &'static str {
+    match config.durability_mode.and_then(|m| DurabilityMode::try_from(m).ok()) {
+        Some(DurabilityMode::Relaxed) => "NORMAL",
+        Some(DurabilityMode::Extra) => "EXTRA",
+        Some(DurabilityMode::Off) => "OFF",
+        Some(DurabilityMode::Strong) | None => "FULL",
+    }
+}

@@ -1,0 +1,119 @@
+//! Errors of the Hrana protocol: those of one statement (reported inside the response, with a
+//! code the client can act on) and those of a whole request (an HTTP error).
+
+use libsql_hrana::proto;
+use libsql_sys::rusqlite;
+
+use crate::blocking::Panicked;
+use crate::database::AccessError;
+use crate::namespace;
+
+/// Why a statement, batch step or stream request failed. Reported to the client as a Hrana
+/// error `{message, code}`; the stream goes on.
+#[derive(Debug, thiserror::Error)]
+pub enum StmtError {
+    #[error("a statement needs either `sql` or `sql_id`")]
+    SqlMissing,
+    #[error("a statement may give `sql` or `sql_id`, not both")]
+    SqlConflict,
+    #[error("no SQL text is stored under id {0}")]
+    SqlNotFound(i32),
+    #[error("the SQL text holds no statement")]
+    NoStatement,
+    #[error("the SQL text holds more than one statement (use `sequence` to run several)")]
+    ManyStatements,
+    #[error("invalid arguments: {0}")]
+    ArgsInvalid(String),
+    #[error("a batch condition refers to step {0}, which does not come before it")]
+    InvalidCondition(u32),
+    #[error("too many SQL texts stored on this stream (at most {0})")]
+    SqlStoreFull(usize),
+    #[error("the stream is closed")]
+    StreamClosed,
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    #[error("{0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("namespace: {0}")]
+    Namespace(#[from] namespace::Error),
+}
+
+impl StmtError {
+    /// The machine-readable code: SQLite's own result code name for engine errors.
+    pub fn code(&self) -> String {
+        match self {
+            StmtError::SqlMissing | StmtError::SqlConflict => "SQL_INVALID".into(),
+            StmtError::SqlNotFound(_) => "SQL_NOT_FOUND".into(),
+            StmtError::NoStatement => "SQL_NO_STATEMENT".into(),
+            StmtError::ManyStatements => "SQL_MANY_STATEMENTS".into(),
+            StmtError::ArgsInvalid(_) => "ARGS_INVALID".into(),
+            StmtError::InvalidCondition(_) => "BATCH_COND_INVALID".into(),
+            StmtError::SqlStoreFull(_) => "SQL_STORE_TOO_MANY".into(),
+            StmtError::StreamClosed => "STREAM_CLOSED".into(),
+            StmtError::Access(AccessError::ReadsBlocked(_) | AccessError::WritesBlocked(_)) => "BLOCKED".into(),
+            StmtError::Access(AccessError::WriteLockTimeout) => "SQLITE_BUSY".into(),
+            StmtError::Access(AccessError::Sqlite(e)) | StmtError::Sqlite(e) => sqlite_code(e).into(),
+            StmtError::Namespace(_) => "NAMESPACE_UNAVAILABLE".into(),
+        }
+    }
+
+    pub fn to_proto(&self) -> proto::Error {
+        proto::Error { message: self.to_string(), code: self.code() }
+    }
+}
+
+/// SQLite's name for the primary result code of an engine error.
+fn sqlite_code(e: &rusqlite::Error) -> &'static str {
+    let code = match e {
+        rusqlite::Error::SqliteFailure(e, _) => e.extended_code & 0xff,
+        rusqlite::Error::SqlInputError { error, .. } => error.extended_code & 0xff,
+        rusqlite::Error::InvalidParameterCount(..) | rusqlite::Error::InvalidParameterName(_) => 25,
+        _ => 1,
+    };
+    match code {
+        1 => "SQLITE_ERROR",
+        2 => "SQLITE_INTERNAL",
+        3 => "SQLITE_PERM",
+        4 => "SQLITE_ABORT",
+        5 => "SQLITE_BUSY",
+        6 => "SQLITE_LOCKED",
+        7 => "SQLITE_NOMEM",
+        8 => "SQLITE_READONLY",
+        9 => "SQLITE_INTERRUPT",
+        10 => "SQLITE_IOERR",
+        11 => "SQLITE_CORRUPT",
+        12 => "SQLITE_NOTFOUND",
+        13 => "SQLITE_FULL",
+        14 => "SQLITE_CANTOPEN",
+        15 => "SQLITE_PROTOCOL",
+        16 => "SQLITE_EMPTY",
+        17 => "SQLITE_SCHEMA",
+        18 => "SQLITE_TOOBIG",
+        19 => "SQLITE_CONSTRAINT",
+        20 => "SQLITE_MISMATCH",
+        21 => "SQLITE_MISUSE",
+        22 => "SQLITE_NOLFS",
+        23 => "SQLITE_AUTH",
+        24 => "SQLITE_FORMAT",
+        25 => "SQLITE_RANGE",
+        26 => "SQLITE_NOTADB",
+        _ => "SQLITE_ERROR",
+    }
+}
+
+/// Why a whole Hrana request failed; the HTTP layer maps each to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("unknown baton: the stream does not exist (it may have been closed)")]
+    UnknownBaton,
+    #[error("the stream of this baton expired after being idle; its transaction was rolled back")]
+    ExpiredBaton,
+    #[error("the baton belongs to a stream of another namespace")]
+    BatonNamespaceMismatch,
+    #[error("too many open streams on this server; close streams or retry later")]
+    TooManyStreams,
+    #[error(transparent)]
+    Namespace(#[from] namespace::Error),
+    #[error("internal error: {0}")]
+    Internal(#[from] Panicked),
+}

@@ -1,0 +1,145 @@
+//! Hrana, the libSQL protocol clients speak: pipelines of stream requests and cursors over
+//! batches. This module knows streams, statements and batons; it knows nothing of HTTP (the
+//! `http` module parses requests and maps [`RequestError`]s to statuses).
+
+mod batch;
+mod error;
+pub mod stmt;
+mod stream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use libsql_hrana::proto::{Batch, BatchResult, CursorEntry, PipelineReqBody, PipelineRespBody, Stmt, StmtResult};
+
+pub use error::{RequestError, StmtError};
+pub use stream::{Stream, StreamRegistry};
+
+use crate::blocking;
+use crate::namespace::{NamespaceName, NamespaceStore};
+
+/// At most this many streams wait between requests at once, over all namespaces.
+const MAX_PARKED_STREAMS: usize = 10_000;
+
+/// The Hrana service of one server: the namespace store plus the parked streams.
+#[derive(Clone)]
+pub struct Hrana {
+    store: NamespaceStore,
+    streams: Arc<StreamRegistry>,
+}
+
+impl Hrana {
+    pub fn new(store: NamespaceStore, stream_expiry: Duration) -> Self {
+        Hrana { store, streams: Arc::new(StreamRegistry::new(stream_expiry, MAX_PARKED_STREAMS)) }
+    }
+
+    pub fn store(&self) -> &NamespaceStore {
+        &self.store
+    }
+
+    pub fn streams(&self) -> &Arc<StreamRegistry> {
+        &self.streams
+    }
+
+    /// Runs a pipeline: every request in order on one stream, the stream's baton handed back
+    /// unless the pipeline closed it.
+    pub async fn pipeline(&self, ns: &NamespaceName, body: PipelineReqBody) -> Result<PipelineRespBody, RequestError> {
+        let stream = self.stream_for(ns, body.baton.as_deref()).await?;
+        let requests = body.requests;
+        let (stream, results) = blocking::run(move || {
+            let mut stream = stream;
+            let results = requests.iter().map(|r| stream.handle(r)).collect();
+            (stream, results)
+        })
+        .await?;
+        let baton = self.finish(stream)?;
+        Ok(PipelineRespBody { baton, base_url: None, results })
+    }
+
+    /// Runs a batch on a stream for the cursor endpoint: the entries, and the baton.
+    pub async fn cursor(&self, ns: &NamespaceName, baton: Option<&str>, batch: Batch) -> Result<(Option<String>, Vec<CursorEntry>), RequestError> {
+        let stream = self.stream_for(ns, baton).await?;
+        let (stream, result) = blocking::run(move || {
+            let mut stream = stream;
+            let result = stream.run_batch(&batch);
+            (stream, result)
+        })
+        .await?;
+        let baton = self.finish(stream)?;
+        let entries = match result {
+            Ok(result) => batch::cursor_entries(result),
+            Err(e) => vec![CursorEntry::Error { error: e.to_proto() }],
+        };
+        Ok((baton, entries))
+    }
+
+    /// Runs one statement on a fresh stream that is closed afterwards (Hrana v1 over HTTP).
+    pub async fn execute_once(&self, ns: &NamespaceName, stmt: Stmt) -> Result<Result<StmtResult, StmtError>, RequestError> {
+        self.once(ns, move |stream| stream.execute(&stmt)).await
+    }
+
+    /// Runs one batch on a fresh stream that is closed afterwards (Hrana v1 over HTTP).
+    pub async fn batch_once(&self, ns: &NamespaceName, batch: Batch) -> Result<Result<BatchResult, StmtError>, RequestError> {
+        self.once(ns, move |stream| stream.run_batch(&batch)).await
+    }
+
+    /// Runs `f` on a fresh stream on the blocking pool, then closes the stream.
+    pub async fn once<R: Send + 'static>(
+        &self,
+        ns: &NamespaceName,
+        f: impl FnOnce(&mut Stream) -> R + Send + 'static,
+    ) -> Result<R, RequestError> {
+        let ns = self.store.get(ns).await?;
+        Ok(blocking::run(move || -> Result<R, RequestError> {
+            let mut stream = Stream::open(ns)?;
+            let result = f(&mut stream);
+            stream.close();
+            Ok(result)
+        })
+        .await??)
+    }
+
+    async fn stream_for(&self, ns: &NamespaceName, baton: Option<&str>) -> Result<Stream, RequestError> {
+        match baton {
+            Some(baton) => self.streams.take(baton, ns),
+            None => {
+                let ns = self.store.get(ns).await?;
+                Ok(blocking::run(move || Stream::open(ns)).await??)
+            }
+        }
+    }
+
+    /// Parks a stream that is still open and returns its baton; a closed one is done.
+    fn finish(&self, stream: Stream) -> Result<Option<String>, RequestError> {
+        if stream.is_closed() {
+            return Ok(None);
+        }
+        match self.streams.park(stream) {
+            Ok(baton) => Ok(Some(baton)),
+            Err(stream) => {
+                stream::drop_off_runtime(vec![stream]);
+                Err(RequestError::TooManyStreams)
+            }
+        }
+    }
+
+    /// Expires idle streams until `stop` resolves; run as a background task.
+    pub async fn reap_idle_streams(self, stop: impl std::future::Future<Output = ()>) {
+        let period = (self.streams.expiry() / 4).max(Duration::from_millis(10));
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => stream::drop_off_runtime(self.streams.reap()),
+                _ = &mut stop => break,
+            }
+        }
+    }
+
+    /// Rolls back and drops every parked stream (shutdown). Blocking work runs off the runtime.
+    pub async fn close_all_streams(&self) {
+        let streams = self.streams.drain();
+        let _ = blocking::run(move || drop(streams)).await;
+    }
+}

@@ -1,0 +1,188 @@
+//! Running one Hrana statement (`execute`, `describe`, `sequence`) on a connection, and the
+//! conversions between Hrana values and SQLite values.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use libsql_hrana::proto::{Col, DescribeCol, DescribeParam, DescribeResult, NamedArg, Row, Stmt, StmtResult, Value};
+use libsql_sys::rusqlite::{self, types::{ToSqlOutput, ValueRef}};
+
+use super::StmtError;
+use crate::database::{Connection, StmtKind};
+
+/// SQL texts stored on a stream by `store_sql`, referred to by `sql_id`.
+#[derive(Default)]
+pub struct SqlStore {
+    texts: HashMap<i32, String>,
+}
+
+impl SqlStore {
+    /// More than any real client keeps; bounds a stream's memory.
+    pub const MAX_ENTRIES: usize = 1024;
+
+    pub fn store(&mut self, id: i32, sql: String) -> Result<(), StmtError> {
+        if self.texts.len() >= Self::MAX_ENTRIES && !self.texts.contains_key(&id) {
+            return Err(StmtError::SqlStoreFull(Self::MAX_ENTRIES));
+        }
+        self.texts.insert(id, sql);
+        Ok(())
+    }
+
+    pub fn close(&mut self, id: i32) {
+        self.texts.remove(&id);
+    }
+
+    pub fn resolve<'a>(&'a self, sql: Option<&'a str>, sql_id: Option<i32>) -> Result<&'a str, StmtError> {
+        match (sql, sql_id) {
+            (Some(sql), None) => Ok(sql),
+            (None, Some(id)) => self.texts.get(&id).map(String::as_str).ok_or(StmtError::SqlNotFound(id)),
+            (None, None) => Err(StmtError::SqlMissing),
+            (Some(_), Some(_)) => Err(StmtError::SqlConflict),
+        }
+    }
+}
+
+/// Prepares the single statement of `sql`: none or more than one is an error.
+fn prepare_one<'c>(conn: &'c rusqlite::Connection, sql: &str) -> Result<rusqlite::Statement<'c>, StmtError> {
+    let mut statements = rusqlite::Batch::new(conn, sql);
+    let stmt = statements.next()?.ok_or(StmtError::NoStatement)?;
+    match statements.next() {
+        Ok(None) => Ok(stmt),
+        Ok(Some(_)) | Err(_) => Err(StmtError::ManyStatements),
+    }
+}
+
+/// Executes one statement and collects its result.
+pub fn execute(conn: &mut Connection, sqls: &SqlStore, stmt: &Stmt) -> Result<StmtResult, StmtError> {
+    let sql = sqls.resolve(stmt.sql.as_deref(), stmt.sql_id)?;
+    let started = Instant::now();
+    let (sqlite, access) = conn.split();
+    let mut prepared = prepare_one(sqlite, sql)?;
+    bind_args(&mut prepared, &stmt.args, &stmt.named_args)?;
+
+    let kind = StmtKind::of(&prepared, sql);
+    access.admit(sqlite, kind)?;
+    let want_rows = stmt.want_rows.unwrap_or(true);
+    let column_count = prepared.column_count();
+    let mut rows = Vec::new();
+    let stepped = (|| -> rusqlite::Result<()> {
+        let mut cursor = prepared.raw_query();
+        while let Some(row) = cursor.next()? {
+            if want_rows {
+                let values = (0..column_count).map(|i| row.get_ref(i).map(value_from_sqlite)).collect::<Result<_, _>>()?;
+                rows.push(Row { values });
+            }
+        }
+        Ok(())
+    })();
+    access.settle(sqlite);
+    stepped?;
+
+    let cols = prepared
+        .columns()
+        .into_iter()
+        .map(|c| Col { name: Some(c.name().to_owned()), decltype: c.decl_type().map(str::to_owned) })
+        .collect();
+    let readonly = prepared.readonly();
+    Ok(StmtResult {
+        cols,
+        rows,
+        affected_row_count: if readonly { 0 } else { sqlite.changes() },
+        last_insert_rowid: Some(sqlite.last_insert_rowid()),
+        replication_index: None,
+        rows_read: 0,
+        rows_written: 0,
+        query_duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+    })
+}
+
+/// Describes a statement without running it: its parameters and result columns.
+pub fn describe(conn: &mut Connection, sqls: &SqlStore, sql: Option<&str>, sql_id: Option<i32>) -> Result<DescribeResult, StmtError> {
+    let sql = sqls.resolve(sql, sql_id)?;
+    let prepared = prepare_one(conn.sqlite(), sql)?;
+    let params = (1..=prepared.parameter_count())
+        .map(|i| DescribeParam { name: prepared.parameter_name(i).map(str::to_owned) })
+        .collect();
+    let cols = prepared
+        .columns()
+        .into_iter()
+        .map(|c| DescribeCol { name: c.name().to_owned(), decltype: c.decl_type().map(str::to_owned) })
+        .collect();
+    Ok(DescribeResult { params, cols, is_explain: prepared.is_explain() != 0, is_readonly: prepared.readonly() })
+}
+
+/// Runs every statement of a SQL text in order, discarding rows; stops at the first error.
+pub fn sequence(conn: &mut Connection, sqls: &SqlStore, sql: Option<&str>, sql_id: Option<i32>) -> Result<(), StmtError> {
+    let sql = sqls.resolve(sql, sql_id)?;
+    let (sqlite, access) = conn.split();
+    let mut statements = rusqlite::Batch::new(sqlite, sql);
+    loop {
+        // The statement's own text is needed to classify it: `Batch` does not expose it.
+        let Some(mut prepared) = statements.next()? else { return Ok(()) };
+        let text = prepared.expanded_sql().unwrap_or_default();
+        access.admit(sqlite, StmtKind::of(&prepared, &text))?;
+        let stepped = (|| -> rusqlite::Result<()> {
+            let mut cursor = prepared.raw_query();
+            while cursor.next()?.is_some() {}
+            Ok(())
+        })();
+        access.settle(sqlite);
+        stepped?;
+    }
+}
+
+fn bind_args(stmt: &mut rusqlite::Statement<'_>, args: &[Value], named: &[NamedArg]) -> Result<(), StmtError> {
+    let count = stmt.parameter_count();
+    if args.len() > count {
+        return Err(StmtError::ArgsInvalid(format!("{} arguments given, the statement takes {count}", args.len())));
+    }
+    for (i, value) in args.iter().enumerate() {
+        stmt.raw_bind_parameter(i + 1, value_to_sqlite(value)?)?;
+    }
+    for arg in named {
+        let index = named_index(stmt, &arg.name)?
+            .ok_or_else(|| StmtError::ArgsInvalid(format!("the statement has no parameter named {:?}", arg.name)))?;
+        stmt.raw_bind_parameter(index, value_to_sqlite(&arg.value)?)?;
+    }
+    Ok(())
+}
+
+/// Finds a named parameter. Clients send the name with its prefix (`:a`, `@a`, `$a`) or
+/// without it; try the name as given, then with each prefix.
+fn named_index(stmt: &rusqlite::Statement<'_>, name: &str) -> Result<Option<usize>, StmtError> {
+    if let Some(i) = stmt.parameter_index(name)? {
+        return Ok(Some(i));
+    }
+    if name.starts_with([':', '@', '$']) {
+        return Ok(None);
+    }
+    for prefix in [':', '@', '$'] {
+        if let Some(i) = stmt.parameter_index(&format!("{prefix}{name}"))? {
+            return Ok(Some(i));
+        }
+    }
+    Ok(None)
+}
+
+pub fn value_to_sqlite(value: &Value) -> Result<ToSqlOutput<'_>, StmtError> {
+    Ok(ToSqlOutput::Borrowed(match value {
+        Value::None => return Err(StmtError::ArgsInvalid("a value without a type".into())),
+        Value::Null => ValueRef::Null,
+        Value::Integer { value } => ValueRef::Integer(*value),
+        Value::Float { value } => ValueRef::Real(*value),
+        Value::Text { value } => ValueRef::Text(value.as_bytes()),
+        Value::Blob { value } => ValueRef::Blob(value),
+    }))
+}
+
+pub fn value_from_sqlite(value: ValueRef<'_>) -> Value {
+    match value {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(value) => Value::Integer { value },
+        ValueRef::Real(value) => Value::Float { value },
+        ValueRef::Text(text) => Value::Text { value: Arc::from(String::from_utf8_lossy(text)) },
+        ValueRef::Blob(blob) => Value::Blob { value: Bytes::copy_from_slice(blob) },
+    }
+}

@@ -1,0 +1,224 @@
+//! Hrana streams and their batons.
+//!
+//! A stream is one SQLite connection plus the SQL texts stored on it. Over HTTP a stream lives
+//! between requests only as a *baton*: the response hands out a fresh one, the next request
+//! brings it back. An interactive transaction spans requests this way. A stream left idle past
+//! the expiry is dropped (rolling its transaction back and releasing the write lock) and its
+//! baton is answered with a clear "expired" error for a while after.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libsql_hrana::proto::{
+    Batch, BatchResult, BatchStreamResp, CloseSqlStreamResp, CloseStreamResp, DescribeStreamResp, ExecuteStreamResp, GetAutocommitStreamResp,
+    SequenceStreamResp, StoreSqlStreamResp, StreamRequest, StreamResponse, StreamResult,
+};
+use tokio::time::Instant;
+
+use super::stmt::{self, SqlStore};
+use super::{batch, RequestError, StmtError};
+use crate::database::Connection;
+use crate::namespace::{Namespace, NamespaceName};
+
+pub struct Stream {
+    ns: Arc<Namespace>,
+    /// `None` once the stream is closed.
+    conn: Option<Connection>,
+    sqls: SqlStore,
+}
+
+impl Stream {
+    /// Opens a stream on a connection of `ns`. Blocking.
+    pub fn open(ns: Arc<Namespace>) -> Result<Self, RequestError> {
+        ns.check_live()?;
+        let conn = ns.db().connection().map_err(|e| ns.database_error(e))?;
+        Ok(Stream { ns, conn: Some(conn), sqls: SqlStore::default() })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.conn.is_none()
+    }
+
+    pub fn namespace(&self) -> &NamespaceName {
+        self.ns.name()
+    }
+
+    /// Handles one request of a pipeline. Blocking.
+    pub fn handle(&mut self, request: &StreamRequest) -> StreamResult {
+        match self.respond(request) {
+            Ok(response) => StreamResult::Ok { response },
+            Err(e) => StreamResult::Error { error: e.to_proto() },
+        }
+    }
+
+    fn respond(&mut self, request: &StreamRequest) -> Result<StreamResponse, StmtError> {
+        if let StreamRequest::Close(_) = request {
+            self.close();
+            return Ok(StreamResponse::Close(CloseStreamResp {}));
+        }
+        let (conn, sqls) = self.parts()?;
+        Ok(match request {
+            StreamRequest::Execute(req) => StreamResponse::Execute(ExecuteStreamResp { result: stmt::execute(conn, sqls, &req.stmt)? }),
+            StreamRequest::Batch(req) => StreamResponse::Batch(BatchStreamResp { result: batch::run(conn, sqls, &req.batch) }),
+            StreamRequest::Sequence(req) => {
+                stmt::sequence(conn, sqls, req.sql.as_deref(), req.sql_id)?;
+                StreamResponse::Sequence(SequenceStreamResp {})
+            }
+            StreamRequest::Describe(req) => {
+                StreamResponse::Describe(DescribeStreamResp { result: stmt::describe(conn, sqls, req.sql.as_deref(), req.sql_id)? })
+            }
+            StreamRequest::StoreSql(req) => {
+                sqls.store(req.sql_id, req.sql.clone())?;
+                StreamResponse::StoreSql(StoreSqlStreamResp {})
+            }
+            StreamRequest::CloseSql(req) => {
+                sqls.close(req.sql_id);
+                StreamResponse::CloseSql(CloseSqlStreamResp {})
+            }
+            StreamRequest::GetAutocommit(_) => {
+                StreamResponse::GetAutocommit(GetAutocommitStreamResp { is_autocommit: conn.sqlite().is_autocommit() })
+            }
+            StreamRequest::Close(_) => unreachable!("handled above"),
+            StreamRequest::None => return Err(StmtError::ArgsInvalid("a request without a type".into())),
+        })
+    }
+
+    /// Runs a batch (the cursor endpoint). Blocking.
+    pub fn run_batch(&mut self, batch: &Batch) -> Result<BatchResult, StmtError> {
+        let (conn, sqls) = self.parts()?;
+        Ok(batch::run(conn, sqls, batch))
+    }
+
+    fn parts(&mut self) -> Result<(&mut Connection, &mut SqlStore), StmtError> {
+        self.ns.check_live()?;
+        match self.conn.as_mut() {
+            Some(conn) => Ok((conn, &mut self.sqls)),
+            None => Err(StmtError::StreamClosed),
+        }
+    }
+
+    /// Gives the connection back to the namespace's pool (rolling back an open transaction).
+    /// Blocking.
+    pub fn close(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.ns.db().recycle(conn);
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Drops streams on the blocking pool: dropping one may roll back a transaction (file I/O).
+pub fn drop_off_runtime(streams: Vec<Stream>) {
+    if !streams.is_empty() {
+        tokio::task::spawn_blocking(move || drop(streams));
+    }
+}
+
+/// The streams parked between requests, by baton.
+pub struct StreamRegistry {
+    inner: Mutex<Registry>,
+    expiry: Duration,
+    max_streams: usize,
+}
+
+#[derive(Default)]
+struct Registry {
+    parked: HashMap<String, Parked>,
+    /// Batons of expired streams, kept a while so their clients get "expired", not "unknown".
+    expired: HashMap<String, Instant>,
+}
+
+struct Parked {
+    stream: Stream,
+    parked_at: Instant,
+}
+
+/// How long the baton of an expired stream is remembered.
+const EXPIRED_MEMORY: Duration = Duration::from_secs(600);
+
+impl StreamRegistry {
+    pub fn new(expiry: Duration, max_streams: usize) -> Self {
+        StreamRegistry { inner: Mutex::default(), expiry, max_streams }
+    }
+
+    pub fn expiry(&self) -> Duration {
+        self.expiry
+    }
+
+    /// Takes the stream of `baton` out of the registry for one request.
+    pub fn take(&self, baton: &str, ns: &NamespaceName) -> Result<Stream, RequestError> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(parked) = inner.parked.remove(baton) else {
+            return Err(if inner.expired.contains_key(baton) { RequestError::ExpiredBaton } else { RequestError::UnknownBaton });
+        };
+        if parked.parked_at.elapsed() > self.expiry {
+            inner.expired.insert(baton.to_owned(), Instant::now());
+            drop(inner);
+            drop_off_runtime(vec![parked.stream]);
+            return Err(RequestError::ExpiredBaton);
+        }
+        if parked.stream.namespace() != ns {
+            inner.parked.insert(baton.to_owned(), parked);
+            return Err(RequestError::BatonNamespaceMismatch);
+        }
+        Ok(parked.stream)
+    }
+
+    /// Parks a stream until its next request; returns its new baton, or the stream back when
+    /// the server holds too many.
+    pub fn park(&self, stream: Stream) -> Result<String, Stream> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.parked.len() >= self.max_streams {
+            return Err(stream);
+        }
+        let baton = uuid::Uuid::new_v4().simple().to_string();
+        inner.parked.insert(baton.clone(), Parked { stream, parked_at: Instant::now() });
+        Ok(baton)
+    }
+
+    /// Removes the streams idle past the expiry; the caller drops them off the runtime.
+    pub fn reap(&self) -> Vec<Stream> {
+        let now = Instant::now();
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let stale: Vec<String> =
+            inner.parked.iter().filter(|(_, p)| now.duration_since(p.parked_at) > self.expiry).map(|(b, _)| b.clone()).collect();
+        let mut reaped = Vec::with_capacity(stale.len());
+        for baton in stale {
+            if let Some(parked) = inner.parked.remove(&baton) {
+                tracing::debug!(namespace = %parked.stream.namespace(), "idle stream expired");
+                reaped.push(parked.stream);
+                inner.expired.insert(baton, now);
+            }
+        }
+        inner.expired.retain(|_, at| now.duration_since(*at) < EXPIRED_MEMORY);
+        reaped
+    }
+
+    /// Removes every stream (shutdown).
+    pub fn drain(&self) -> Vec<Stream> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.parked.drain().map(|(_, p)| p.stream).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).parked.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Stream {
+    /// Executes one statement (Hrana v1 over HTTP). Blocking.
+    pub fn execute(&mut self, stmt: &libsql_hrana::proto::Stmt) -> Result<libsql_hrana::proto::StmtResult, StmtError> {
+        let (conn, sqls) = self.parts()?;
+        stmt::execute(conn, sqls, stmt)
+    }
+}

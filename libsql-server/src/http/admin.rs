@@ -1,0 +1,332 @@
+//! The admin API: namespaces (create, delete, list), their configuration, stats and
+//! checkpoints, and `/metrics`. Served on its own port, behind `--admin-auth-key`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, Request, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use libsql_replication::rpc::metadata::DurabilityMode;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::error::{no_route, parse_json};
+use super::{track_requests, ApiError};
+use crate::database::PAGE_SIZE;
+use crate::hrana::Hrana;
+use crate::metrics::Metrics;
+use crate::namespace::{DatabaseConfig, NamespaceName, NamespaceStore};
+
+#[derive(Clone)]
+struct AdminState {
+    store: NamespaceStore,
+    hrana: Hrana,
+    metrics: Arc<Metrics>,
+}
+
+pub fn router(hrana: Hrana, metrics: Arc<Metrics>, auth_key: Option<String>) -> Router {
+    let state = AdminState { store: hrana.store().clone(), hrana, metrics: metrics.clone() };
+    Router::new()
+        .route("/", get(|| async { "libsql-server admin API" }))
+        .route("/v1/namespaces", get(list_namespaces))
+        .route("/v1/namespaces/:ns/create", post(create_namespace))
+        .route("/v1/namespaces/:ns", axum::routing::delete(delete_namespace))
+        .route("/v1/namespaces/:ns/config", get(get_config).post(set_config))
+        .route("/v1/namespaces/:ns/stats", get(stats))
+        .route("/v1/namespaces/:ns/checkpoint", post(checkpoint))
+        .route("/metrics", get(render_metrics))
+        .route_layer(axum::middleware::from_fn_with_state((metrics, "admin"), track_requests))
+        .fallback(no_route)
+        .layer(axum::middleware::from_fn_with_state(Arc::new(auth_key), require_auth))
+        .with_state(state)
+}
+
+/// With an admin key configured, every request must carry `Authorization: Bearer <key>`.
+async fn require_auth<B>(State(key): State<Arc<Option<String>>>, request: Request<B>, next: Next<B>) -> Response {
+    if let Some(key) = key.as_deref() {
+        let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let ok = given
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .is_some_and(|token| constant_time_eq(token.trim().as_bytes(), key.as_bytes()));
+        if !ok {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "missing or wrong admin key (Authorization: Bearer <key>)")
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn name_of(path: Result<Path<String>, PathRejection>) -> Result<NamespaceName, ApiError> {
+    let Path(name) = path?;
+    Ok(NamespaceName::new(name)?)
+}
+
+/// Parses an optional JSON body: an empty body means "all defaults".
+fn optional_body<T: Default + serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        parse_json(body)
+    }
+}
+
+async fn list_namespaces(State(state): State<AdminState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let names: Vec<String> = state.store.list().await?.into_iter().map(|n| n.to_string()).collect();
+    Ok(Json(json!({ "namespaces": names })))
+}
+
+/// Body of `create`: every field optional, as the libSQL server accepts it.
+#[derive(Deserialize, Default)]
+struct CreateBody {
+    max_db_size: Option<ByteSize>,
+    jwt_key: Option<String>,
+    txn_timeout_s: Option<u64>,
+    allow_attach: Option<bool>,
+    dump_url: Option<String>,
+    bottomless_db_id: Option<String>,
+    shared_schema: Option<bool>,
+    shared_schema_name: Option<String>,
+    durability_mode: Option<Durability>,
+    heartbeat_url: Option<String>,
+}
+
+async fn create_namespace(
+    State(state): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let name = name_of(path)?;
+    let body: CreateBody = optional_body(&body?)?;
+    if body.dump_url.is_some() {
+        return Err(ApiError::new(StatusCode::NOT_IMPLEMENTED, "NOT_IMPLEMENTED", "creating a namespace from dump_url is not supported yet"));
+    }
+    let config = DatabaseConfig {
+        max_db_pages: body.max_db_size.map(|s| s.pages()).unwrap_or(0),
+        jwt_key: body.jwt_key,
+        txn_timeout_s: body.txn_timeout_s,
+        allow_attach: body.allow_attach.unwrap_or(false),
+        bottomless_db_id: body.bottomless_db_id,
+        shared_schema: body.shared_schema,
+        shared_schema_name: body.shared_schema_name,
+        durability_mode: body.durability_mode.map(|d| d.0 as i32),
+        heartbeat_url: body.heartbeat_url,
+        ..Default::default()
+    };
+    state.store.create(&name, config).await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize, Default)]
+struct DeleteBody {
+    /// Accepted for compatibility; this server keeps no remote backups to keep.
+    #[allow(dead_code)]
+    keep_backup: Option<bool>,
+}
+
+async fn delete_namespace(
+    State(state): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let name = name_of(path)?;
+    let _: DeleteBody = optional_body(&body?)?;
+    state.store.destroy(&name).await?;
+    Ok(Json(json!({})))
+}
+
+/// A namespace's configuration as the admin API shows and takes it.
+#[derive(Serialize, Deserialize, Default)]
+struct ConfigBody {
+    block_reads: Option<bool>,
+    block_writes: Option<bool>,
+    block_reason: Option<String>,
+    max_db_size: Option<ByteSize>,
+    heartbeat_url: Option<String>,
+    jwt_key: Option<String>,
+    allow_attach: Option<bool>,
+    txn_timeout_s: Option<u64>,
+    durability_mode: Option<Durability>,
+}
+
+impl ConfigBody {
+    fn from_config(c: &DatabaseConfig) -> Self {
+        ConfigBody {
+            block_reads: Some(c.block_reads),
+            block_writes: Some(c.block_writes),
+            block_reason: c.block_reason.clone(),
+            max_db_size: Some(ByteSize(c.max_db_pages * PAGE_SIZE as u64)),
+            heartbeat_url: c.heartbeat_url.clone(),
+            jwt_key: c.jwt_key.clone(),
+            allow_attach: Some(c.allow_attach),
+            txn_timeout_s: c.txn_timeout_s,
+            durability_mode: Some(Durability(
+                c.durability_mode.and_then(|m| DurabilityMode::try_from(m).ok()).unwrap_or(DurabilityMode::Strong),
+            )),
+        }
+    }
+
+    /// The configuration after this update: fields not given keep their value.
+    fn apply(self, mut c: DatabaseConfig) -> DatabaseConfig {
+        if let Some(v) = self.block_reads {
+            c.block_reads = v;
+        }
+        if let Some(v) = self.block_writes {
+            c.block_writes = v;
+        }
+        if self.block_reason.is_some() || self.block_reads == Some(false) && self.block_writes == Some(false) {
+            c.block_reason = self.block_reason;
+        }
+        if let Some(v) = self.max_db_size {
+            c.max_db_pages = v.pages();
+        }
+        if self.heartbeat_url.is_some() {
+            c.heartbeat_url = self.heartbeat_url;
+        }
+        if self.jwt_key.is_some() {
+            c.jwt_key = self.jwt_key;
+        }
+        if let Some(v) = self.allow_attach {
+            c.allow_attach = v;
+        }
+        if self.txn_timeout_s.is_some() {
+            c.txn_timeout_s = self.txn_timeout_s;
+        }
+        if let Some(v) = self.durability_mode {
+            c.durability_mode = Some(v.0 as i32);
+        }
+        c
+    }
+}
+
+async fn get_config(State(state): State<AdminState>, path: Result<Path<String>, PathRejection>) -> Result<Json<ConfigBody>, ApiError> {
+    let name = name_of(path)?;
+    Ok(Json(ConfigBody::from_config(&*state.store.config(&name).await?)))
+}
+
+async fn set_config(
+    State(state): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ConfigBody>, ApiError> {
+    let name = name_of(path)?;
+    let update: ConfigBody = parse_json(&body?)?;
+    let current = state.store.config(&name).await?;
+    let config = update.apply((*current).clone());
+    state.store.set_config(&name, config.clone()).await?;
+    Ok(Json(ConfigBody::from_config(&config)))
+}
+
+async fn stats(State(state): State<AdminState>, path: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+    let name = name_of(path)?;
+    Ok(Json(state.store.stats(&name).await?).into_response())
+}
+
+async fn checkpoint(State(state): State<AdminState>, path: Result<Path<String>, PathRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+    let name = name_of(path)?;
+    state.store.checkpoint(&name).await?;
+    Ok(Json(json!({})))
+}
+
+async fn render_metrics(State(state): State<AdminState>, _headers: HeaderMap) -> Response {
+    let gauges = [
+        ("sqld_namespaces_loaded", "Namespaces open right now.", state.store.loaded_count() as f64),
+        ("sqld_hrana_streams_parked", "Hrana streams waiting for their next request.", state.hrana.streams().len() as f64),
+    ];
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&gauges)).into_response()
+}
+
+/// A size in bytes, given as a number or as text with a unit (`"10MB"`, `"512kb"`, `"1GiB"`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct ByteSize(u64);
+
+impl ByteSize {
+    fn pages(self) -> u64 {
+        self.0.div_ceil(PAGE_SIZE as u64)
+    }
+
+    fn parse(text: &str) -> Option<u64> {
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let number: u64 = number.parse().ok()?;
+        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" => 1_000,
+            "kib" | "k" => 1 << 10,
+            "mb" => 1_000_000,
+            "mib" | "m" => 1 << 20,
+            "gb" => 1_000_000_000,
+            "gib" | "g" => 1 << 30,
+            "tb" => 1_000_000_000_000,
+            "tib" | "t" => 1 << 40,
+            _ => return None,
+        };
+        number.checked_mul(multiplier)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => ByteSize::parse(&t)
+                .map(ByteSize)
+                .ok_or_else(|| serde::de::Error::custom(format!("{t:?} is not a size (like 10MB or 1048576)"))),
+        }
+    }
+}
+
+/// A durability mode by its name: relaxed, strong, extra or off.
+#[derive(Clone, Copy)]
+struct Durability(DurabilityMode);
+
+impl Serialize for Durability {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.as_str_name().to_ascii_lowercase())
+    }
+}
+
+impl<'de> Deserialize<'de> for Durability {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        DurabilityMode::from_str_name(&name.to_ascii_uppercase())
+            .map(Durability)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown durability mode {name:?} (relaxed, strong, extra, off)")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_and_without_units() {
+        assert_eq!(ByteSize::parse("10MB"), Some(10_000_000));
+        assert_eq!(ByteSize::parse("1 gib"), Some(1 << 30));
+        assert_eq!(ByteSize::parse("4096"), Some(4096));
+        assert_eq!(ByteSize::parse("ten"), None);
+        assert_eq!(ByteSize::parse("99999999999999999999tb"), None);
+        assert_eq!(ByteSize(4097).pages(), 2);
+    }
+}

@@ -1,0 +1,112 @@
+//! The one place where errors of every layer become HTTP statuses and JSON bodies.
+
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::hrana::RequestError;
+use crate::namespace::{self, InvalidName};
+
+/// An HTTP error answer: `{"error": "...", "message": "...", "code": "..."}`. `error` is what
+/// the libSQL admin API uses; `message` and `code` are what Hrana clients read.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub code: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into(), code: code.into() }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, error = %self.message, "request failed");
+        }
+        let body = json!({ "error": self.message, "message": self.message, "code": self.code });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<namespace::Error> for ApiError {
+    fn from(e: namespace::Error) -> Self {
+        use namespace::Error as E;
+        let (status, code) = match &e {
+            E::NotFound(_) | E::Deleted(_) => (StatusCode::NOT_FOUND, "NAMESPACE_NOT_FOUND"),
+            E::AlreadyExists(_) => (StatusCode::CONFLICT, "NAMESPACE_EXISTS"),
+            E::InvalidName(_) => (StatusCode::BAD_REQUEST, "NAMESPACE_INVALID"),
+            E::NamespacesDisabled => (StatusCode::BAD_REQUEST, "NAMESPACES_DISABLED"),
+            E::DefaultNamespace => (StatusCode::BAD_REQUEST, "NAMESPACE_DEFAULT"),
+            E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN"),
+            E::Database { .. } | E::Meta(_) | E::Io { .. } | E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<InvalidName> for ApiError {
+    fn from(e: InvalidName) -> Self {
+        namespace::Error::from(e).into()
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        let (status, code) = match &e {
+            RequestError::UnknownBaton => (StatusCode::BAD_REQUEST, "STREAM_UNKNOWN"),
+            RequestError::ExpiredBaton => (StatusCode::BAD_REQUEST, "STREAM_EXPIRED"),
+            RequestError::BatonNamespaceMismatch => (StatusCode::BAD_REQUEST, "STREAM_NAMESPACE_MISMATCH"),
+            RequestError::TooManyStreams => (StatusCode::SERVICE_UNAVAILABLE, "STREAMS_EXHAUSTED"),
+            RequestError::Namespace(_) => {
+                let RequestError::Namespace(e) = e else { unreachable!() };
+                return e.into();
+            }
+            RequestError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<crate::blocking::Panicked> for ApiError {
+    fn from(e: crate::blocking::Panicked) -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", e.to_string())
+    }
+}
+
+/// A body that could not be read: too large (413) or broken off.
+impl From<BytesRejection> for ApiError {
+    fn from(e: BytesRejection) -> Self {
+        let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE { "BODY_TOO_LARGE" } else { "BODY_UNREADABLE" };
+        ApiError::new(e.status(), code, e.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> Self {
+        ApiError::bad_request(e.body_text())
+    }
+}
+
+/// Parses a JSON body; any mistake in it is the client's (400), with serde's explanation.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "BODY_INVALID", format!("invalid JSON body: {e}")))
+}
+
+/// Answer for routes that do not exist.
+pub async fn no_route() -> ApiError {
+    ApiError::not_found("no such route")
+}

@@ -1,0 +1,59 @@
+//! `sqld`: the server binary.
+
+use clap::Parser;
+use libsql_server::{Config, Server};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let config = Config::parse();
+    match run(config).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let user = tokio::net::TcpListener::bind(config.http_listen_addr)
+        .await
+        .map_err(|e| format!("cannot listen on {} (--http-listen-addr): {e}", config.http_listen_addr))?;
+    let admin = match config.admin_listen_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (--admin-listen-addr): {e}"))?,
+        ),
+        None => None,
+    };
+    tracing::info!(path = %config.db_path.display(), namespaces = config.enable_namespaces, "opening data directory");
+    let server = Server::open(config).await?;
+    tracing::info!(addr = %user.local_addr()?, "user API listening");
+    if let Some(admin) = &admin {
+        tracing::info!(addr = %admin.local_addr()?, "admin API listening");
+    }
+    server.serve(user, admin, shutdown_signal()).await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

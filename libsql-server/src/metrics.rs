@@ -1,0 +1,104 @@
+//! Request counts and latencies per route, rendered in the Prometheus text format.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the latency histogram's buckets.
+const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+#[derive(Default)]
+pub struct Metrics {
+    routes: Mutex<BTreeMap<RouteKey, RouteStats>>,
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord, Clone)]
+struct RouteKey {
+    api: &'static str,
+    method: String,
+    route: String,
+    status: u16,
+}
+
+#[derive(Default)]
+struct RouteStats {
+    count: u64,
+    seconds: f64,
+    /// Requests no slower than each bucket's bound (cumulative, as Prometheus wants).
+    buckets: [u64; BUCKETS.len()],
+}
+
+impl Metrics {
+    pub fn record(&self, api: &'static str, method: &str, route: &str, status: u16, elapsed: Duration) {
+        let key = RouteKey { api, method: method.to_owned(), route: route.to_owned(), status };
+        let secs = elapsed.as_secs_f64();
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let stats = routes.entry(key).or_default();
+        stats.count += 1;
+        stats.seconds += secs;
+        for (bucket, bound) in stats.buckets.iter_mut().zip(BUCKETS) {
+            if secs <= bound {
+                *bucket += 1;
+            }
+        }
+    }
+
+    /// The Prometheus exposition text, with `gauges` (name, help, value) appended.
+    pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
+        let mut out = String::new();
+        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        out.push_str("# HELP sqld_http_requests_total HTTP requests served, by API, method, route and status.\n");
+        out.push_str("# TYPE sqld_http_requests_total counter\n");
+        for (key, stats) in routes.iter() {
+            let _ = writeln!(out, "sqld_http_requests_total{{{}}} {}", labels(key), stats.count);
+        }
+        out.push_str("# HELP sqld_http_request_duration_seconds Time to answer an HTTP request.\n");
+        out.push_str("# TYPE sqld_http_request_duration_seconds histogram\n");
+        for (key, stats) in routes.iter() {
+            let labels = labels(key);
+            for (count, bound) in stats.buckets.iter().zip(BUCKETS) {
+                let _ = writeln!(out, "sqld_http_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {count}");
+            }
+            let _ = writeln!(out, "sqld_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", stats.count);
+            let _ = writeln!(out, "sqld_http_request_duration_seconds_sum{{{labels}}} {}", stats.seconds);
+            let _ = writeln!(out, "sqld_http_request_duration_seconds_count{{{labels}}} {}", stats.count);
+        }
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
+        out
+    }
+}
+
+fn labels(key: &RouteKey) -> String {
+    format!(
+        "api=\"{}\",method=\"{}\",route=\"{}\",status=\"{}\"",
+        key.api,
+        escape(&key.method),
+        escape(&key.route),
+        key.status
+    )
+}
+
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_buckets_are_cumulative_per_route() {
+        let m = Metrics::default();
+        m.record("user", "POST", "/v2/pipeline", 200, Duration::from_micros(100));
+        m.record("user", "POST", "/v2/pipeline", 200, Duration::from_millis(30));
+        let text = m.render(&[("sqld_namespaces_loaded", "Open namespaces.", 3.0)]);
+        let labels = "api=\"user\",method=\"POST\",route=\"/v2/pipeline\",status=\"200\"";
+        assert!(text.contains(&format!("sqld_http_requests_total{{{labels}}} 2\n")), "{text}");
+        assert!(text.contains(&format!("sqld_http_request_duration_seconds_bucket{{{labels},le=\"0.0005\"}} 1\n")));
+        assert!(text.contains(&format!("sqld_http_request_duration_seconds_bucket{{{labels},le=\"0.05\"}} 2\n")));
+        assert!(text.contains("sqld_namespaces_loaded 3\n"));
+    }
+}

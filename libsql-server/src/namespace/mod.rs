@@ -1,0 +1,99 @@
+//! Namespaces: the tenants of one server, each a database directory under `dbs/`.
+//!
+//! [`NamespaceStore`] owns their lifecycle (create, load on first use, close the least
+//! recently used, destroy) under a per-namespace lock; [`Namespace`] is one loaded tenant.
+
+mod meta;
+mod name;
+mod store;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub use libsql_replication::rpc::metadata::DatabaseConfig;
+pub use meta::{MetaError, MetaStore};
+pub use name::{InvalidName, NamespaceName, MAX_NAME_LEN};
+pub use store::{NamespaceStats, NamespaceStore};
+
+use crate::database::{self, Database};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("namespace {0} does not exist")]
+    NotFound(NamespaceName),
+    #[error("namespace {0} already exists")]
+    AlreadyExists(NamespaceName),
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
+    #[error("namespaces are not enabled on this server (start it with --enable-namespaces)")]
+    NamespacesDisabled,
+    #[error("the default namespace cannot be deleted")]
+    DefaultNamespace,
+    #[error("namespace {0} was deleted")]
+    Deleted(NamespaceName),
+    #[error("namespace {name}: {source}")]
+    Database { name: NamespaceName, source: database::Error },
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("namespace {name}: i/o on {path}: {source}", path = .path.display())]
+    Io { name: NamespaceName, path: PathBuf, source: std::io::Error },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// One loaded namespace. Held in an `Arc` by the store and by every request using it; the
+/// store closes it only when nobody else holds it.
+pub struct Namespace {
+    name: NamespaceName,
+    dir: PathBuf,
+    db: Database,
+    /// Set once the namespace is deleted, so streams still holding it stop using it.
+    deleted: AtomicBool,
+}
+
+impl Namespace {
+    /// The database file's name inside the namespace directory.
+    pub const DATA_FILE: &'static str = "data";
+
+    /// Opens the namespace in `dir` (which exists). Blocking.
+    fn open(name: NamespaceName, dir: PathBuf, config: DatabaseConfig, settings: &store::Settings) -> Result<Self, Error> {
+        let db = Database::open(&dir.join(Self::DATA_FILE), config, settings.write_lock_timeout)
+            .map_err(|source| Error::Database { name: name.clone(), source })?;
+        Ok(Namespace { name, dir, db, deleted: AtomicBool::new(false) })
+    }
+
+    pub fn name(&self) -> &NamespaceName {
+        &self.name
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    /// Fails once the namespace was deleted: a stream must not keep writing into a removed file.
+    pub fn check_live(&self) -> Result<(), Error> {
+        if self.is_deleted() {
+            return Err(Error::Deleted(self.name.clone()));
+        }
+        Ok(())
+    }
+
+    pub fn database_error(&self, source: database::Error) -> Error {
+        Error::Database { name: self.name.clone(), source }
+    }
+
+    /// Checkpoints and closes the idle connections. Blocking.
+    fn close(&self) -> Result<(), Error> {
+        self.db.close().map_err(|e| self.database_error(e))
+    }
+}

@@ -1,0 +1,421 @@
+//! The namespace store: which namespaces exist, which are open, and the lock that keeps
+//! create, load, close and destroy of one namespace from ever racing each other.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::{DatabaseConfig, Error, MetaStore, Namespace, NamespaceName};
+use crate::blocking;
+use crate::database::CheckpointMode;
+use crate::durable;
+
+/// Prefix of a namespace directory being deleted. Namespace names cannot hold a '.', so no
+/// namespace is ever mistaken for one.
+const DELETING_PREFIX: &str = ".deleting-";
+
+pub(super) struct Settings {
+    pub write_lock_timeout: Duration,
+    pub max_active: usize,
+    pub namespaces_enabled: bool,
+}
+
+#[derive(Clone)]
+pub struct NamespaceStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dbs_dir: PathBuf,
+    meta: Arc<MetaStore>,
+    settings: Settings,
+    slots: Mutex<HashMap<NamespaceName, Arc<Slot>>>,
+    /// Logical clock for least-recently-used ordering.
+    clock: AtomicU64,
+    loaded: AtomicUsize,
+    shutting_down: AtomicBool,
+}
+
+/// One namespace's place in the store. Its mutex is the per-namespace lifecycle lock: whoever
+/// holds it may load, close, create or destroy the namespace.
+#[derive(Default)]
+struct Slot {
+    ns: tokio::sync::Mutex<Option<Arc<Namespace>>>,
+    last_used: AtomicU64,
+}
+
+type SlotGuard<'a> = tokio::sync::MutexGuard<'a, Option<Arc<Namespace>>>;
+
+#[derive(Debug, Serialize)]
+pub struct NamespaceStats {
+    pub namespace: String,
+    pub data_file_bytes: u64,
+    pub wal_file_bytes: u64,
+    pub block_reads: bool,
+    pub block_writes: bool,
+}
+
+impl NamespaceStore {
+    /// Opens the store under `db_path`, creating the layout on a fresh directory and the
+    /// `default` namespace if it is missing. Blocking work runs on the blocking pool.
+    pub async fn open(
+        db_path: &Path,
+        namespaces_enabled: bool,
+        max_active: usize,
+        write_lock_timeout: Duration,
+    ) -> Result<Self, Error> {
+        let db_path = db_path.to_owned();
+        let (dbs_dir, meta) = blocking::run(move || -> Result<_, Error> {
+            let dbs_dir = db_path.join("dbs");
+            let io = |path: &Path, source| Error::Io { name: NamespaceName::default_namespace(), path: path.to_owned(), source };
+            std::fs::create_dir_all(&dbs_dir).map_err(|e| io(&dbs_dir, e))?;
+            remove_interrupted_deletions(&dbs_dir);
+            let meta = MetaStore::open(&db_path.join("metastore"))?;
+            let version = db_path.join(".version");
+            durable::write_file(&version, env!("CARGO_PKG_VERSION").as_bytes()).map_err(|e| io(&version, e))?;
+            Ok((dbs_dir, meta))
+        })
+        .await
+        .map_err(internal)??;
+
+        let store = NamespaceStore {
+            inner: Arc::new(Inner {
+                dbs_dir,
+                meta: Arc::new(meta),
+                settings: Settings { write_lock_timeout, max_active: max_active.max(1), namespaces_enabled },
+                slots: Mutex::new(HashMap::new()),
+                clock: AtomicU64::new(0),
+                loaded: AtomicUsize::new(0),
+                shutting_down: AtomicBool::new(false),
+            }),
+        };
+        let default = NamespaceName::default_namespace();
+        match store.create(&default, DatabaseConfig::default()).await {
+            Ok(()) | Err(Error::AlreadyExists(_)) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(store)
+    }
+
+    pub fn namespaces_enabled(&self) -> bool {
+        self.inner.settings.namespaces_enabled
+    }
+
+    /// The namespace, loaded on first use.
+    pub async fn get(&self, name: &NamespaceName) -> Result<Arc<Namespace>, Error> {
+        self.check_running()?;
+        let slot = self.slot(name);
+        let mut guard = slot.ns.lock().await;
+        let ns = self.load_locked(name, &slot, &mut guard).await?;
+        drop(guard);
+        self.evict_idle(name).await;
+        Ok(ns)
+    }
+
+    /// Creates a namespace with `config`. Fails with [`Error::AlreadyExists`] if it exists.
+    pub async fn create(&self, name: &NamespaceName, config: DatabaseConfig) -> Result<(), Error> {
+        self.check_running()?;
+        if !self.namespaces_enabled() && name.as_str() != NamespaceName::DEFAULT {
+            return Err(Error::NamespacesDisabled);
+        }
+        let slot = self.slot(name);
+        let mut guard = slot.ns.lock().await;
+        if guard.is_some() {
+            return Err(Error::AlreadyExists(name.clone()));
+        }
+        let inner = self.inner.clone();
+        let name2 = name.clone();
+        let ns = blocking::run(move || inner.create_on_disk(name2, config)).await.map_err(internal)??;
+        *guard = Some(Arc::new(ns));
+        self.inner.loaded.fetch_add(1, Ordering::AcqRel);
+        drop(guard);
+        tracing::info!(namespace = %name, "namespace created");
+        self.evict_idle(name).await;
+        Ok(())
+    }
+
+    /// Closes and deletes a namespace and its configuration.
+    pub async fn destroy(&self, name: &NamespaceName) -> Result<(), Error> {
+        self.check_running()?;
+        if name.as_str() == NamespaceName::DEFAULT {
+            return Err(Error::DefaultNamespace);
+        }
+        let slot = self.slot(name);
+        let mut guard = slot.ns.lock().await;
+        let loaded = guard.take();
+        if loaded.is_some() {
+            self.inner.loaded.fetch_sub(1, Ordering::AcqRel);
+        }
+        let inner = self.inner.clone();
+        let name2 = name.clone();
+        let result = blocking::run(move || {
+            if let Some(ns) = loaded {
+                ns.deleted.store(true, Ordering::Release);
+                if let Err(e) = ns.close() {
+                    tracing::warn!(namespace = %ns.name, error = %e, "closing a namespace being deleted failed");
+                }
+            }
+            inner.destroy_on_disk(&name2)
+        })
+        .await
+        .map_err(internal)?;
+        self.forget_slot_if_unused(name, &slot);
+        drop(guard);
+        result?;
+        tracing::info!(namespace = %name, "namespace deleted");
+        Ok(())
+    }
+
+    /// Every namespace on disk, sorted by name.
+    pub async fn list(&self) -> Result<Vec<NamespaceName>, Error> {
+        let dbs_dir = self.inner.dbs_dir.clone();
+        blocking::run(move || {
+            let entries = std::fs::read_dir(&dbs_dir).map_err(|source| Error::Io {
+                name: NamespaceName::default_namespace(),
+                path: dbs_dir.clone(),
+                source,
+            })?;
+            let mut names: Vec<_> = entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+                .filter_map(|e| NamespaceName::new(e.file_name().to_string_lossy().into_owned()).ok())
+                .collect();
+            names.sort();
+            Ok(names)
+        })
+        .await
+        .map_err(internal)?
+    }
+
+    pub async fn config(&self, name: &NamespaceName) -> Result<Arc<DatabaseConfig>, Error> {
+        Ok(self.get(name).await?.db().config())
+    }
+
+    /// Stores a new configuration durably, then makes it the one every connection obeys.
+    pub async fn set_config(&self, name: &NamespaceName, config: DatabaseConfig) -> Result<(), Error> {
+        self.check_running()?;
+        let slot = self.slot(name);
+        let mut guard = slot.ns.lock().await;
+        let ns = self.load_locked(name, &slot, &mut guard).await?;
+        let meta = self.inner.meta.clone();
+        blocking::run(move || -> Result<(), Error> {
+            meta.put(ns.name(), &config)?;
+            ns.db().set_config(config);
+            Ok(())
+        })
+        .await
+        .map_err(internal)?
+    }
+
+    /// Moves the namespace's SQLite WAL into its data file.
+    pub async fn checkpoint(&self, name: &NamespaceName) -> Result<(), Error> {
+        let ns = self.get(name).await?;
+        blocking::run(move || ns.db().checkpoint(CheckpointMode::Truncate).map(|_| ()).map_err(|e| ns.database_error(e)))
+            .await
+            .map_err(internal)?
+    }
+
+    pub async fn stats(&self, name: &NamespaceName) -> Result<NamespaceStats, Error> {
+        let ns = self.get(name).await?;
+        blocking::run(move || {
+            let (data_file_bytes, wal_file_bytes) = ns.db().file_sizes();
+            let config = ns.db().config();
+            NamespaceStats {
+                namespace: ns.name().to_string(),
+                data_file_bytes,
+                wal_file_bytes,
+                block_reads: config.block_reads,
+                block_writes: config.block_writes,
+            }
+        })
+        .await
+        .map_err(internal)
+    }
+
+    /// How many namespaces are open right now.
+    pub fn loaded_count(&self) -> usize {
+        self.inner.loaded.load(Ordering::Acquire)
+    }
+
+    /// Whether `name` is open right now (for tests and diagnostics; it may change at once).
+    pub fn is_loaded(&self, name: &NamespaceName) -> bool {
+        let slot = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned();
+        slot.is_some_and(|s| s.ns.try_lock().map(|g| g.is_some()).unwrap_or(true))
+    }
+
+    /// Refuses new work and closes every namespace cleanly (checkpointed).
+    pub async fn shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::Release);
+        let slots: Vec<_> = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for slot in slots {
+            let mut guard = slot.ns.lock().await;
+            if let Some(ns) = guard.take() {
+                self.inner.loaded.fetch_sub(1, Ordering::AcqRel);
+                let name = ns.name().clone();
+                match blocking::run(move || ns.close()).await {
+                    Ok(Ok(())) => tracing::debug!(namespace = %name, "namespace closed"),
+                    Ok(Err(e)) => tracing::error!(namespace = %name, error = %e, "closing namespace failed"),
+                    Err(e) => tracing::error!(namespace = %name, error = %e, "closing namespace failed"),
+                }
+            }
+        }
+    }
+
+    fn check_running(&self) -> Result<(), Error> {
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    fn slot(&self, name: &NamespaceName) -> Arc<Slot> {
+        let slot = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner()).entry(name.clone()).or_default().clone();
+        slot.last_used.store(self.inner.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        slot
+    }
+
+    /// Drops the slot of a namespace that is not loaded, so the map does not grow with every
+    /// name ever asked for. Called with the slot locked; nobody else may hold the slot, since
+    /// a second holder could load into a slot the map no longer knows.
+    fn forget_slot_if_unused(&self, name: &NamespaceName, slot: &Arc<Slot>) {
+        let mut slots = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if slots.get(name).is_some_and(|s| Arc::ptr_eq(s, slot)) && Arc::strong_count(slot) == 2 {
+            slots.remove(name);
+        }
+    }
+
+    /// With the slot locked: the loaded namespace, loading it if needed.
+    async fn load_locked(&self, name: &NamespaceName, slot: &Arc<Slot>, guard: &mut SlotGuard<'_>) -> Result<Arc<Namespace>, Error> {
+        if let Some(ns) = guard.as_ref() {
+            return Ok(ns.clone());
+        }
+        let inner = self.inner.clone();
+        let name2 = name.clone();
+        let loaded = blocking::run(move || inner.load_from_disk(name2)).await.map_err(internal)?;
+        match loaded {
+            Ok(ns) => {
+                let ns = Arc::new(ns);
+                **guard = Some(ns.clone());
+                self.inner.loaded.fetch_add(1, Ordering::AcqRel);
+                tracing::debug!(namespace = %name, "namespace loaded");
+                Ok(ns)
+            }
+            Err(e) => {
+                self.forget_slot_if_unused(name, slot);
+                Err(e)
+            }
+        }
+    }
+
+    /// Closes least recently used namespaces that nobody is using until at most
+    /// `max_active` are open. Namespaces in use stay open, even past the limit.
+    async fn evict_idle(&self, keep: &NamespaceName) {
+        while self.inner.loaded.load(Ordering::Acquire) > self.inner.settings.max_active {
+            let mut candidates: Vec<(u64, NamespaceName, Arc<Slot>)> = {
+                let slots = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner());
+                slots
+                    .iter()
+                    .filter(|(name, _)| *name != keep)
+                    .map(|(name, slot)| (slot.last_used.load(Ordering::Relaxed), name.clone(), slot.clone()))
+                    .collect()
+            };
+            candidates.sort_by_key(|(used, _, _)| *used);
+            let mut evicted = false;
+            for (_, name, slot) in candidates {
+                let Ok(mut guard) = slot.ns.try_lock() else { continue };
+                // One reference is the slot's own: anything more is a request or stream.
+                if !guard.as_ref().is_some_and(|ns| Arc::strong_count(ns) == 1) {
+                    continue;
+                }
+                let ns = guard.take().expect("checked above");
+                self.inner.loaded.fetch_sub(1, Ordering::AcqRel);
+                match blocking::run(move || ns.close()).await {
+                    Ok(Ok(())) => tracing::debug!(namespace = %name, "idle namespace closed"),
+                    Ok(Err(e)) => tracing::warn!(namespace = %name, error = %e, "closing idle namespace failed"),
+                    Err(e) => tracing::warn!(namespace = %name, error = %e, "closing idle namespace failed"),
+                }
+                drop(guard);
+                self.forget_slot_if_unused(&name, &slot);
+                evicted = true;
+                break;
+            }
+            if !evicted {
+                break;
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn dir_of(&self, name: &NamespaceName) -> PathBuf {
+        self.dbs_dir.join(name.as_str())
+    }
+
+    fn load_from_disk(&self, name: NamespaceName) -> Result<Namespace, Error> {
+        let dir = self.dir_of(&name);
+        if !dir.is_dir() {
+            return Err(Error::NotFound(name));
+        }
+        let config = self.meta.get(&name)?;
+        Namespace::open(name, dir, config, &self.settings)
+    }
+
+    fn create_on_disk(&self, name: NamespaceName, config: DatabaseConfig) -> Result<Namespace, Error> {
+        let dir = self.dir_of(&name);
+        let io = |source| Error::Io { name: name.clone(), path: dir.clone(), source };
+        if dir.exists() {
+            return Err(Error::AlreadyExists(name));
+        }
+        // Configuration first: a crash before the directory exists leaves no namespace, and
+        // the next create overwrites the orphaned configuration.
+        self.meta.put(&name, &config)?;
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(Error::AlreadyExists(name)),
+            other => other.map_err(io)?,
+        }
+        durable::sync_dir(&self.dbs_dir).map_err(io)?;
+        match Namespace::open(name.clone(), dir.clone(), config, &self.settings) {
+            Ok(ns) => Ok(ns),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn destroy_on_disk(&self, name: &NamespaceName) -> Result<(), Error> {
+        let dir = self.dir_of(name);
+        let io = |path: &Path, source| Error::Io { name: name.clone(), path: path.to_owned(), source };
+        if !dir.is_dir() {
+            return Err(Error::NotFound(name.clone()));
+        }
+        // Rename first, so a crash halfway through removing files never leaves a namespace
+        // that exists with part of its files; the start-up scan finishes the removal.
+        let doomed = self.dbs_dir.join(format!("{DELETING_PREFIX}{}-{}", name, uuid::Uuid::new_v4().simple()));
+        std::fs::rename(&dir, &doomed).map_err(|e| io(&dir, e))?;
+        durable::sync_dir(&self.dbs_dir).map_err(|e| io(&self.dbs_dir, e))?;
+        self.meta.remove(name)?;
+        std::fs::remove_dir_all(&doomed).map_err(|e| io(&doomed, e))?;
+        Ok(())
+    }
+}
+
+/// Finishes deletions a crash interrupted.
+fn remove_interrupted_deletions(dbs_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dbs_dir) else { return };
+    for entry in entries.filter_map(|e| e.ok()) {
+        if entry.file_name().to_string_lossy().starts_with(DELETING_PREFIX) {
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(path = %entry.path().display(), error = %e, "could not finish an interrupted namespace deletion");
+            }
+        }
+    }
+}
+
+fn internal(e: blocking::Panicked) -> Error {
+    Error::Internal(e.to_string())
+}

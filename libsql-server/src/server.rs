@@ -1,0 +1,81 @@
+//! A whole server: the namespace store, the user and admin APIs, their listeners, and the
+//! order of a graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::hrana::Hrana;
+use crate::metrics::Metrics;
+use crate::namespace::{self, NamespaceStore};
+use crate::net::{self, Listener};
+use crate::http;
+
+pub struct Server {
+    config: Config,
+    hrana: Hrana,
+    metrics: Arc<Metrics>,
+}
+
+impl Server {
+    /// Opens the data directory (creating it and the `default` namespace on first start).
+    pub async fn open(config: Config) -> Result<Self, namespace::Error> {
+        let store = NamespaceStore::open(
+            &config.db_path,
+            config.enable_namespaces,
+            config.max_active_namespaces as usize,
+            config.write_lock_timeout(),
+        )
+        .await?;
+        let hrana = Hrana::new(store, config.stream_expiry());
+        Ok(Server { config, hrana, metrics: Arc::new(Metrics::default()) })
+    }
+
+    pub fn store(&self) -> &NamespaceStore {
+        self.hrana.store()
+    }
+
+    pub fn user_router(&self) -> Router {
+        http::user::router(self.hrana.clone(), self.metrics.clone(), self.config.max_body_size)
+    }
+
+    pub fn admin_router(&self) -> Router {
+        http::admin::router(self.hrana.clone(), self.metrics.clone(), self.config.admin_auth_key.clone())
+    }
+
+    /// Serves until `shutdown` resolves, then: stops accepting, lets in-flight requests finish
+    /// (bounded by the shutdown timeout), rolls back idle streams, and closes every namespace
+    /// after a checkpoint.
+    pub async fn serve<U: Listener, A: Listener>(self, user: U, admin: Option<A>, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (in_flight_tx, mut in_flight_rx) = mpsc::channel::<()>(1);
+
+        let mut reaper_stop = stop_rx.clone();
+        let reaper = tokio::spawn(self.hrana.clone().reap_idle_streams(async move {
+            let _ = reaper_stop.changed().await;
+        }));
+        let mut tasks = vec![tokio::spawn(net::serve(user, self.user_router(), stop_rx.clone(), in_flight_tx.clone()))];
+        if let Some(admin) = admin {
+            tasks.push(tokio::spawn(net::serve(admin, self.admin_router(), stop_rx.clone(), in_flight_tx.clone())));
+        }
+        drop(in_flight_tx);
+
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        let _ = stop_tx.send(true);
+        for task in tasks {
+            let _ = task.await;
+        }
+        // Every connection task holds a sender; recv() yields None once all have finished.
+        if tokio::time::timeout(self.config.shutdown_timeout(), in_flight_rx.recv()).await.is_err() {
+            tracing::warn!("in-flight requests did not finish in time; closing anyway");
+        }
+        let _ = reaper.await;
+        self.hrana.close_all_streams().await;
+        self.hrana.store().shutdown().await;
+        tracing::info!("shutdown complete");
+    }
+}

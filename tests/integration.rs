@@ -1,0 +1,11 @@
+//! Integration tests of the real server: under turmoil for network behaviour (the server runs
+//! in a simulated host, clients call it over the simulated network), and as a real `sqld`
+//! process for clients and signals.
+
+mod common;
+
+mod admin;
+mod bad_input;
+mod client;
+mod hrana;
+mod process;
