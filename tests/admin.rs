@@ -137,3 +137,50 @@ fn stats_checkpoint_and_metrics() {
         Ok(())
     });
 }
+
+async fn loaded_namespaces() -> u64 {
+    let (_, body) = call("primary", ADMIN_PORT, Method::GET, "/metrics", &[], "").await;
+    let text = String::from_utf8(body).unwrap();
+    let line = text.lines().find(|l| l.starts_with("sqld_namespaces_loaded ")).expect("gauge present");
+    line.split(' ').nth(1).unwrap().parse::<f64>().unwrap() as u64
+}
+
+#[test]
+fn least_recently_used_namespaces_are_closed_past_the_limit_and_reopen_on_use() {
+    run_sim(
+        |config| config.max_active_namespaces = 2,
+        async {
+            for ns in ["a", "b", "c", "d"] {
+                assert_eq!(admin(Method::POST, &format!("/v1/namespaces/{ns}/create"), "").await.0, StatusCode::OK);
+                pipeline(ns, json!({"requests": [execute("CREATE TABLE t (name)"), execute(&format!("INSERT INTO t VALUES ('{ns}')")), close()]})).await;
+                assert!(loaded_namespaces().await <= 2, "more namespaces open than the limit");
+            }
+            // Every namespace, closed or not, still answers with its own data.
+            for ns in ["a", "b", "c", "d", "a"] {
+                let (_, answer) = pipeline(ns, json!({"requests": [execute("SELECT name FROM t"), close()]})).await;
+                assert_eq!(rows(&answer, 0), vec![json!([{"type": "text", "value": ns}])]);
+                assert!(loaded_namespaces().await <= 2);
+            }
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn a_namespace_in_use_is_not_closed_under_it() {
+    run_sim(
+        |config| config.max_active_namespaces = 1,
+        async {
+            admin(Method::POST, "/v1/namespaces/busy/create", "").await;
+            admin(Method::POST, "/v1/namespaces/other/create", "").await;
+            // An open transaction on `busy` holds the namespace.
+            let (_, open) = pipeline("busy", json!({"requests": [execute("CREATE TABLE t (x)"), execute("BEGIN"), execute("INSERT INTO t VALUES (1)")]})).await;
+            let baton = open["baton"].as_str().unwrap().to_owned();
+            pipeline("other", json!({"requests": [execute("SELECT 1"), close()]})).await;
+            assert_eq!(loaded_namespaces().await, 2, "the busy namespace stays open past the limit");
+            let (_, done) = pipeline("busy", json!({"baton": baton, "requests": [execute("COMMIT"), execute("SELECT count(*) FROM t"), close()]})).await;
+            assert_eq!(rows(&done, 1), vec![json!([{"type": "integer", "value": "1"}])]);
+            Ok(())
+        },
+    );
+}

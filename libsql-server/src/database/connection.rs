@@ -1,12 +1,16 @@
 //! A connection of one namespace, with the rules every statement passes before it runs:
 //! the namespace's read/write blocks and the write gate.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use libsql_sys::rusqlite;
 
 use super::{synchronous_pragma, EngineConnection, Shared, WritePermit};
+
+/// Prepared statements kept per connection: a client's working set of queries.
+const STATEMENT_CACHE_CAPACITY: usize = 128;
 
 /// Whether a statement needs the namespace's write lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +52,38 @@ pub struct Connection {
     /// permit is released.
     conn: EngineConnection,
     access: WriteAccess,
+    single_statements: SingleStatements,
+}
+
+/// SQL texts already known to hold exactly one statement, so they can go through SQLite's
+/// prepared-statement cache (which would silently ignore a second statement) from then on.
+#[derive(Default)]
+pub struct SingleStatements {
+    texts: HashSet<String>,
+}
+
+impl SingleStatements {
+    /// Bound on remembered texts; forgetting only costs a re-check.
+    const MAX: usize = 512;
+
+    pub fn contains(&self, sql: &str) -> bool {
+        self.texts.contains(sql)
+    }
+
+    pub fn insert(&mut self, sql: &str) {
+        if self.texts.len() >= Self::MAX {
+            self.texts.clear();
+        }
+        self.texts.insert(sql.to_owned());
+    }
+}
+
+/// A connection borrowed apart, so a prepared statement (which borrows the SQLite connection)
+/// can be admitted and cached.
+pub struct ConnectionParts<'a> {
+    pub sqlite: &'a rusqlite::Connection,
+    pub access: &'a mut WriteAccess,
+    pub single_statements: &'a mut SingleStatements,
 }
 
 /// The write side of a connection: whether it holds the namespace's write gate.
@@ -60,17 +96,20 @@ pub struct WriteAccess {
 
 impl Connection {
     pub(super) fn new(conn: EngineConnection, shared: Arc<Shared>) -> Self {
-        Connection { conn, access: WriteAccess { permit: None, shared, config_seen: None } }
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+        Connection {
+            conn,
+            access: WriteAccess { permit: None, shared, config_seen: None },
+            single_statements: SingleStatements::default(),
+        }
     }
 
     pub fn sqlite(&self) -> &rusqlite::Connection {
         &self.conn
     }
 
-    /// The SQLite connection and its write access, borrowed apart so a prepared statement
-    /// (which borrows the connection) can be admitted.
-    pub fn split(&mut self) -> (&rusqlite::Connection, &mut WriteAccess) {
-        (&self.conn, &mut self.access)
+    pub fn parts(&mut self) -> ConnectionParts<'_> {
+        ConnectionParts { sqlite: &self.conn, access: &mut self.access, single_statements: &mut self.single_statements }
     }
 }
 

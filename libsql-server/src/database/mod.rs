@@ -14,7 +14,7 @@ use libsql_replication::rpc::metadata::{DatabaseConfig, DurabilityMode};
 use libsql_sys::rusqlite::{self, OpenFlags};
 use libsql_sys::wal::{Sqlite3Wal, Sqlite3WalManager};
 
-pub use connection::{AccessError, Connection, StmtKind, WriteAccess};
+pub use connection::{AccessError, Connection, ConnectionParts, SingleStatements, StmtKind, WriteAccess};
 pub use write_gate::{WriteGate, WritePermit};
 
 /// The connection type of the engine. The replication log replaces the WAL type here.

@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use libsql_hrana::proto::{Col, DescribeCol, DescribeParam, DescribeResult, NamedArg, Row, Stmt, StmtResult, Value};
-use libsql_sys::rusqlite::{self, types::{ToSqlOutput, ValueRef}};
+use libsql_sys::rusqlite::{self, types::{ToSqlOutput, ValueRef}, CachedStatement};
 
 use super::StmtError;
-use crate::database::{Connection, StmtKind};
+use crate::database::{Connection, ConnectionParts, SingleStatements, StmtKind};
 
 /// SQL texts stored on a stream by `store_sql`, referred to by `sql_id`.
 #[derive(Default)]
@@ -44,22 +44,26 @@ impl SqlStore {
     }
 }
 
-/// Prepares the single statement of `sql`: none or more than one is an error.
-fn prepare_one<'c>(conn: &'c rusqlite::Connection, sql: &str) -> Result<rusqlite::Statement<'c>, StmtError> {
-    let mut statements = rusqlite::Batch::new(conn, sql);
-    let stmt = statements.next()?.ok_or(StmtError::NoStatement)?;
-    match statements.next() {
-        Ok(None) => Ok(stmt),
-        Ok(Some(_)) | Err(_) => Err(StmtError::ManyStatements),
+/// Prepares the single statement of `sql`: none or more than one is an error. A text seen to
+/// hold one statement before comes from the prepared-statement cache.
+fn prepare_one<'c>(conn: &'c rusqlite::Connection, single: &mut SingleStatements, sql: &str) -> Result<CachedStatement<'c>, StmtError> {
+    if !single.contains(sql) {
+        let mut statements = rusqlite::Batch::new(conn, sql);
+        statements.next()?.ok_or(StmtError::NoStatement)?;
+        match statements.next() {
+            Ok(None) => single.insert(sql),
+            Ok(Some(_)) | Err(_) => return Err(StmtError::ManyStatements),
+        }
     }
+    Ok(conn.prepare_cached(sql)?)
 }
 
 /// Executes one statement and collects its result.
 pub fn execute(conn: &mut Connection, sqls: &SqlStore, stmt: &Stmt) -> Result<StmtResult, StmtError> {
     let sql = sqls.resolve(stmt.sql.as_deref(), stmt.sql_id)?;
     let started = Instant::now();
-    let (sqlite, access) = conn.split();
-    let mut prepared = prepare_one(sqlite, sql)?;
+    let ConnectionParts { sqlite, access, single_statements } = conn.parts();
+    let mut prepared = prepare_one(sqlite, single_statements, sql)?;
     bind_args(&mut prepared, &stmt.args, &stmt.named_args)?;
 
     let kind = StmtKind::of(&prepared, sql);
@@ -101,7 +105,8 @@ pub fn execute(conn: &mut Connection, sqls: &SqlStore, stmt: &Stmt) -> Result<St
 /// Describes a statement without running it: its parameters and result columns.
 pub fn describe(conn: &mut Connection, sqls: &SqlStore, sql: Option<&str>, sql_id: Option<i32>) -> Result<DescribeResult, StmtError> {
     let sql = sqls.resolve(sql, sql_id)?;
-    let prepared = prepare_one(conn.sqlite(), sql)?;
+    let ConnectionParts { sqlite, single_statements, .. } = conn.parts();
+    let prepared = prepare_one(sqlite, single_statements, sql)?;
     let params = (1..=prepared.parameter_count())
         .map(|i| DescribeParam { name: prepared.parameter_name(i).map(str::to_owned) })
         .collect();
@@ -116,7 +121,7 @@ pub fn describe(conn: &mut Connection, sqls: &SqlStore, sql: Option<&str>, sql_i
 /// Runs every statement of a SQL text in order, discarding rows; stops at the first error.
 pub fn sequence(conn: &mut Connection, sqls: &SqlStore, sql: Option<&str>, sql_id: Option<i32>) -> Result<(), StmtError> {
     let sql = sqls.resolve(sql, sql_id)?;
-    let (sqlite, access) = conn.split();
+    let ConnectionParts { sqlite, access, .. } = conn.parts();
     let mut statements = rusqlite::Batch::new(sqlite, sql);
     loop {
         // The statement's own text is needed to classify it: `Batch` does not expose it.
