@@ -118,6 +118,13 @@ fn stats_checkpoint_and_metrics() {
         let (status, stats) = admin(Method::GET, "/v1/namespaces/default/stats", "").await;
         assert_eq!(status, StatusCode::OK);
         assert!(stats["wal_file_bytes"].as_u64().unwrap() > 100_000, "{stats}");
+        let log = &stats["replication"];
+        assert_eq!(log["log_id"].as_str().unwrap().len(), 36, "{stats}");
+        let frames = log["frame_count"].as_u64().unwrap();
+        assert!(frames > 100_000 / 4096, "the blob's pages are in the log: {stats}");
+        assert_eq!(log["last_frame_no"], frames - 1);
+        assert_eq!(log["wallog_bytes"], 64 + frames * 4120);
+        assert_eq!(log["snapshot_count"], 0);
 
         let (status, _) = admin(Method::POST, "/v1/namespaces/default/checkpoint", "").await;
         assert_eq!(status, StatusCode::OK);

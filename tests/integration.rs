@@ -9,3 +9,4 @@ mod bad_input;
 mod client;
 mod hrana;
 mod process;
+mod replication;

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::namespace::StoreOptions;
+use crate::replication::{LogSettings, RecoveryOptions};
+
 /// The configuration of one server process. Every field has a working default, so `sqld` with
 /// no flags serves the `default` database from `./data.sqld` on 127.0.0.1:8080.
 #[derive(Parser, Debug, Clone)]
@@ -37,6 +40,19 @@ pub struct Config {
     #[arg(long, env = "SQLD_MAX_ACTIVE_NAMESPACES", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_active_namespaces: u64,
 
+    /// Size (MB) past which a namespace's replication log is retired into a snapshot.
+    #[arg(long, env = "SQLD_MAX_LOG_SIZE", default_value_t = 200)]
+    pub max_log_size: u64,
+
+    /// Seconds after which a non-empty replication log is retired into a snapshot.
+    #[arg(long, env = "SQLD_MAX_LOG_DURATION")]
+    pub max_log_duration: Option<f64>,
+
+    /// Seconds between checkpoints of every open namespace (SQLite's own autocheckpoint runs
+    /// regardless).
+    #[arg(long, env = "SQLD_CHECKPOINT_INTERVAL_S", value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_interval_s: Option<u64>,
+
     /// Largest HTTP request body the user API accepts, in bytes.
     #[arg(long, env = "SQLD_MAX_BODY_SIZE", default_value_t = 16 * 1024 * 1024)]
     pub max_body_size: usize,
@@ -61,6 +77,16 @@ impl Config {
         let mut config = Config::parse_from(["sqld"]);
         config.db_path = db_path.into();
         config
+    }
+
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            namespaces_enabled: self.enable_namespaces,
+            max_active: self.max_active_namespaces as usize,
+            write_lock_timeout: self.write_lock_timeout(),
+            log: LogSettings::from_flags(self.max_log_size, self.max_log_duration),
+            recovery: RecoveryOptions::from_env(),
+        }
     }
 
     pub fn stream_expiry(&self) -> Duration {

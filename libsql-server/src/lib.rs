@@ -33,6 +33,7 @@ pub mod http;
 pub mod metrics;
 pub mod namespace;
 pub mod net;
+pub mod replication;
 pub mod server;
 
 pub use config::Config;

@@ -23,13 +23,7 @@ pub struct Server {
 impl Server {
     /// Opens the data directory (creating it and the `default` namespace on first start).
     pub async fn open(config: Config) -> Result<Self, namespace::Error> {
-        let store = NamespaceStore::open(
-            &config.db_path,
-            config.enable_namespaces,
-            config.max_active_namespaces as usize,
-            config.write_lock_timeout(),
-        )
-        .await?;
+        let store = NamespaceStore::open(&config.db_path, config.store_options()).await?;
         let hrana = Hrana::new(store, config.stream_expiry());
         Ok(Server { config, hrana, metrics: Arc::new(Metrics::default()) })
     }
@@ -62,6 +56,20 @@ impl Server {
             tasks.push(tokio::spawn(net::serve(admin, self.admin_router(), stop_rx.clone(), in_flight_tx.clone())));
         }
         drop(in_flight_tx);
+        if let Some(secs) = self.config.checkpoint_interval_s {
+            let mut stop = stop_rx.clone();
+            let store = self.hrana.store().clone();
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(std::time::Duration::from_secs(secs));
+                ticker.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = ticker.tick() => store.checkpoint_loaded().await,
+                        _ = stop.changed() => break,
+                    }
+                }
+            });
+        }
 
         shutdown.await;
         tracing::info!("shutting down: no new connections, finishing in-flight requests");

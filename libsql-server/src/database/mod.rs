@@ -12,16 +12,18 @@ use std::time::Duration;
 
 use libsql_replication::rpc::metadata::{DatabaseConfig, DurabilityMode};
 use libsql_sys::rusqlite::{self, OpenFlags};
-use libsql_sys::wal::{Sqlite3Wal, Sqlite3WalManager};
+use libsql_sys::wal::wrapper::WrappedWal;
+use libsql_sys::wal::{Sqlite3Wal, Sqlite3WalManager, WalManager};
 
 pub use connection::{AccessError, Connection, ConnectionParts, SingleStatements, StmtKind, WriteAccess};
 pub use write_gate::{WriteGate, WritePermit};
 
-/// The connection type of the engine. The replication log replaces the WAL type here.
-pub type EngineConnection = libsql_sys::Connection<Sqlite3Wal>;
+/// The connection type of the engine: SQLite's WAL wrapped by the replication log's capture.
+pub type EngineConnection = libsql_sys::Connection<WrappedWal<ReplicationWal, Sqlite3Wal>>;
 
-/// SQLite's page size, and the only one this server's formats accept.
-pub const PAGE_SIZE: usize = 4096;
+pub use crate::replication::format::PAGE_SIZE;
+use crate::replication::wal::ReplicationWal;
+use crate::replication::ReplicationLogger;
 
 /// Idle connections kept open per namespace: opening one costs far more than a request.
 const MAX_IDLE_CONNECTIONS: usize = 8;
@@ -59,6 +61,7 @@ impl Shared {
 pub struct Database {
     path: PathBuf,
     shared: Arc<Shared>,
+    logger: Arc<ReplicationLogger>,
     idle: Mutex<Vec<Connection>>,
 }
 
@@ -72,9 +75,11 @@ pub enum CheckpointMode {
 
 impl Database {
     /// Opens (creating if needed) the database file at `path` and checks it can be used.
-    pub fn open(path: &Path, config: DatabaseConfig, write_lock_timeout: Duration) -> Result<Self, Error> {
+    /// Every connection's committed transactions go to `logger`.
+    pub fn open(path: &Path, config: DatabaseConfig, write_lock_timeout: Duration, logger: Arc<ReplicationLogger>) -> Result<Self, Error> {
         let db = Database {
             path: path.to_owned(),
+            logger,
             shared: Arc::new(Shared {
                 gate: Arc::new(WriteGate::default()),
                 config: RwLock::new(Arc::new(config)),
@@ -90,6 +95,10 @@ impl Database {
 
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    pub fn logger(&self) -> &Arc<ReplicationLogger> {
+        &self.logger
     }
 
     pub fn path(&self) -> &Path {
@@ -110,7 +119,7 @@ impl Database {
         if let Some(conn) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
             return Ok(conn);
         }
-        let conn = open_engine_connection(&self.path)?;
+        let conn = open_engine_connection(&self.path, &self.logger)?;
         Ok(Connection::new(conn, self.shared.clone()))
     }
 
@@ -156,9 +165,10 @@ impl Database {
     }
 }
 
-fn open_engine_connection(path: &Path) -> Result<EngineConnection, Error> {
+fn open_engine_connection(path: &Path, logger: &Arc<ReplicationLogger>) -> Result<EngineConnection, Error> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = EngineConnection::open(path, flags, Sqlite3WalManager::new(), AUTO_CHECKPOINT_FRAMES, None)?;
+    let wal = Sqlite3WalManager::new().wrap(ReplicationWal::new(logger.clone()));
+    let conn = EngineConnection::open(path, flags, wal, AUTO_CHECKPOINT_FRAMES, None)?;
     conn.busy_timeout(SQLITE_BUSY_TIMEOUT)?;
     Ok(conn)
 }

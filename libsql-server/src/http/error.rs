@@ -52,7 +52,7 @@ impl From<namespace::Error> for ApiError {
             E::NamespacesDisabled => (StatusCode::BAD_REQUEST, "NAMESPACES_DISABLED"),
             E::DefaultNamespace => (StatusCode::BAD_REQUEST, "NAMESPACE_DEFAULT"),
             E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN"),
-            E::Database { .. } | E::Meta(_) | E::Io { .. } | E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+            E::Database { .. } | E::Meta(_) | E::Log { .. } | E::Io { .. } | E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
         };
         ApiError::new(status, code, e.to_string())
     }

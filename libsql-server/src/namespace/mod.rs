@@ -13,9 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub use libsql_replication::rpc::metadata::DatabaseConfig;
 pub use meta::{MetaError, MetaStore};
 pub use name::{InvalidName, NamespaceName, MAX_NAME_LEN};
-pub use store::{NamespaceStats, NamespaceStore};
+pub use store::{NamespaceStats, NamespaceStore, StoreOptions};
 
 use crate::database::{self, Database};
+use crate::replication::{self, LogError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -35,6 +36,8 @@ pub enum Error {
     Database { name: NamespaceName, source: database::Error },
     #[error(transparent)]
     Meta(#[from] MetaError),
+    #[error("namespace {name}: replication log: {source}")]
+    Log { name: NamespaceName, source: LogError },
     #[error("namespace {name}: i/o on {path}: {source}", path = .path.display())]
     Io { name: NamespaceName, path: PathBuf, source: std::io::Error },
     #[error("the server is shutting down")]
@@ -51,6 +54,7 @@ pub struct Namespace {
     db: Database,
     /// Set once the namespace is deleted, so streams still holding it stop using it.
     deleted: AtomicBool,
+    recovery: replication::RecoveryOptions,
 }
 
 impl Namespace {
@@ -59,9 +63,12 @@ impl Namespace {
 
     /// Opens the namespace in `dir` (which exists). Blocking.
     fn open(name: NamespaceName, dir: PathBuf, config: DatabaseConfig, settings: &store::Settings) -> Result<Self, Error> {
-        let db = Database::open(&dir.join(Self::DATA_FILE), config, settings.write_lock_timeout)
+        let data = dir.join(Self::DATA_FILE);
+        let (logger, _rebuild) = replication::recovery::open(&dir, &data, settings.log, settings.recovery)
+            .map_err(|source| Error::Log { name: name.clone(), source })?;
+        let db = Database::open(&data, config, settings.write_lock_timeout, logger)
             .map_err(|source| Error::Database { name: name.clone(), source })?;
-        Ok(Namespace { name, dir, db, deleted: AtomicBool::new(false) })
+        Ok(Namespace { name, dir, db, deleted: AtomicBool::new(false), recovery: settings.recovery })
     }
 
     pub fn name(&self) -> &NamespaceName {
@@ -92,8 +99,10 @@ impl Namespace {
         Error::Database { name: self.name.clone(), source }
     }
 
-    /// Checkpoints and closes the idle connections. Blocking.
+    /// Checkpoints, closes the idle connections, and marks the log clean (the sentinel goes).
+    /// Blocking. After an error the sentinel stays, so the next open rebuilds the log.
     fn close(&self) -> Result<(), Error> {
-        self.db.close().map_err(|e| self.database_error(e))
+        self.db.close().map_err(|e| self.database_error(e))?;
+        replication::recovery::close(self.db.logger(), self.recovery).map_err(|source| Error::Log { name: self.name.clone(), source })
     }
 }

@@ -13,6 +13,7 @@ use super::{DatabaseConfig, Error, MetaStore, Namespace, NamespaceName};
 use crate::blocking;
 use crate::database::CheckpointMode;
 use crate::durable;
+use crate::replication::{LogSettings, LogStats, RecoveryOptions};
 
 /// Prefix of a namespace directory being deleted. Namespace names cannot hold a '.', so no
 /// namespace is ever mistaken for one.
@@ -20,6 +21,8 @@ const DELETING_PREFIX: &str = ".deleting-";
 
 pub(super) struct Settings {
     pub write_lock_timeout: Duration,
+    pub log: LogSettings,
+    pub recovery: RecoveryOptions,
     pub max_active: usize,
     pub namespaces_enabled: bool,
 }
@@ -50,6 +53,16 @@ struct Slot {
 
 type SlotGuard<'a> = tokio::sync::MutexGuard<'a, Option<Arc<Namespace>>>;
 
+/// How the store opens namespaces.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub namespaces_enabled: bool,
+    pub max_active: usize,
+    pub write_lock_timeout: Duration,
+    pub log: LogSettings,
+    pub recovery: RecoveryOptions,
+}
+
 #[derive(Debug, Serialize)]
 pub struct NamespaceStats {
     pub namespace: String,
@@ -57,17 +70,14 @@ pub struct NamespaceStats {
     pub wal_file_bytes: u64,
     pub block_reads: bool,
     pub block_writes: bool,
+    pub replication: LogStats,
 }
 
 impl NamespaceStore {
     /// Opens the store under `db_path`, creating the layout on a fresh directory and the
     /// `default` namespace if it is missing. Blocking work runs on the blocking pool.
-    pub async fn open(
-        db_path: &Path,
-        namespaces_enabled: bool,
-        max_active: usize,
-        write_lock_timeout: Duration,
-    ) -> Result<Self, Error> {
+    pub async fn open(db_path: &Path, options: StoreOptions) -> Result<Self, Error> {
+        let StoreOptions { namespaces_enabled, max_active, write_lock_timeout, log, recovery } = options;
         let db_path = db_path.to_owned();
         let (dbs_dir, meta) = blocking::run(move || -> Result<_, Error> {
             let dbs_dir = db_path.join("dbs");
@@ -86,7 +96,7 @@ impl NamespaceStore {
             inner: Arc::new(Inner {
                 dbs_dir,
                 meta: Arc::new(meta),
-                settings: Settings { write_lock_timeout, max_active: max_active.max(1), namespaces_enabled },
+                settings: Settings { write_lock_timeout, log, recovery, max_active: max_active.max(1), namespaces_enabled },
                 slots: Mutex::new(HashMap::new()),
                 clock: AtomicU64::new(0),
                 loaded: AtomicUsize::new(0),
@@ -230,10 +240,25 @@ impl NamespaceStore {
                 wal_file_bytes,
                 block_reads: config.block_reads,
                 block_writes: config.block_writes,
+                replication: ns.db().logger().stats(),
             }
         })
         .await
         .map_err(internal)
+    }
+
+    /// Checkpoints every open namespace nobody is locking (the periodic checkpoint).
+    pub async fn checkpoint_loaded(&self) {
+        let slots: Vec<_> = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for slot in slots {
+            let Some(ns) = slot.ns.try_lock().ok().and_then(|g| g.clone()) else { continue };
+            let name = ns.name().clone();
+            match blocking::run(move || ns.db().checkpoint(CheckpointMode::Passive)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(namespace = %name, error = %e, "periodic checkpoint failed"),
+                Err(e) => tracing::warn!(namespace = %name, error = %e, "periodic checkpoint failed"),
+            }
+        }
     }
 
     /// How many namespaces are open right now.

@@ -1,0 +1,88 @@
+//! Turning a retired log (in `to_compact/`) into a snapshot file (in `snapshots/`): every page
+//! once, at its newest version, newest frame first.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::format::{FrameHeader, LogHeader, SnapshotHeader, FRAME_SIZE, LOG_HEADER_SIZE};
+use super::logger::frame_offset;
+use super::{failpoint, LogError, SNAPSHOTS_DIR, TO_COMPACT_DIR};
+use crate::durable;
+
+/// Retired logs waiting for their snapshot, oldest first.
+pub fn pending(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir.join(TO_COMPACT_DIR)) else { return Vec::new() };
+    let mut retired: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let (_, start, _) = SnapshotHeader::parse_file_name(&e.file_name().to_string_lossy())?;
+            Some((start, e.path()))
+        })
+        .collect();
+    retired.sort();
+    retired.into_iter().map(|(_, p)| p).collect()
+}
+
+/// Writes the snapshot of a retired log, then removes the retired log. A crash leaves the
+/// retired log (rewritten next open) and at worst a `.partial` snapshot nobody reads.
+pub fn write_snapshot(dir: &Path, retired: &Path) -> Result<PathBuf, LogError> {
+    let io = |p: &Path, e| LogError::io(p, e);
+    let file = File::open(retired).map_err(|e| io(retired, e))?;
+    let mut bytes = [0u8; LOG_HEADER_SIZE];
+    file.read_exact_at(&mut bytes, 0).map_err(|e| io(retired, e))?;
+    let header = LogHeader::decode(&bytes).map_err(|e| LogError::corrupt(retired, None, e.to_string()))?;
+    if header.frame_count == 0 {
+        std::fs::remove_file(retired).map_err(|e| io(retired, e))?;
+        return Ok(retired.to_owned());
+    }
+
+    // Pass 1: the newest frame of every page, and the size after the last commit.
+    let mut newest: HashMap<u32, u64> = HashMap::new();
+    let mut frame = vec![0u8; FRAME_SIZE];
+    let mut size_after = 0;
+    for index in 0..header.frame_count {
+        file.read_exact_at(&mut frame[..24], frame_offset(index)).map_err(|e| io(retired, e))?;
+        let fh = FrameHeader::decode(&frame[..24]);
+        newest.insert(fh.page_no, index);
+        if fh.size_after != 0 {
+            size_after = fh.size_after;
+        }
+    }
+    let mut indexes: Vec<u64> = newest.into_values().collect();
+    indexes.sort_unstable_by(|a, b| b.cmp(a));
+
+    let snapshot = SnapshotHeader {
+        log_id: header.log_id,
+        start_frame_no: header.start_frame_no,
+        end_frame_no: header.next_frame_no() - 1,
+        frame_count: indexes.len() as u64,
+        size_after,
+    };
+    let snapshots = dir.join(SNAPSHOTS_DIR);
+    std::fs::create_dir_all(&snapshots).map_err(|e| io(&snapshots, e))?;
+    let path = snapshots.join(snapshot.file_name());
+    let partial = path.with_extension("partial");
+
+    // Pass 2: those frames, newest first, with size_after cleared as the format wants.
+    let out = OpenOptions::new().write(true).create(true).truncate(true).open(&partial).map_err(|e| io(&partial, e))?;
+    let mut out = BufWriter::with_capacity(64 * FRAME_SIZE, out);
+    out.write_all(&snapshot.encode()).map_err(|e| io(&partial, e))?;
+    for index in indexes {
+        file.read_exact_at(&mut frame, frame_offset(index)).map_err(|e| io(retired, e))?;
+        frame[20..24].fill(0);
+        out.write_all(&frame).map_err(|e| io(&partial, e))?;
+    }
+    let out = out.into_inner().map_err(|e| io(&partial, e.into_error()))?;
+    out.sync_all().map_err(|e| io(&partial, e))?;
+    failpoint::check("compaction.before_snapshot_rename", &partial).map_err(|e| LogError::io(&partial, e))?;
+    std::fs::rename(&partial, &path).map_err(|e| io(&partial, e))?;
+    durable::sync_dir(&snapshots).map_err(|e| io(&snapshots, e))?;
+    failpoint::check("compaction.before_retired_removed", retired).map_err(|e| LogError::io(retired, e))?;
+    std::fs::remove_file(retired).map_err(|e| io(retired, e))?;
+    durable::sync_parent(retired).map_err(|e| io(retired, e))?;
+    tracing::info!(snapshot = %path.display(), frames = snapshot.frame_count, "snapshot written");
+    Ok(path)
+}

@@ -1,0 +1,308 @@
+//! The replication logger of one primary namespace: appends committed transactions to the
+//! `wallog`, and retires a full log to `to_compact/` so it becomes a snapshot.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::format::{checksum, FrameHeader, LogHeader, SnapshotHeader, FRAME_SIZE, LOG_HEADER_SIZE};
+use super::{compaction, failpoint, LogError, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG};
+use crate::durable;
+
+/// When a log is retired into a snapshot.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogSettings {
+    /// Retire once the log holds at least this many frames.
+    pub max_log_frames: Option<u64>,
+    /// Retire a non-empty log this long after it was started.
+    pub max_log_duration: Option<Duration>,
+}
+
+impl LogSettings {
+    /// From `--max-log-size` (MB) and `--max-log-duration` (seconds).
+    pub fn from_flags(max_log_size_mb: u64, max_log_duration_s: Option<f64>) -> Self {
+        LogSettings {
+            max_log_frames: (max_log_size_mb > 0).then(|| (max_log_size_mb * 1_000_000).div_ceil(FRAME_SIZE as u64)),
+            max_log_duration: max_log_duration_s.filter(|s| *s > 0.0).map(Duration::from_secs_f64),
+        }
+    }
+}
+
+pub struct ReplicationLogger {
+    dir: PathBuf,
+    settings: LogSettings,
+    state: Mutex<LogState>,
+    /// Snapshot builds running in the background; joined on close.
+    compactions: Mutex<Vec<JoinHandle<()>>>,
+}
+
+struct LogState {
+    file: File,
+    header: LogHeader,
+    /// Checksum of the last committed frame (the header's start checksum if none).
+    last_checksum: u64,
+    /// Set when a committed transaction could not be logged: the log has a hole and takes no
+    /// more writes until it is rebuilt.
+    poisoned: Option<String>,
+    started_at: Instant,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LogStats {
+    pub log_id: String,
+    pub start_frame_no: u64,
+    pub frame_count: u64,
+    /// The frame_no of the last committed frame, if the log has ever held one.
+    pub last_frame_no: Option<u64>,
+    pub wallog_bytes: u64,
+    pub snapshot_count: usize,
+    pub pending_compactions: usize,
+    pub poisoned: Option<String>,
+}
+
+impl ReplicationLogger {
+    /// Opens the `wallog` of namespace directory `dir`, which recovery has judged sound.
+    pub(super) fn open(dir: &Path, settings: LogSettings) -> Result<Arc<Self>, LogError> {
+        let path = dir.join(WALLOG);
+        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| LogError::io(&path, e))?;
+        let mut bytes = [0u8; LOG_HEADER_SIZE];
+        file.read_exact_at(&mut bytes, 0).map_err(|e| LogError::io(&path, e))?;
+        let header = LogHeader::decode(&bytes).map_err(|e| LogError::corrupt(&path, None, e.to_string()))?;
+        let last_checksum = if header.frame_count == 0 {
+            header.start_checksum
+        } else {
+            let mut frame = [0u8; 24];
+            let at = frame_offset(header.frame_count - 1);
+            file.read_exact_at(&mut frame, at).map_err(|_| {
+                LogError::corrupt(&path, Some(header.next_frame_no() - 1), "header counts more frames than the file holds")
+            })?;
+            FrameHeader::decode(&frame).checksum
+        };
+        let logger = Arc::new(ReplicationLogger {
+            dir: dir.to_owned(),
+            settings,
+            state: Mutex::new(LogState { file, header, last_checksum, poisoned: None, started_at: Instant::now(), buf: Vec::new() }),
+            compactions: Mutex::new(Vec::new()),
+        });
+        // Finish the snapshots a previous run retired but did not get to write.
+        for retired in compaction::pending(dir) {
+            logger.spawn_snapshot(retired);
+        }
+        Ok(logger)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.lock().poisoned.is_some()
+    }
+
+    /// Marks the log broken: a committed transaction is missing from it.
+    pub fn poison(&self, why: String) {
+        tracing::error!(dir = %self.dir.display(), error = %why, "replication log broken; writes are refused until it is rebuilt");
+        self.lock().poisoned = Some(why);
+    }
+
+    pub fn log_id(&self) -> Uuid {
+        self.lock().header.log_id
+    }
+
+    /// Appends one committed transaction: `pages` (page number, bytes) in order, the last one
+    /// carrying `size_after`. The frames are fsynced before the header's frame count moves.
+    pub fn append(&self, pages: &[(u32, &[u8])], size_after: u32) -> Result<(), LogError> {
+        let mut state = self.lock();
+        if let Some(why) = &state.poisoned {
+            return Err(LogError::Poisoned(why.clone()));
+        }
+        if pages.is_empty() {
+            return Ok(());
+        }
+        let result = self.append_locked(&mut state, pages, size_after);
+        if let Err(e) = &result {
+            tracing::error!(dir = %self.dir.display(), error = %e, "a committed transaction could not be logged; the log takes no more writes until rebuilt");
+            state.poisoned = Some(e.to_string());
+        }
+        result
+    }
+
+    fn append_locked(&self, state: &mut LogState, pages: &[(u32, &[u8])], size_after: u32) -> Result<(), LogError> {
+        let path = self.dir.join(WALLOG);
+        let first = state.header.next_frame_no();
+        let mut sum = state.last_checksum;
+        let mut buf = std::mem::take(&mut state.buf);
+        buf.clear();
+        buf.resize(pages.len() * FRAME_SIZE, 0);
+        for (i, ((page_no, page), frame)) in pages.iter().zip(buf.chunks_exact_mut(FRAME_SIZE)).enumerate() {
+            sum = checksum(sum, page);
+            let last = i + 1 == pages.len();
+            FrameHeader { frame_no: first + i as u64, checksum: sum, page_no: *page_no, size_after: if last { size_after } else { 0 } }
+                .encode_into(&mut frame[..24]);
+            frame[24..].copy_from_slice(page);
+        }
+        let written = state
+            .file
+            .write_all_at(&buf, frame_offset(state.header.frame_count))
+            .and_then(|()| state.file.sync_data())
+            .map_err(|e| LogError::io(&path, e));
+        state.buf = buf;
+        written?;
+        // The frames are durable; only now does the header count them.
+        let mut header = state.header;
+        header.frame_count += pages.len() as u64;
+        state.file.write_all_at(&header.encode(), 0).map_err(|e| LogError::io(&path, e))?;
+        state.header = header;
+        state.last_checksum = sum;
+
+        if self.should_retire(state) {
+            if let Err(e) = self.retire(state) {
+                tracing::error!(dir = %self.dir.display(), error = %e, "retiring the log for compaction failed");
+                // Failing before the old log moved leaves it in place to go on with. Failing
+                // after leaves no log to append to: refuse writes until a rebuild.
+                if !self.dir.join(WALLOG).exists() {
+                    state.poisoned = Some(format!("the log was retired but its successor was not put in place: {e}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn should_retire(&self, state: &LogState) -> bool {
+        let frames = state.header.frame_count;
+        frames > 0
+            && (self.settings.max_log_frames.is_some_and(|max| frames >= max)
+                || self.settings.max_log_duration.is_some_and(|d| state.started_at.elapsed() >= d))
+    }
+
+    /// Moves the current log to `to_compact/` and continues in a fresh one at the next frame_no
+    /// (same log_id, chain continued). A crash at any step leaves either the old log in place
+    /// or the retired one beside a complete new one; `wallog.new` left alone is finished on
+    /// open. The snapshot is written off the write path, in the background.
+    fn retire(&self, state: &mut LogState) -> Result<(), LogError> {
+        let dir = &self.dir;
+        let io = |p: &Path, e| LogError::io(p, e);
+        let old = state.header;
+        let retired_name = SnapshotHeader {
+            log_id: old.log_id,
+            start_frame_no: old.start_frame_no,
+            end_frame_no: old.next_frame_no() - 1,
+            frame_count: 0,
+            size_after: 0,
+        }
+        .file_name();
+        failpoint::check("compaction.before_retire", dir).map_err(|e| LogError::io(dir, e))?;
+
+        let to_compact = dir.join(TO_COMPACT_DIR);
+        std::fs::create_dir_all(&to_compact).map_err(|e| io(&to_compact, e))?;
+        durable::sync_dir(dir).map_err(|e| io(dir, e))?;
+        let new_header = LogHeader::new(old.log_id, old.next_frame_no(), state.last_checksum);
+        let new_path = dir.join(super::WALLOG_NEW);
+        let file = create_log_file(&new_path, &new_header)?;
+        failpoint::check("compaction.after_new_log", dir).map_err(|e| LogError::io(dir, e))?;
+
+        let wallog = dir.join(WALLOG);
+        let retired = to_compact.join(&retired_name);
+        std::fs::rename(&wallog, &retired).map_err(|e| io(&wallog, e))?;
+        durable::sync_dir(&to_compact).map_err(|e| io(&to_compact, e))?;
+        failpoint::check("compaction.after_retire", dir).map_err(|e| LogError::io(dir, e))?;
+        std::fs::rename(&new_path, &wallog).map_err(|e| io(&new_path, e))?;
+        durable::sync_dir(dir).map_err(|e| io(dir, e))?;
+
+        state.file = file;
+        state.header = new_header;
+        state.started_at = Instant::now();
+        tracing::info!(dir = %dir.display(), retired = %retired_name, "log retired for compaction");
+        self.spawn_snapshot(retired);
+        Ok(())
+    }
+
+    fn spawn_snapshot(&self, retired: PathBuf) {
+        let dir = self.dir.clone();
+        let handle = std::thread::Builder::new()
+            .name("sqld-compaction".into())
+            .spawn(move || {
+                if let Err(e) = compaction::write_snapshot(&dir, &retired) {
+                    tracing::error!(retired = %retired.display(), error = %e, "writing a snapshot failed; retried on next open");
+                }
+            })
+            .expect("spawning a compaction thread");
+        let mut compactions = self.compactions.lock().unwrap_or_else(|e| e.into_inner());
+        compactions.retain(|h| !h.is_finished());
+        compactions.push(handle);
+    }
+
+    /// Waits for background snapshot builds (tests, close).
+    pub fn wait_for_compactions(&self) {
+        let handles: Vec<_> = std::mem::take(&mut *self.compactions.lock().unwrap_or_else(|e| e.into_inner()));
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+
+    /// Retires the log now if it holds frames (a compaction on demand).
+    pub fn compact_now(&self) -> Result<(), LogError> {
+        let mut state = self.lock();
+        if state.header.frame_count == 0 {
+            return Ok(());
+        }
+        self.retire(&mut state)
+    }
+
+    pub fn stats(&self) -> LogStats {
+        let state = self.lock();
+        let h = &state.header;
+        LogStats {
+            log_id: h.log_id.hyphenated().to_string(),
+            start_frame_no: h.start_frame_no,
+            frame_count: h.frame_count,
+            last_frame_no: h.next_frame_no().checked_sub(1),
+            wallog_bytes: frame_offset(h.frame_count),
+            snapshot_count: count_files(&self.dir.join(SNAPSHOTS_DIR), "snap"),
+            pending_compactions: compaction::pending(&self.dir).len(),
+            poisoned: state.poisoned.clone(),
+        }
+    }
+
+    /// Makes the log durable for a clean close: finishes snapshots and syncs the file.
+    pub fn close(&self) -> Result<(), LogError> {
+        self.wait_for_compactions();
+        let state = self.lock();
+        state.file.sync_all().map_err(|e| LogError::io(&self.dir.join(WALLOG), e))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub(super) fn frame_offset(index: u64) -> u64 {
+    LOG_HEADER_SIZE as u64 + index * FRAME_SIZE as u64
+}
+
+/// Creates a log file holding only `header`, durably.
+pub(super) fn create_log_file(path: &Path, header: &LogHeader) -> Result<File, LogError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| LogError::io(path, e))?;
+    file.write_all_at(&header.encode(), 0).and_then(|()| file.sync_all()).map_err(|e| LogError::io(path, e))?;
+    durable::sync_parent(path).map_err(|e| LogError::io(path, e))?;
+    Ok(file)
+}
+
+fn count_files(dir: &Path, extension: &str) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == extension)).count())
+        .unwrap_or(0)
+}

@@ -1,0 +1,59 @@
+//! The replication log of a primary namespace, byte-compatible with the libSQL server's.
+//!
+//! * [`wal::ReplicationWal`] wraps SQLite's WAL on every primary connection and hands each
+//!   committed transaction to the namespace's [`ReplicationLogger`], which appends it to
+//!   `wallog` (frames fsynced before the header counts them).
+//! * A log past `--max-log-size` or `--max-log-duration` is retired to `to_compact/` and a
+//!   fresh log continues; [`compaction`] turns the retired log into `snapshots/*.snap` off the
+//!   write path.
+//! * [`recovery`] decides at open whether the log can be trusted (`.sentinel`, missing or old
+//!   log) and otherwise rebuilds it from the data file.
+//! * [`verify`] walks log and snapshots, and replays them to compare with the data file.
+
+pub mod compaction;
+pub mod failpoint;
+pub mod format;
+mod logger;
+pub mod recovery;
+pub mod verify;
+pub mod wal;
+
+use std::path::{Path, PathBuf};
+
+use libsql_sys::rusqlite;
+
+pub use logger::{LogSettings, LogStats, ReplicationLogger};
+pub use recovery::{Rebuild, RecoveryOptions};
+
+pub const WALLOG: &str = "wallog";
+/// A new log beside the current one while a retire swaps them.
+pub const WALLOG_NEW: &str = "wallog.new";
+/// A rebuilt log being written beside the current one.
+pub const WALLOG_REBUILD: &str = "wallog.rebuild";
+pub const SNAPSHOTS_DIR: &str = "snapshots";
+pub const TO_COMPACT_DIR: &str = "to_compact";
+pub const SENTINEL: &str = ".sentinel";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{} is corrupt{}: {what}", path.display(), frame_no.map(|f| format!(" at frame_no {f}")).unwrap_or_default())]
+    Corrupt { path: PathBuf, frame_no: Option<u64>, what: String },
+    #[error("the replication log is broken ({0}); writes are refused until it is rebuilt")]
+    Poisoned(String),
+    #[error("{}: {1}", .0.display())]
+    Sqlite(PathBuf, rusqlite::Error),
+    #[error("{}: SQLite's WAL could not be fully checkpointed: the database is in use", .0.display())]
+    CheckpointBusy(PathBuf),
+}
+
+impl LogError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        LogError::Io { path: path.to_owned(), source }
+    }
+
+    pub(crate) fn corrupt(path: &Path, frame_no: Option<u64>, what: impl Into<String>) -> Self {
+        LogError::Corrupt { path: path.to_owned(), frame_no, what: what.into() }
+    }
+}

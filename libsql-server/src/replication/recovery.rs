@@ -1,0 +1,223 @@
+//! Opening a namespace's replication log, and rebuilding it from the data file when it cannot
+//! be trusted (dirty recovery).
+//!
+//! `.sentinel` exists while a namespace is open. Found at open, it means the last run did not
+//! shut down cleanly: a transaction may be in the data file and not in the log, or the other
+//! way round, so the log is rebuilt from the data file. The same happens when the log is
+//! missing beside existing data, is older than version 2, or its header is unreadable.
+//!
+//! Every step of a rebuild is idempotent and the sentinel stays until the namespace closes
+//! cleanly, so a crash anywhere inside a rebuild just means the next open rebuilds again.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libsql_sys::rusqlite::OpenFlags;
+use libsql_sys::wal::Sqlite3WalManager;
+use uuid::Uuid;
+
+use super::format::{checksum, FrameHeader, LogHeader, FRAME_SIZE, LOG_HEADER_SIZE, PAGE_SIZE};
+use super::logger::{create_log_file, frame_offset, LogSettings, ReplicationLogger};
+use super::{failpoint, LogError, SENTINEL, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG, WALLOG_NEW};
+use crate::durable;
+
+/// Why the log was rebuilt, and what it cost.
+#[derive(Debug, Clone)]
+pub struct Rebuild {
+    pub reason: &'static str,
+    pub pages: u64,
+    pub took: Duration,
+}
+
+/// Operator switches, read from the environment as the libSQL server reads them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecoveryOptions {
+    /// `LIBSQL_IGNORE_DIRTY_LOG`: trust the log even if the sentinel says the last run crashed.
+    pub ignore_dirty: bool,
+    /// `LIBSQL_PRESERVE_SENTINEL_ON_SHUTDOWN=1`: keep the sentinel on a clean close, so the
+    /// next open rebuilds the log (the operator's way to force a rebuild with a restart).
+    pub preserve_sentinel: bool,
+}
+
+impl RecoveryOptions {
+    pub fn from_env() -> Self {
+        let set = |name| std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0" && v != "false");
+        RecoveryOptions { ignore_dirty: set("LIBSQL_IGNORE_DIRTY_LOG"), preserve_sentinel: set("LIBSQL_PRESERVE_SENTINEL_ON_SHUTDOWN") }
+    }
+}
+
+/// Opens the log of namespace directory `dir` whose database file is `data`, rebuilding it
+/// first if it cannot be trusted, then marks the namespace open (the sentinel).
+pub fn open(dir: &Path, data: &Path, settings: LogSettings, options: RecoveryOptions) -> Result<(Arc<ReplicationLogger>, Option<Rebuild>), LogError> {
+    finish_interrupted_retire(dir)?;
+    let rebuild = match dirty_reason(dir, data, options)? {
+        Some(reason) => {
+            tracing::warn!(dir = %dir.display(), reason, "replication log cannot be trusted; rebuilding it from the data file");
+            let rebuild = rebuild(dir, data, reason)?;
+            tracing::info!(dir = %dir.display(), pages = rebuild.pages, took_ms = rebuild.took.as_millis() as u64, "replication log rebuilt");
+            Some(rebuild)
+        }
+        None => {
+            if !dir.join(WALLOG).exists() {
+                create_log_file(&dir.join(WALLOG), &LogHeader::new(Uuid::new_v4(), 0, 0))?;
+            }
+            None
+        }
+    };
+    let sentinel = dir.join(SENTINEL);
+    File::create(&sentinel).and_then(|_| durable::sync_dir(dir)).map_err(|e| LogError::io(&sentinel, e))?;
+    let logger = ReplicationLogger::open(dir, settings)?;
+    Ok((logger, rebuild))
+}
+
+/// Marks a clean close: the log is complete, the sentinel goes (unless preserved).
+pub fn close(logger: &ReplicationLogger, options: RecoveryOptions) -> Result<(), LogError> {
+    logger.close()?;
+    if options.preserve_sentinel {
+        tracing::info!(dir = %logger.dir().display(), "keeping the sentinel: the next open rebuilds the log");
+        return Ok(());
+    }
+    let sentinel = logger.dir().join(SENTINEL);
+    match std::fs::remove_file(&sentinel) {
+        Ok(()) => durable::sync_dir(logger.dir()).map_err(|e| LogError::io(logger.dir(), e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(LogError::io(&sentinel, e)),
+    }
+}
+
+fn dirty_reason(dir: &Path, data: &Path, options: RecoveryOptions) -> Result<Option<&'static str>, LogError> {
+    if dir.join(SENTINEL).exists() && !options.ignore_dirty {
+        return Ok(Some("the sentinel shows the last run did not shut down cleanly"));
+    }
+    let wallog = dir.join(WALLOG);
+    let mut bytes = Vec::new();
+    match File::open(&wallog) {
+        Ok(file) => {
+            file.take(LOG_HEADER_SIZE as u64).read_to_end(&mut bytes).map_err(|e| LogError::io(&wallog, e))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let has_data = std::fs::metadata(data).is_ok_and(|m| m.len() > 0);
+            return Ok(has_data.then_some("the log is missing beside an existing data file"));
+        }
+        Err(e) => return Err(LogError::io(&wallog, e)),
+    }
+    Ok(match LogHeader::decode_any_version(&bytes) {
+        Err(_) => Some("the log header is unreadable"),
+        Ok(h) if h.version < 2 => Some("the log is older than version 2"),
+        Ok(h) if LogHeader::decode(&bytes).is_err() => {
+            tracing::warn!(version = h.version, page_size = h.page_size, "unsupported log header");
+            Some("the log header has an unsupported version or page size")
+        }
+        Ok(_) => None,
+    })
+}
+
+/// A crash between the two renames of a retire leaves `wallog.new` without `wallog`: the
+/// retired log is already in `to_compact/`, so the new log is complete and only needs its name.
+fn finish_interrupted_retire(dir: &Path) -> Result<(), LogError> {
+    let new = dir.join(WALLOG_NEW);
+    if new.exists() {
+        let wallog = dir.join(WALLOG);
+        if wallog.exists() {
+            // The retire did not get as far as moving the old log: abandon the new one.
+            std::fs::remove_file(&new).map_err(|e| LogError::io(&new, e))?;
+        } else {
+            std::fs::rename(&new, &wallog).map_err(|e| LogError::io(&new, e))?;
+        }
+        durable::sync_dir(dir).map_err(|e| LogError::io(dir, e))?;
+    }
+    Ok(())
+}
+
+/// Rebuilds the log from `data`: checkpoint SQLite's WAL into it, write a new log (new log_id,
+/// start frame 0) holding every page as one transaction beside the old one, swap it in, and
+/// drop the snapshots and retired logs of the old log.
+pub fn rebuild(dir: &Path, data: &Path, reason: &'static str) -> Result<Rebuild, LogError> {
+    let started = Instant::now();
+    checkpoint_data_file(data)?;
+    failpoint::check("recovery.after_checkpoint", data).map_err(|e| LogError::io(data, e))?;
+
+    let pages = match std::fs::metadata(data) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(LogError::io(data, e)),
+    };
+    if pages % PAGE_SIZE as u64 != 0 {
+        return Err(LogError::corrupt(data, None, format!("data file size {pages} is not a multiple of the page size")));
+    }
+    let pages = pages / PAGE_SIZE as u64;
+
+    let new_path = dir.join(super::WALLOG_REBUILD);
+    let mut header = LogHeader::new(Uuid::new_v4(), 0, 0);
+    let log = create_log_file(&new_path, &header)?;
+    let io = |p: &Path, e| LogError::io(p, e);
+    if pages > 0 {
+        let source = File::open(data).map_err(|e| io(data, e))?;
+        let mut page_size = [0u8; 2];
+        source.read_exact_at(&mut page_size, 16).map_err(|e| io(data, e))?;
+        if u16::from_be_bytes(page_size) as usize != PAGE_SIZE {
+            return Err(LogError::corrupt(data, None, format!("page size {} is not {PAGE_SIZE}", u16::from_be_bytes(page_size))));
+        }
+        const CHUNK: u64 = 256;
+        let mut buf = vec![0u8; CHUNK as usize * FRAME_SIZE];
+        let mut sum = header.start_checksum;
+        let mut page_no = 0u64;
+        while page_no < pages {
+            let n = CHUNK.min(pages - page_no);
+            for (i, frame) in buf.chunks_exact_mut(FRAME_SIZE).take(n as usize).enumerate() {
+                let this = page_no + i as u64;
+                source.read_exact_at(&mut frame[24..], this * PAGE_SIZE as u64).map_err(|e| io(data, e))?;
+                sum = checksum(sum, &frame[24..]);
+                let last = this + 1 == pages;
+                FrameHeader { frame_no: this, checksum: sum, page_no: this as u32 + 1, size_after: if last { pages as u32 } else { 0 } }
+                    .encode_into(&mut frame[..24]);
+            }
+            log.write_all_at(&buf[..n as usize * FRAME_SIZE], frame_offset(page_no)).map_err(|e| io(&new_path, e))?;
+            page_no += n;
+            if page_no < pages {
+                failpoint::check("recovery.mid_frames", &new_path).map_err(|e| LogError::io(&new_path, e))?;
+            }
+        }
+        log.sync_data().map_err(|e| io(&new_path, e))?;
+        header.frame_count = pages;
+        log.write_all_at(&header.encode(), 0).and_then(|()| log.sync_all()).map_err(|e| io(&new_path, e))?;
+    }
+    failpoint::check("recovery.before_swap", &new_path).map_err(|e| LogError::io(&new_path, e))?;
+    let wallog = dir.join(WALLOG);
+    std::fs::rename(&new_path, &wallog).map_err(|e| io(&new_path, e))?;
+    durable::sync_dir(dir).map_err(|e| io(dir, e))?;
+    failpoint::check("recovery.after_swap", &wallog).map_err(|e| LogError::io(&wallog, e))?;
+
+    for stale in [SNAPSHOTS_DIR, TO_COMPACT_DIR] {
+        let path = dir.join(stale);
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path, e)),
+        }
+    }
+    let _ = std::fs::remove_file(dir.join(WALLOG_NEW));
+    durable::sync_dir(dir).map_err(|e| io(dir, e))?;
+    Ok(Rebuild { reason, pages, took: started.elapsed() })
+}
+
+/// Moves everything in SQLite's WAL into the data file (a directory written by the libSQL
+/// server may hold most pages in `data-wal`).
+fn checkpoint_data_file(data: &Path) -> Result<(), LogError> {
+    if !data.exists() {
+        return Ok(());
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = libsql_sys::Connection::open(data, flags, Sqlite3WalManager::new(), 0, None).map_err(|e| LogError::Sqlite(data.to_owned(), e))?;
+    let busy: i64 = conn
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0))
+        .map_err(|e| LogError::Sqlite(data.to_owned(), e))?;
+    if busy != 0 {
+        return Err(LogError::CheckpointBusy(data.to_owned()));
+    }
+    Ok(())
+}

@@ -1,0 +1,361 @@
+//! The primary replication log, in-process: the on-disk format, replay against live data,
+//! compaction, the sentinel, and simulated crashes inside compaction and dirty recovery.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crc::{Crc, CRC_64_GO_ISO};
+use libsql_server::database::Database;
+use libsql_server::namespace::DatabaseConfig;
+use libsql_server::replication::verify::{compare_with_data, Comparison};
+use libsql_server::replication::{failpoint, recovery, LogSettings, RecoveryOptions, ReplicationLogger, Rebuild};
+
+struct Primary {
+    dir: PathBuf,
+    db: Option<Database>,
+    rebuild: Option<Rebuild>,
+    options: RecoveryOptions,
+}
+
+impl Primary {
+    fn open(dir: &Path, settings: LogSettings, options: RecoveryOptions) -> Primary {
+        std::fs::create_dir_all(dir).unwrap();
+        let data = dir.join("data");
+        let (logger, rebuild) = recovery::open(dir, &data, settings, options).unwrap();
+        let db = Database::open(&data, DatabaseConfig::default(), Duration::from_secs(5), logger).unwrap();
+        Primary { dir: dir.to_owned(), db: Some(db), rebuild, options }
+    }
+
+    fn db(&self) -> &Database {
+        self.db.as_ref().unwrap()
+    }
+
+    fn logger(&self) -> &Arc<ReplicationLogger> {
+        self.db().logger()
+    }
+
+    fn exec(&self, sql: &str) {
+        let conn = self.db().connection().unwrap();
+        conn.sqlite().execute_batch(sql).unwrap();
+        self.db().recycle(conn);
+    }
+
+    fn try_exec(&self, sql: &str) -> Result<(), libsql_sys::rusqlite::Error> {
+        let conn = self.db().connection().unwrap();
+        let result = conn.sqlite().execute_batch(sql);
+        self.db().recycle(conn);
+        result
+    }
+
+    fn count(&self, sql: &str) -> i64 {
+        let conn = self.db().connection().unwrap();
+        let n = conn.sqlite().query_row(sql, [], |r| r.get(0)).unwrap();
+        self.db().recycle(conn);
+        n
+    }
+
+    /// A clean close: checkpoint, log synced, sentinel removed.
+    fn close(mut self) {
+        let db = self.db.take().unwrap();
+        db.close().unwrap();
+        recovery::close(db.logger(), self.options).unwrap();
+    }
+
+    /// A crash as far as the log can tell: everything dropped, nothing marked clean.
+    fn crash(mut self) {
+        drop(self.db.take());
+    }
+
+    fn assert_replay_equals_data(&self) {
+        self.logger().wait_for_compactions();
+        match compare_with_data(&self.dir, &self.dir.join("data")).unwrap() {
+            Comparison::Equal { .. } => {}
+            other => panic!("replay differs from data: {other:?}"),
+        }
+    }
+}
+
+fn no_compaction() -> LogSettings {
+    LogSettings::default()
+}
+
+fn compact_every(frames: u64) -> LogSettings {
+    LogSettings { max_log_frames: Some(frames), max_log_duration: None }
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+#[test]
+fn wallog_parses_by_the_documented_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    primary.exec("CREATE TABLE t (x)");
+    primary.exec("INSERT INTO t VALUES (randomblob(5000))");
+    // A rolled-back transaction, large enough to spill to the WAL before its rollback.
+    primary.exec("PRAGMA cache_size = 5; BEGIN; INSERT INTO t SELECT randomblob(3000) FROM generate_series(1, 200); ROLLBACK;");
+    primary.exec("INSERT INTO t VALUES (1)");
+    let stats = primary.logger().stats();
+    primary.close();
+
+    let bytes = std::fs::read(tmp.path().join("wallog")).unwrap();
+    assert_eq!(&bytes[0..8], b"SQLDWAL\0");
+    let start_checksum = le_u64(&bytes, 8);
+    let log_id = u128::from_le_bytes(bytes[16..32].try_into().unwrap());
+    assert_eq!(uuid::Uuid::from_u128(log_id).hyphenated().to_string(), stats.log_id);
+    assert_eq!(uuid::Uuid::from_u128(log_id).get_version_num(), 4);
+    assert_eq!(le_u64(&bytes, 32), 0, "start_frame_no");
+    let frame_count = le_u64(&bytes, 40);
+    assert_eq!(le_u32(&bytes, 48), 2, "version");
+    assert_eq!(le_u32(&bytes, 52) as i32, 4096, "page_size");
+    assert!(frame_count >= 4, "three transactions of at least one page each");
+    assert!(bytes.len() as u64 >= 64 + frame_count * 4120);
+
+    let crc = Crc::<u64>::new(&CRC_64_GO_ISO);
+    let mut previous = start_checksum;
+    let mut commits = 0;
+    for i in 0..frame_count as usize {
+        let frame = &bytes[64 + i * 4120..64 + (i + 1) * 4120];
+        assert_eq!(le_u64(frame, 0), i as u64, "frame_no is contiguous from 0");
+        let mut digest = crc.digest_with_initial(previous);
+        digest.update(&frame[24..]);
+        let sum = digest.finalize();
+        assert_eq!(le_u64(frame, 8), sum, "checksum chain at frame {i}");
+        previous = sum;
+        assert!(le_u32(frame, 16) >= 1, "page_no");
+        if le_u32(frame, 20) != 0 {
+            commits += 1;
+        }
+    }
+    assert_eq!(commits, 3, "the rolled-back transaction never reached the log");
+    assert_ne!(le_u32(&bytes[64 + (frame_count as usize - 1) * 4120..], 20), 0, "the log ends on a commit frame");
+}
+
+/// A deterministic pseudo-random sequence, so a failure reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+fn random_workload(primary: &Primary, rng: &mut Rng, transactions: usize) {
+    for _ in 0..transactions {
+        let sql = match rng.next(7) {
+            0 => format!("INSERT INTO t (k, v) VALUES ({}, randomblob({}))", rng.next(1000), rng.next(6000)),
+            1 => format!("UPDATE t SET v = randomblob({}) WHERE k % 7 = {}", rng.next(3000), rng.next(7)),
+            2 => format!("DELETE FROM t WHERE k % 11 = {}", rng.next(11)),
+            3 => format!("BEGIN; INSERT INTO t (k, v) SELECT value, randomblob(500) FROM generate_series(1, {}); COMMIT;", rng.next(300)),
+            4 => "BEGIN; INSERT INTO t (k, v) VALUES (-1, randomblob(9000)); ROLLBACK;".to_owned(),
+            5 => "SAVEPOINT s; INSERT INTO t (k, v) VALUES (-2, zeroblob(20000)); ROLLBACK TO s; INSERT INTO t (k, v) VALUES (-3, 'kept'); RELEASE s;".to_owned(),
+            _ => "PRAGMA cache_size = 3; BEGIN; UPDATE t SET v = randomblob(100); INSERT INTO t (k, v) SELECT value, randomblob(2000) FROM generate_series(1, 50); COMMIT;".to_owned(),
+        };
+        primary.exec(&sql);
+    }
+}
+
+#[test]
+fn replay_equals_data_after_random_workloads_compactions_and_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut primary = Primary::open(tmp.path(), compact_every(64), RecoveryOptions::default());
+    primary.exec("CREATE TABLE t (k INTEGER, v BLOB)");
+    for round in 0..6 {
+        random_workload(&primary, &mut rng, 40);
+        primary.assert_replay_equals_data();
+        if round % 2 == 1 {
+            primary.exec("DELETE FROM t WHERE k > 100; VACUUM;");
+            primary.assert_replay_equals_data();
+        }
+        let log_id = primary.logger().log_id();
+        primary.close();
+        primary = Primary::open(tmp.path(), compact_every(64), RecoveryOptions::default());
+        assert!(primary.rebuild.is_none(), "a clean restart keeps the log");
+        assert_eq!(primary.logger().log_id(), log_id);
+        primary.assert_replay_equals_data();
+    }
+    let stats = primary.logger().stats();
+    assert!(stats.snapshot_count >= 2, "compactions happened: {stats:?}");
+    assert!(stats.start_frame_no > 0);
+    primary.close();
+}
+
+#[test]
+fn sentinel_lifecycle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sentinel = tmp.path().join(".sentinel");
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    assert!(sentinel.exists(), "an open namespace has a sentinel");
+    primary.exec("CREATE TABLE t (x); INSERT INTO t SELECT value FROM generate_series(1, 1000);");
+    let first_id = primary.logger().log_id();
+    primary.close();
+    assert!(!sentinel.exists(), "a clean close removes the sentinel");
+
+    // A crash leaves it; the next open rebuilds the log under a new log_id, data intact.
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    assert!(primary.rebuild.is_none());
+    primary.exec("INSERT INTO t VALUES (1001)");
+    primary.crash();
+    assert!(sentinel.exists());
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    let rebuild = primary.rebuild.as_ref().expect("a dirty open rebuilds");
+    assert!(rebuild.reason.contains("sentinel"));
+    assert_ne!(primary.logger().log_id(), first_id);
+    assert_eq!(primary.count("SELECT count(*) FROM t"), 1001);
+    assert_eq!(primary.logger().stats().start_frame_no, 0);
+    primary.assert_replay_equals_data();
+
+    // The preserve flag keeps the sentinel through a clean close: the next open rebuilds.
+    let preserving = RecoveryOptions { preserve_sentinel: true, ..Default::default() };
+    let id = primary.logger().log_id();
+    primary.close();
+    let primary = Primary::open(tmp.path(), no_compaction(), preserving);
+    assert_eq!(primary.logger().log_id(), id, "the close before was clean");
+    primary.close();
+    assert!(sentinel.exists());
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    assert!(primary.rebuild.is_some());
+    primary.assert_replay_equals_data();
+
+    // LIBSQL_IGNORE_DIRTY_LOG trusts the log despite the sentinel.
+    let id = primary.logger().log_id();
+    primary.crash();
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions { ignore_dirty: true, ..Default::default() });
+    assert!(primary.rebuild.is_none());
+    assert_eq!(primary.logger().log_id(), id);
+    primary.close();
+}
+
+#[test]
+fn missing_old_or_unreadable_logs_are_rebuilt_from_data() {
+    for damage in ["missing", "old version", "bad magic"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+        primary.exec("CREATE TABLE t (x); INSERT INTO t SELECT randomblob(100) FROM generate_series(1, 500);");
+        primary.close();
+        let wallog = tmp.path().join("wallog");
+        match damage {
+            "missing" => std::fs::remove_file(&wallog).unwrap(),
+            "old version" => {
+                let mut bytes = std::fs::read(&wallog).unwrap();
+                bytes[48..52].copy_from_slice(&1u32.to_le_bytes());
+                std::fs::write(&wallog, bytes).unwrap();
+            }
+            _ => {
+                let mut bytes = std::fs::read(&wallog).unwrap();
+                bytes[0] = b'X';
+                std::fs::write(&wallog, bytes).unwrap();
+            }
+        }
+        let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+        assert!(primary.rebuild.is_some(), "{damage}: rebuilt");
+        assert_eq!(primary.count("SELECT count(*) FROM t"), 500, "{damage}");
+        primary.assert_replay_equals_data();
+        primary.close();
+    }
+}
+
+/// Every failpoint inside compaction: the write that triggered the compaction is kept, the
+/// process "crashes" right there, and the next open recovers, whether it rebuilds (sentinel)
+/// or trusts the log (LIBSQL_IGNORE_DIRTY_LOG, which exercises the finishing of half-done
+/// compactions).
+#[test]
+fn crashes_inside_compaction_recover_on_next_open() {
+    let points = [
+        "compaction.before_retire",
+        "compaction.after_new_log",
+        "compaction.after_retire",
+        "compaction.before_snapshot_rename",
+        "compaction.before_retired_removed",
+    ];
+    for point in points {
+        for ignore_dirty in [false, true] {
+            let tmp = tempfile::tempdir().unwrap();
+            let options = RecoveryOptions { ignore_dirty, ..Default::default() };
+            let primary = Primary::open(tmp.path(), compact_every(30), options);
+            primary.exec("CREATE TABLE t (k, v)");
+            let armed = failpoint::arm(point, tmp.path());
+            // A failure after the old log moved away leaves no log to append to: the log
+            // refuses further writes (SQLITE_IOERR) rather than lose them.
+            let mut acknowledged = 0;
+            for i in 0..40 {
+                if primary.try_exec(&format!("INSERT INTO t VALUES ({i}, randomblob(3000))")).is_ok() {
+                    acknowledged += 1;
+                }
+            }
+            assert!(acknowledged > 0 && acknowledged < 40 || point != "compaction.after_retire", "{point}: writes stop once the log is gone");
+            if point != "compaction.after_retire" {
+                assert_eq!(acknowledged, 40, "{point}: a failed compaction does not stop writes");
+            }
+            primary.logger().wait_for_compactions();
+            drop(armed);
+            primary.crash();
+
+            let primary = Primary::open(tmp.path(), compact_every(30), options);
+            assert_eq!(primary.count("SELECT count(*) FROM t"), acknowledged, "{point}, ignore_dirty={ignore_dirty}");
+            assert_eq!(primary.rebuild.is_some(), !ignore_dirty, "{point}");
+            primary.assert_replay_equals_data();
+            // The log goes on working after recovery.
+            primary.exec("INSERT INTO t VALUES (40, 'after')");
+            primary.assert_replay_equals_data();
+            primary.close();
+        }
+    }
+}
+
+#[test]
+fn crashes_inside_dirty_recovery_recover_on_next_open() {
+    for point in ["recovery.after_checkpoint", "recovery.mid_frames", "recovery.before_swap", "recovery.after_swap"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let primary = Primary::open(tmp.path(), compact_every(50), RecoveryOptions::default());
+        primary.exec("CREATE TABLE t (k, v); INSERT INTO t SELECT value, randomblob(2000) FROM generate_series(1, 1500);");
+        primary.crash();
+
+        {
+            let _armed = failpoint::arm(point, tmp.path());
+            let data = tmp.path().join("data");
+            let failed = recovery::open(tmp.path(), &data, compact_every(50), RecoveryOptions::default());
+            assert!(failed.is_err(), "{point} was not reached");
+        }
+        let primary = Primary::open(tmp.path(), compact_every(50), RecoveryOptions::default());
+        assert!(primary.rebuild.is_some(), "{point}: the sentinel is still there, so the next open rebuilds");
+        assert_eq!(primary.count("SELECT count(*) FROM t"), 1500, "{point}");
+        assert_eq!(primary.count("SELECT sum(length(v)) FROM t"), 1500 * 2000, "{point}");
+        primary.assert_replay_equals_data();
+        primary.close();
+    }
+}
+
+#[test]
+fn verifier_names_the_file_and_first_bad_frame() {
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    primary.exec("CREATE TABLE t (x); INSERT INTO t VALUES (randomblob(20000));");
+    primary.exec("INSERT INTO t VALUES (2)");
+    primary.close();
+    let wallog = tmp.path().join("wallog");
+    let mut bytes = std::fs::read(&wallog).unwrap();
+    // Flip one byte in the page of frame 3.
+    bytes[64 + 3 * 4120 + 24 + 100] ^= 0xff;
+    std::fs::write(&wallog, &bytes).unwrap();
+    let err = libsql_server::replication::verify::walk_wallog(&wallog, |_, _| {}).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("wallog") && text.contains("frame_no 3") && text.contains("checksum"), "{text}");
+
+    // A frame number out of sequence is named too.
+    bytes[64 + 3 * 4120 + 24 + 100] ^= 0xff;
+    bytes[64 + 2 * 4120..64 + 2 * 4120 + 8].copy_from_slice(&9u64.to_le_bytes());
+    std::fs::write(&wallog, &bytes).unwrap();
+    let err = libsql_server::replication::verify::walk_wallog(&wallog, |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("frame_no 2"), "{err}");
+}
