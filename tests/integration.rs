@@ -4,6 +4,8 @@
 
 mod common;
 
+mod crash;
+
 mod admin;
 mod bad_input;
 mod client;

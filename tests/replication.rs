@@ -359,3 +359,21 @@ fn verifier_names_the_file_and_first_bad_frame() {
     let err = libsql_server::replication::verify::walk_wallog(&wallog, |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("frame_no 2"), "{err}");
 }
+
+#[test]
+fn max_log_duration_retires_the_log_on_the_next_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A zero duration has always elapsed: every commit retires the log it went into.
+    let settings = LogSettings { max_log_frames: None, max_log_duration: Some(Duration::ZERO) };
+    let primary = Primary::open(tmp.path(), settings, RecoveryOptions::default());
+    primary.exec("CREATE TABLE t (x)");
+    primary.exec("INSERT INTO t VALUES (1)");
+    primary.exec("INSERT INTO t VALUES (2)");
+    primary.logger().wait_for_compactions();
+    let stats = primary.logger().stats();
+    assert_eq!(stats.frame_count, 0, "{stats:?}");
+    assert_eq!(stats.snapshot_count, 3, "{stats:?}");
+    assert_eq!(stats.pending_compactions, 0);
+    primary.assert_replay_equals_data();
+    primary.close();
+}

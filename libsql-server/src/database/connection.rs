@@ -95,13 +95,16 @@ pub struct WriteAccess {
 }
 
 impl Connection {
-    pub(super) fn new(conn: EngineConnection, shared: Arc<Shared>) -> Self {
+    /// Wraps a new engine connection and applies the namespace's per-connection settings.
+    pub(super) fn new(conn: EngineConnection, shared: Arc<Shared>) -> Result<Self, rusqlite::Error> {
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
-        Connection {
+        let mut conn = Connection {
             conn,
             access: WriteAccess { permit: None, shared, config_seen: None },
             single_statements: SingleStatements::default(),
-        }
+        };
+        conn.access.apply_config(&conn.conn)?;
+        Ok(conn)
     }
 
     pub fn sqlite(&self) -> &rusqlite::Connection {

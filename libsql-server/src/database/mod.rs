@@ -120,7 +120,7 @@ impl Database {
             return Ok(conn);
         }
         let conn = open_engine_connection(&self.path, &self.logger)?;
-        Ok(Connection::new(conn, self.shared.clone()))
+        Ok(Connection::new(conn, self.shared.clone())?)
     }
 
     /// Gives a connection back. One still inside a transaction is dropped (which rolls the

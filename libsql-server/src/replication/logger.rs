@@ -51,8 +51,14 @@ struct LogState {
     /// more writes until it is rebuilt.
     poisoned: Option<String>,
     started_at: Instant,
+    /// Bytes of the file already written (frames or zero fill). Appends inside it change no
+    /// file size, so their fdatasync flushes data only, not the filesystem's metadata journal.
+    allocated: u64,
     buf: Vec<u8>,
 }
+
+/// How far ahead of the frames the file is filled with zeros.
+const PREALLOCATE: u64 = 4 << 20;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LogStats {
@@ -85,10 +91,19 @@ impl ReplicationLogger {
             })?;
             FrameHeader::decode(&frame).checksum
         };
+        let allocated = file.metadata().map_err(|e| LogError::io(&path, e))?.len();
         let logger = Arc::new(ReplicationLogger {
             dir: dir.to_owned(),
             settings,
-            state: Mutex::new(LogState { file, header, last_checksum, poisoned: None, started_at: Instant::now(), buf: Vec::new() }),
+            state: Mutex::new(LogState {
+                file,
+                header,
+                last_checksum,
+                poisoned: None,
+                started_at: Instant::now(),
+                allocated,
+                buf: Vec::new(),
+            }),
             compactions: Mutex::new(Vec::new()),
         });
         // Finish the snapshots a previous run retired but did not get to write.
@@ -116,51 +131,49 @@ impl ReplicationLogger {
         self.lock().header.log_id
     }
 
-    /// Appends one committed transaction: `pages` (page number, bytes) in order, the last one
-    /// carrying `size_after`. The frames are fsynced before the header's frame count moves.
-    pub fn append(&self, pages: &[(u32, &[u8])], size_after: u32) -> Result<(), LogError> {
+    /// Logs one transaction right after SQLite's own commit of it (`commit`, run under the
+    /// log's lock). The frames are fsynced before the header counts them. A failed SQLite
+    /// commit logs nothing; a failed log write after a successful SQLite commit poisons the
+    /// log (a crash there is covered by the sentinel: the next open rebuilds). A poisoned log
+    /// refuses the commit with `refused()`. `pages` are (page number, bytes), the last
+    /// carrying `size_after`.
+    pub fn log_commit<E>(
+        &self,
+        pages: &[(u32, &[u8])],
+        size_after: u32,
+        commit: impl FnOnce() -> Result<usize, E>,
+        refused: impl FnOnce() -> E,
+    ) -> Result<usize, E> {
         let mut state = self.lock();
-        if let Some(why) = &state.poisoned {
-            return Err(LogError::Poisoned(why.clone()));
+        if state.poisoned.is_some() {
+            return Err(refused());
         }
         if pages.is_empty() {
-            return Ok(());
+            return commit();
         }
-        let result = self.append_locked(&mut state, pages, size_after);
-        if let Err(e) = &result {
+        let written = commit()?;
+        let last_checksum = encode_frames(&mut state, pages, size_after);
+        let at = frame_offset(state.header.frame_count);
+        let LogState { file, allocated, buf, .. } = &mut *state;
+        let logged = preallocate(file, allocated, at + buf.len() as u64)
+            .and_then(|()| file.write_all_at(buf, at))
+            .and_then(|()| file.sync_data());
+        let path = self.dir.join(WALLOG);
+        let published = logged.map_err(|e| LogError::io(&path, e)).and_then(|()| self.publish(&mut state, pages.len() as u64, last_checksum));
+        if let Err(e) = published {
             tracing::error!(dir = %self.dir.display(), error = %e, "a committed transaction could not be logged; the log takes no more writes until rebuilt");
             state.poisoned = Some(e.to_string());
         }
-        result
+        Ok(written)
     }
 
-    fn append_locked(&self, state: &mut LogState, pages: &[(u32, &[u8])], size_after: u32) -> Result<(), LogError> {
-        let path = self.dir.join(WALLOG);
-        let first = state.header.next_frame_no();
-        let mut sum = state.last_checksum;
-        let mut buf = std::mem::take(&mut state.buf);
-        buf.clear();
-        buf.resize(pages.len() * FRAME_SIZE, 0);
-        for (i, ((page_no, page), frame)) in pages.iter().zip(buf.chunks_exact_mut(FRAME_SIZE)).enumerate() {
-            sum = checksum(sum, page);
-            let last = i + 1 == pages.len();
-            FrameHeader { frame_no: first + i as u64, checksum: sum, page_no: *page_no, size_after: if last { size_after } else { 0 } }
-                .encode_into(&mut frame[..24]);
-            frame[24..].copy_from_slice(page);
-        }
-        let written = state
-            .file
-            .write_all_at(&buf, frame_offset(state.header.frame_count))
-            .and_then(|()| state.file.sync_data())
-            .map_err(|e| LogError::io(&path, e));
-        state.buf = buf;
-        written?;
-        // The frames are durable; only now does the header count them.
+    /// Counts `frames` durable frames in the header, then retires the log if it is full.
+    fn publish(&self, state: &mut LogState, frames: u64, last_checksum: u64) -> Result<(), LogError> {
         let mut header = state.header;
-        header.frame_count += pages.len() as u64;
-        state.file.write_all_at(&header.encode(), 0).map_err(|e| LogError::io(&path, e))?;
+        header.frame_count += frames;
+        state.file.write_all_at(&header.encode(), 0).map_err(|e| LogError::io(&self.dir.join(WALLOG), e))?;
         state.header = header;
-        state.last_checksum = sum;
+        state.last_checksum = last_checksum;
 
         if self.should_retire(state) {
             if let Err(e) = self.retire(state) {
@@ -271,16 +284,55 @@ impl ReplicationLogger {
         }
     }
 
-    /// Makes the log durable for a clean close: finishes snapshots and syncs the file.
+    /// Makes the log durable for a clean close: finishes snapshots, drops the zero fill past
+    /// the last frame (the file is then exactly header and frames) and syncs the file.
     pub fn close(&self) -> Result<(), LogError> {
         self.wait_for_compactions();
-        let state = self.lock();
-        state.file.sync_all().map_err(|e| LogError::io(&self.dir.join(WALLOG), e))
+        let mut state = self.lock();
+        let end = frame_offset(state.header.frame_count);
+        let path = self.dir.join(WALLOG);
+        state.file.set_len(end).and_then(|()| state.file.sync_all()).map_err(|e| LogError::io(&path, e))?;
+        state.allocated = end;
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LogState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Encodes `pages` as the frames that follow the log's last one into the state's buffer, and
+/// returns the checksum of the last.
+fn encode_frames(state: &mut LogState, pages: &[(u32, &[u8])], size_after: u32) -> u64 {
+    let first = state.header.next_frame_no();
+    let mut sum = state.last_checksum;
+    state.buf.clear();
+    state.buf.resize(pages.len() * FRAME_SIZE, 0);
+    for (i, ((page_no, page), frame)) in pages.iter().zip(state.buf.chunks_exact_mut(FRAME_SIZE)).enumerate() {
+        sum = checksum(sum, page);
+        let last = i + 1 == pages.len();
+        FrameHeader { frame_no: first + i as u64, checksum: sum, page_no: *page_no, size_after: if last { size_after } else { 0 } }
+            .encode_into(&mut frame[..24]);
+        frame[24..].copy_from_slice(page);
+    }
+    sum
+}
+
+/// Fills the file with zeros up to past `needed`, a chunk at a time.
+fn preallocate(file: &File, allocated: &mut u64, needed: u64) -> std::io::Result<()> {
+    if needed <= *allocated {
+        return Ok(());
+    }
+    let target = needed.div_ceil(PREALLOCATE) * PREALLOCATE;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = *allocated;
+    while at < target {
+        let n = (target - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    *allocated = target;
+    Ok(())
 }
 
 pub(super) fn frame_offset(index: u64) -> u64 {

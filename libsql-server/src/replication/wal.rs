@@ -3,10 +3,11 @@
 //!
 //! A large transaction reaches the WAL in several calls (spills) before its commit call, and a
 //! savepoint rollback rewinds SQLite's WAL; SQLite also rewrites a page of the running
-//! transaction in place. Rather than mirror all that, capture reads the transaction's frames
-//! back from SQLite's own WAL at commit, exactly as SQLite committed them, while this
-//! connection still holds the WAL write lock (nothing can checkpoint or overwrite them yet).
-//! Rolled-back transactions never reach the log.
+//! transaction in place. Rather than mirror all that, capture reads the spilled frames back
+//! from SQLite's own WAL at the commit call (as SQLite holds them then; this connection holds
+//! the WAL write lock, so nothing can checkpoint or overwrite them), adds the commit call's
+//! pages, and logs the transaction while SQLite commits it (see
+//! [`ReplicationLogger::log_commit`]). Rolled-back transactions never reach the log.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -23,43 +24,24 @@ const SQLITE_IOERR: i32 = 10;
 #[derive(Clone)]
 pub struct ReplicationWal {
     logger: Arc<ReplicationLogger>,
-    /// The WAL frame count just before the running write transaction's first frame.
+    /// The WAL frame count just before the running write transaction's first frame, once
+    /// the transaction has spilled frames into the WAL before its commit.
     txn_start: Option<u32>,
-    buf: Vec<u8>,
+    /// The spilled frames read back at commit (SQLite WAL frames: 24-byte header, page).
+    spilled: Vec<u8>,
+    /// The pages of the commit call, copied (SQLite needs its page list for its own commit).
+    committing: Vec<u8>,
 }
 
 impl ReplicationWal {
     pub fn new(logger: Arc<ReplicationLogger>) -> Self {
-        ReplicationWal { logger, txn_start: None, buf: Vec::new() }
+        ReplicationWal { logger, txn_start: None, spilled: Vec::new(), committing: Vec::new() }
     }
+}
 
-    /// Logs the committed transaction in WAL frames `start+1 ..= end`.
-    fn capture<W: Wal>(&mut self, wrapped: &mut W, start: u32, end: u32, size_after: u32) {
-        let frame_len = FRAME_HEADER_SIZE + PAGE_SIZE;
-        let count = (end - start) as usize;
-        self.buf.resize(count * frame_len, 0);
-        for (i, frame) in self.buf.chunks_exact_mut(frame_len).enumerate() {
-            let frame_no = NonZeroU32::new(start + 1 + i as u32).expect("frames are numbered from 1");
-            if let Err(e) = wrapped.read_frame_raw(frame_no, frame) {
-                let why = format!("reading back WAL frame {frame_no} of a committed transaction: {e:?}");
-                self.logger.poison(why);
-                return;
-            }
-        }
-        // SQLite's WAL frame header: page number big-endian in bytes 0..4.
-        let mut pages: Vec<(u32, &[u8])> = self
-            .buf
-            .chunks_exact(frame_len)
-            .map(|f| (u32::from_be_bytes(f[..4].try_into().unwrap()), &f[FRAME_HEADER_SIZE..]))
-            .collect();
-        // A page appears once per transaction; keep only its last version should it not.
-        let mut seen = std::collections::HashSet::with_capacity(pages.len());
-        pages.reverse();
-        pages.retain(|(page_no, _)| seen.insert(*page_no));
-        pages.reverse();
-        // The log already recorded why it failed and refuses further writes.
-        let _ = self.logger.append(&pages, size_after);
-    }
+/// SQLite's WAL frame header holds the page number big-endian in bytes 0..4.
+fn wal_page_no(frame: &[u8]) -> u32 {
+    u32::from_be_bytes(frame[..4].try_into().unwrap())
 }
 
 impl<W: Wal> WrapWal<W> for ReplicationWal {
@@ -81,16 +63,49 @@ impl<W: Wal> WrapWal<W> for ReplicationWal {
         sync_flags: std::ffi::c_int,
     ) -> Result<usize> {
         let before = wrapped.frames_in_wal();
-        let written = page_headers.iter().count() as u32;
-        let result = wrapped.insert_frames(page_size, page_headers, size_after, is_commit, sync_flags)?;
-        let after = wrapped.frames_in_wal();
-        // SQLite may restart its WAL at frame 1 inside the first call of a transaction.
-        let start = *self.txn_start.get_or_insert(if after >= before + written { before } else { 0 });
-        if is_commit {
-            self.txn_start = None;
-            self.capture(wrapped, start, after, size_after);
+        if !is_commit {
+            let written = page_headers.iter().count() as u32;
+            let result = wrapped.insert_frames(page_size, page_headers, size_after, false, sync_flags)?;
+            let after = wrapped.frames_in_wal();
+            // SQLite may restart its WAL at frame 1 inside the first call of a transaction.
+            self.txn_start.get_or_insert(if after >= before + written { before } else { 0 });
+            return Ok(result);
         }
-        Ok(result)
+
+        // The transaction: its frames already spilled into SQLite's WAL (as SQLite holds
+        // them now, after in-place rewrites and savepoint rollbacks), then the commit call's
+        // pages, which supersede spilled versions of the same pages.
+        let frame_len = FRAME_HEADER_SIZE + PAGE_SIZE;
+        let spilled_frames = self.txn_start.take().map_or(0, |start| before - start) as usize;
+        self.spilled.resize(spilled_frames * frame_len, 0);
+        for (i, frame) in self.spilled.chunks_exact_mut(frame_len).enumerate() {
+            let frame_no = NonZeroU32::new(before - spilled_frames as u32 + 1 + i as u32).expect("WAL frames are numbered from 1");
+            if let Err(e) = wrapped.read_frame_raw(frame_no, frame) {
+                self.logger.poison(format!("reading back WAL frame {frame_no} of a transaction being committed: {e:?}"));
+                return Err(e);
+            }
+        }
+        self.committing.clear();
+        let mut committing_pages = std::collections::HashSet::new();
+        for (page_no, page) in page_headers.iter() {
+            self.committing.extend_from_slice(&page_no.to_be_bytes());
+            self.committing.extend_from_slice(page);
+            committing_pages.insert(page_no);
+        }
+        let mut pages: Vec<(u32, &[u8])> = self
+            .spilled
+            .chunks_exact(frame_len)
+            .map(|f| (wal_page_no(f), &f[FRAME_HEADER_SIZE..]))
+            .filter(|(page_no, _)| !committing_pages.contains(page_no))
+            .collect();
+        pages.extend(self.committing.chunks_exact(4 + PAGE_SIZE).map(|c| (wal_page_no(c), &c[4..])));
+
+        self.logger.log_commit(
+            &pages,
+            size_after,
+            || wrapped.insert_frames(page_size, page_headers, size_after, true, sync_flags),
+            || libsql_sys::wal::Error::new(SQLITE_IOERR),
+        )
     }
 
     fn undo<U: UndoHandler>(&mut self, wrapped: &mut W, handler: Option<&mut U>) -> Result<()> {

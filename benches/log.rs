@@ -1,0 +1,149 @@
+//! The replication log's cost and its rebuild time, each beside a baseline in the same run.
+//!
+//! `cargo bench --bench log` prints a table and writes `bench-results/log.json`:
+//! * write throughput with the log on (the server's `Database`) beside a bare `libsql-sys`
+//!   connection with the same durability (WAL, `synchronous=FULL`);
+//! * dirty-recovery (log rebuild) time beside a plain copy of the data file, fsynced (the
+//!   physical floor), for 20k rows, 200k rows and a ~1 GiB database.
+
+use std::fs::File;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use libsql_server::database::Database;
+use libsql_server::namespace::DatabaseConfig;
+use libsql_server::replication::{recovery, LogSettings, RecoveryOptions};
+use libsql_sys::rusqlite::{params, Connection as Sqlite, OpenFlags};
+use libsql_sys::wal::{Sqlite3Wal, Sqlite3WalManager};
+use serde_json::{json, Value};
+
+const TXNS: usize = 40;
+const TXN_ROWS: usize = 1_000;
+const SINGLE_INSERTS: usize = 2_000;
+
+fn main() {
+    let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into())).unwrap();
+    let mut table: Vec<Value> = Vec::new();
+    println!("\n{:<46} {:>16} {:>16} {:>8}", "write throughput (2 cores)", "with log", "bare", "ratio");
+    for (name, unit, logged, bare) in write_throughput(dir.path()) {
+        println!("{name:<46} {logged:>12.0} {unit:<3} {bare:>12.0} {unit:<3} {:>7.1}%", 100.0 * logged / bare);
+        table.push(json!({"workload": name, "unit": unit, "with_log": logged, "bare": bare, "ratio": logged / bare}));
+    }
+
+    println!("\n{:<46} {:>16} {:>16} {:>8}", "dirty recovery (log rebuild)", "rebuild", "copy+fsync", "ratio");
+    for (label, rows, row_bytes) in [("20k rows", 20_000, 200), ("200k rows", 200_000, 200), ("~1 GiB database", 250_000, 4_000)] {
+        let (bytes, rebuild, copy) = recovery_time(dir.path(), rows, row_bytes);
+        let name = format!("{label} ({:.1} MiB)", bytes as f64 / (1 << 20) as f64);
+        println!("{name:<46} {:>13.1} ms {:>13.1} ms {:>7.2}x", ms(rebuild), ms(copy), rebuild.as_secs_f64() / copy.as_secs_f64());
+        table.push(json!({"workload": format!("dirty recovery, {label}"), "bytes": bytes, "rebuild_ms": ms(rebuild), "copy_ms": ms(copy)}));
+    }
+    std::fs::create_dir_all("bench-results").unwrap();
+    let path = Path::new("bench-results/log.json");
+    std::fs::write(path, serde_json::to_string_pretty(&table).unwrap()).unwrap();
+    println!("\nwritten to {}", path.canonicalize().unwrap().display());
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn open_logged(dir: &Path) -> Database {
+    std::fs::create_dir_all(dir).unwrap();
+    let data = dir.join("data");
+    let (logger, _) = recovery::open(dir, &data, LogSettings::from_flags(200, None), RecoveryOptions::default()).unwrap();
+    Database::open(&data, DatabaseConfig::default(), Duration::from_secs(5), logger).unwrap()
+}
+
+fn open_bare(path: &Path) -> libsql_sys::Connection<Sqlite3Wal> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = libsql_sys::Connection::open(path, flags, Sqlite3WalManager::new(), 1000, None).unwrap();
+    conn.pragma_update(None, "synchronous", "FULL").unwrap();
+    conn
+}
+
+/// Rounds of each workload, alternating between the logged and the bare database so both
+/// see the same machine noise; the median round is reported.
+const ROUNDS: usize = 7;
+
+/// 1000-row transactions on `conn`, rows keyed from `base`: rows per second.
+fn batch_round(conn: &Sqlite, base: usize) -> f64 {
+    let started = Instant::now();
+    for t in 0..TXNS {
+        conn.execute_batch("BEGIN").unwrap();
+        let mut insert = conn.prepare_cached("INSERT INTO t VALUES (?, randomblob(100))").unwrap();
+        for i in 0..TXN_ROWS {
+            insert.execute(params![(base + t * TXN_ROWS + i) as i64]).unwrap();
+        }
+        drop(insert);
+        conn.execute_batch("COMMIT").unwrap();
+    }
+    (TXNS * TXN_ROWS) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Single-row autocommit inserts on `conn`: transactions per second.
+fn single_round(conn: &Sqlite, base: usize) -> f64 {
+    let started = Instant::now();
+    let mut insert = conn.prepare_cached("INSERT INTO t VALUES (?, randomblob(100))").unwrap();
+    for i in 0..SINGLE_INSERTS {
+        insert.execute(params![(base + i) as i64]).unwrap();
+    }
+    SINGLE_INSERTS as f64 / started.elapsed().as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn write_throughput(root: &Path) -> Vec<(&'static str, &'static str, f64, f64)> {
+    let logged_db = open_logged(&root.join("logged"));
+    let logged = logged_db.connection().unwrap();
+    let bare = open_bare(&root.join("bare.db"));
+    for conn in [logged.sqlite(), &bare] {
+        conn.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)").unwrap();
+    }
+    let (mut lb, mut bb, mut ls, mut bs) = (vec![], vec![], vec![], vec![]);
+    for round in 0..ROUNDS {
+        let base = round * (TXNS * TXN_ROWS + SINGLE_INSERTS);
+        lb.push(batch_round(logged.sqlite(), base));
+        bb.push(batch_round(&bare, base));
+        ls.push(single_round(logged.sqlite(), base + TXNS * TXN_ROWS));
+        bs.push(single_round(&bare, base + TXNS * TXN_ROWS));
+    }
+    vec![
+        ("1000-row transactions (median of 7 rounds)", "row/s", median(lb), median(bb)),
+        ("single-row autocommit inserts (median of 7)", "tx/s", median(ls), median(bs)),
+    ]
+}
+
+/// Builds a database of `rows` rows, then times a log rebuild and a copy of its data file.
+fn recovery_time(root: &Path, rows: usize, row_bytes: usize) -> (u64, Duration, Duration) {
+    let dir = root.join(format!("recovery-{rows}-{row_bytes}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("data");
+    {
+        let conn = open_bare(&data);
+        conn.pragma_update(None, "synchronous", "OFF").unwrap();
+        conn.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)").unwrap();
+        conn.execute_batch("BEGIN").unwrap();
+        let mut insert = conn.prepare("INSERT INTO t VALUES (?, randomblob(?))").unwrap();
+        for i in 0..rows {
+            insert.execute(params![i as i64, row_bytes as i64]).unwrap();
+        }
+        drop(insert);
+        conn.execute_batch("COMMIT; PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
+    }
+    let bytes = std::fs::metadata(&data).unwrap().len();
+
+    let started = Instant::now();
+    recovery::rebuild(&dir, &data, "benchmark").unwrap();
+    let rebuild = started.elapsed();
+
+    let copy_path = dir.join("copy");
+    let started = Instant::now();
+    std::fs::copy(&data, &copy_path).unwrap();
+    File::open(&copy_path).unwrap().sync_all().unwrap();
+    let copy = started.elapsed();
+    std::fs::remove_dir_all(&dir).unwrap();
+    (bytes, rebuild, copy)
+}
