@@ -111,6 +111,25 @@ impl Connection {
         &self.conn
     }
 
+    /// Runs every statement of `sql` in order, discarding rows, each admitted like any other
+    /// statement; stops at the first error.
+    pub fn execute_script(&mut self, sql: &str) -> Result<(), AccessError> {
+        let mut statements = rusqlite::Batch::new(&self.conn, sql);
+        loop {
+            let Some(mut prepared) = statements.next()? else { return Ok(()) };
+            // `Batch` does not expose each statement's text; the expanded SQL classifies it.
+            let text = prepared.expanded_sql().unwrap_or_default();
+            self.access.admit(&self.conn, StmtKind::of(&prepared, &text))?;
+            let stepped = (|| -> rusqlite::Result<()> {
+                let mut cursor = prepared.raw_query();
+                while cursor.next()?.is_some() {}
+                Ok(())
+            })();
+            self.access.settle(&self.conn);
+            stepped?;
+        }
+    }
+
     pub fn parts(&mut self) -> ConnectionParts<'_> {
         ConnectionParts { sqlite: &self.conn, access: &mut self.access, single_statements: &mut self.single_statements }
     }
@@ -137,10 +156,11 @@ impl WriteAccess {
         Ok(())
     }
 
-    /// Called after every statement: once the transaction has ended, the gate is released.
+    /// Called after every statement: once the transaction has ended, the gate is released,
+    /// and a compaction the log asked for may start.
     pub fn settle(&mut self, conn: &rusqlite::Connection) {
-        if conn.is_autocommit() {
-            self.permit = None;
+        if conn.is_autocommit() && self.permit.take().is_some() {
+            self.shared.compact_if_wanted();
         }
     }
 

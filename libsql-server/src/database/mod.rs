@@ -46,6 +46,9 @@ pub enum Error {
 /// State shared by every connection of one database.
 pub struct Shared {
     pub gate: Arc<WriteGate>,
+    path: PathBuf,
+    logger: Arc<ReplicationLogger>,
+    compaction: Mutex<Option<std::thread::JoinHandle<()>>>,
     config: RwLock<Arc<DatabaseConfig>>,
     /// Bumped by every configuration change, so connections re-apply per-connection pragmas.
     config_version: AtomicU64,
@@ -56,7 +59,54 @@ impl Shared {
     pub fn config(&self) -> Arc<DatabaseConfig> {
         self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// Starts the compaction the log asked for, unless one is running. Called by a connection
+    /// that just released the write gate.
+    fn compact_if_wanted(self: &Arc<Self>) {
+        if !self.logger.retire_wanted() {
+            return;
+        }
+        let mut running = self.compaction.lock().unwrap_or_else(|e| e.into_inner());
+        if running.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let shared = self.clone();
+        *running = Some(
+            std::thread::Builder::new()
+                .name("sqld-retire".into())
+                .spawn(move || shared.compact())
+                .expect("spawning a compaction thread"),
+        );
+    }
+
+    /// Retires the full log and opens the next one (a new generation) with a full image.
+    /// Holds the write gate throughout, so the image is exactly the log's last state; writers
+    /// queue meanwhile. If readers keep SQLite's WAL from being fully checkpointed, it gives up
+    /// and the next write tries again.
+    fn compact(&self) {
+        let Some(_permit) = self.gate.acquire(COMPACTION_GATE_WAIT) else {
+            tracing::warn!(path = %self.path.display(), "compaction postponed: the write lock stayed busy");
+            return;
+        };
+        let checkpointed = open_engine_connection(&self.path, &self.logger).and_then(|conn| {
+            conn.busy_timeout(SQLITE_BUSY_TIMEOUT)?;
+            let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+            Ok(busy == 0)
+        });
+        match checkpointed {
+            Ok(true) => {
+                if let Err(e) = self.logger.retire_with_image(&self.path) {
+                    tracing::error!(path = %self.path.display(), error = %e, "compaction failed");
+                }
+            }
+            Ok(false) => tracing::warn!(path = %self.path.display(), "compaction postponed: readers kept the WAL from a full checkpoint"),
+            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "compaction postponed: checkpoint failed"),
+        }
+    }
 }
+
+/// How long a compaction waits for the write gate before it tries again later.
+const COMPACTION_GATE_WAIT: Duration = Duration::from_secs(30);
 
 pub struct Database {
     path: PathBuf,
@@ -79,9 +129,12 @@ impl Database {
     pub fn open(path: &Path, config: DatabaseConfig, write_lock_timeout: Duration, logger: Arc<ReplicationLogger>) -> Result<Self, Error> {
         let db = Database {
             path: path.to_owned(),
-            logger,
+            logger: logger.clone(),
             shared: Arc::new(Shared {
                 gate: Arc::new(WriteGate::default()),
+                path: path.to_owned(),
+                logger,
+                compaction: Mutex::new(None),
                 config: RwLock::new(Arc::new(config)),
                 config_version: AtomicU64::new(0),
                 write_lock_timeout,
@@ -99,6 +152,15 @@ impl Database {
 
     pub fn logger(&self) -> &Arc<ReplicationLogger> {
         &self.logger
+    }
+
+    /// Waits for a running compaction and the snapshots it started (tests, close).
+    pub fn wait_for_compaction(&self) {
+        let running = self.shared.compaction.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = running {
+            let _ = handle.join();
+        }
+        self.logger.wait_for_compactions();
     }
 
     pub fn path(&self) -> &Path {
@@ -151,6 +213,7 @@ impl Database {
     /// Closes the idle connections after moving the WAL into the data file, so the directory
     /// is self-contained once the namespace is closed.
     pub fn close(&self) -> Result<(), Error> {
+        self.wait_for_compaction();
         let result = self.checkpoint(CheckpointMode::Truncate);
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
         result.map(|_| ())

@@ -121,21 +121,7 @@ pub fn describe(conn: &mut Connection, sqls: &SqlStore, sql: Option<&str>, sql_i
 /// Runs every statement of a SQL text in order, discarding rows; stops at the first error.
 pub fn sequence(conn: &mut Connection, sqls: &SqlStore, sql: Option<&str>, sql_id: Option<i32>) -> Result<(), StmtError> {
     let sql = sqls.resolve(sql, sql_id)?;
-    let ConnectionParts { sqlite, access, .. } = conn.parts();
-    let mut statements = rusqlite::Batch::new(sqlite, sql);
-    loop {
-        // The statement's own text is needed to classify it: `Batch` does not expose it.
-        let Some(mut prepared) = statements.next()? else { return Ok(()) };
-        let text = prepared.expanded_sql().unwrap_or_default();
-        access.admit(sqlite, StmtKind::of(&prepared, &text))?;
-        let stepped = (|| -> rusqlite::Result<()> {
-            let mut cursor = prepared.raw_query();
-            while cursor.next()?.is_some() {}
-            Ok(())
-        })();
-        access.settle(sqlite);
-        stepped?;
-    }
+    Ok(conn.execute_script(sql)?)
 }
 
 fn bind_args(stmt: &mut rusqlite::Statement<'_>, args: &[Value], named: &[NamedArg]) -> Result<(), StmtError> {

@@ -4,6 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -12,6 +13,8 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::format::{checksum, FrameHeader, LogHeader, SnapshotHeader, FRAME_SIZE, LOG_HEADER_SIZE};
+use super::generation::{self, GenerationRecord};
+use super::image::{write_image, ImageTarget};
 use super::{compaction, failpoint, LogError, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG};
 use crate::durable;
 
@@ -40,10 +43,14 @@ pub struct ReplicationLogger {
     state: Mutex<LogState>,
     /// Snapshot builds running in the background; joined on close.
     compactions: Mutex<Vec<JoinHandle<()>>>,
+    /// The log is full: the next chance, it should be retired (see [`Self::retire_with_image`]).
+    retire_wanted: AtomicBool,
 }
 
 struct LogState {
-    file: File,
+    /// Shared with readers serving frames, which keep reading a retired log through it.
+    file: Arc<File>,
+    generation: GenerationRecord,
     header: LogHeader,
     /// Checksum of the last committed frame (the header's start checksum if none).
     last_checksum: u64,
@@ -67,6 +74,8 @@ pub struct LogStats {
     pub frame_count: u64,
     /// The frame_no of the last committed frame, if the log has ever held one.
     pub last_frame_no: Option<u64>,
+    /// The sync generation: this log, which opens with a full image.
+    pub generation: u64,
     pub wallog_bytes: u64,
     pub snapshot_count: usize,
     pub pending_compactions: usize,
@@ -75,7 +84,7 @@ pub struct LogStats {
 
 impl ReplicationLogger {
     /// Opens the `wallog` of namespace directory `dir`, which recovery has judged sound.
-    pub(super) fn open(dir: &Path, settings: LogSettings) -> Result<Arc<Self>, LogError> {
+    pub(super) fn open(dir: &Path, settings: LogSettings, generation: GenerationRecord) -> Result<Arc<Self>, LogError> {
         let path = dir.join(WALLOG);
         let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| LogError::io(&path, e))?;
         let mut bytes = [0u8; LOG_HEADER_SIZE];
@@ -96,7 +105,8 @@ impl ReplicationLogger {
             dir: dir.to_owned(),
             settings,
             state: Mutex::new(LogState {
-                file,
+                file: Arc::new(file),
+                generation,
                 header,
                 last_checksum,
                 poisoned: None,
@@ -105,6 +115,7 @@ impl ReplicationLogger {
                 buf: Vec::new(),
             }),
             compactions: Mutex::new(Vec::new()),
+            retire_wanted: AtomicBool::new(false),
         });
         // Finish the snapshots a previous run retired but did not get to write.
         for retired in compaction::pending(dir) {
@@ -155,6 +166,7 @@ impl ReplicationLogger {
         let last_checksum = encode_frames(&mut state, pages, size_after);
         let at = frame_offset(state.header.frame_count);
         let LogState { file, allocated, buf, .. } = &mut *state;
+        let file: &File = file;
         let logged = preallocate(file, allocated, at + buf.len() as u64)
             .and_then(|()| file.write_all_at(buf, at))
             .and_then(|()| file.sync_data());
@@ -176,16 +188,77 @@ impl ReplicationLogger {
         state.last_checksum = last_checksum;
 
         if self.should_retire(state) {
-            if let Err(e) = self.retire(state) {
-                tracing::error!(dir = %self.dir.display(), error = %e, "retiring the log for compaction failed");
+            self.retire_wanted.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Whether the log is full and waits for [`Self::retire_with_image`].
+    pub fn retire_wanted(&self) -> bool {
+        self.retire_wanted.load(Ordering::Acquire)
+    }
+
+    /// Compaction and a new generation: retires the current log (it becomes a snapshot in the
+    /// background) and opens the new log with a full image of `data`. The caller holds the
+    /// namespace's write lock and has checkpointed SQLite's WAL into `data`, so `data` is
+    /// exactly the database as of the log's last frame.
+    pub fn retire_with_image(&self, data: &Path) -> Result<(), LogError> {
+        let mut state = self.lock();
+        if let Some(why) = &state.poisoned {
+            return Err(LogError::Poisoned(why.clone()));
+        }
+        if state.header.frame_count > 0 {
+            if let Err(e) = self.retire(&mut state) {
                 // Failing before the old log moved leaves it in place to go on with. Failing
                 // after leaves no log to append to: refuse writes until a rebuild.
                 if !self.dir.join(WALLOG).exists() {
                     state.poisoned = Some(format!("the log was retired but its successor was not put in place: {e}"));
                 }
+                return Err(e);
+            }
+            if let Err(e) = self.open_with_image(&mut state, data) {
+                state.poisoned = Some(format!("the new log could not be given its opening image: {e}"));
+                return Err(e);
             }
         }
+        self.retire_wanted.store(false, Ordering::Release);
         Ok(())
+    }
+
+    fn open_with_image(&self, state: &mut LogState, data: &Path) -> Result<(), LogError> {
+        let path = self.dir.join(WALLOG);
+        let target = ImageTarget {
+            log: &state.file,
+            log_path: &path,
+            first_index: 0,
+            first_frame_no: state.header.start_frame_no,
+            previous_checksum: state.last_checksum,
+        };
+        let (pages, last_checksum) = write_image(target, data)?;
+        state.allocated = state.allocated.max(frame_offset(pages));
+        if pages > 0 {
+            state.file.sync_data().map_err(|e| LogError::io(&path, e))?;
+            let mut header = state.header;
+            header.frame_count = pages;
+            state.file.write_all_at(&header.encode(), 0).map_err(|e| LogError::io(&path, e))?;
+            state.header = header;
+            state.last_checksum = last_checksum;
+        }
+        state.generation = generation::for_log(&self.dir, state.header.log_id, state.header.start_frame_no)?;
+        tracing::info!(dir = %self.dir.display(), generation = state.generation.generation, pages, "new generation opened with a full image");
+        Ok(())
+    }
+
+    /// The current generation.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation.generation
+    }
+
+    /// What a sync reader needs to serve the current generation's frames: its number, the log
+    /// file (readable even after it is retired) and the header as of now.
+    pub fn sync_view(&self) -> (u64, Arc<File>, LogHeader) {
+        let state = self.lock();
+        (state.generation.generation, state.file.clone(), state.header)
     }
 
     fn should_retire(&self, state: &LogState) -> bool {
@@ -229,8 +302,9 @@ impl ReplicationLogger {
         std::fs::rename(&new_path, &wallog).map_err(|e| io(&new_path, e))?;
         durable::sync_dir(dir).map_err(|e| io(dir, e))?;
 
-        state.file = file;
+        state.file = Arc::new(file);
         state.header = new_header;
+        state.allocated = LOG_HEADER_SIZE as u64;
         state.started_at = Instant::now();
         tracing::info!(dir = %dir.display(), retired = %retired_name, "log retired for compaction");
         self.spawn_snapshot(retired);
@@ -260,15 +334,6 @@ impl ReplicationLogger {
         }
     }
 
-    /// Retires the log now if it holds frames (a compaction on demand).
-    pub fn compact_now(&self) -> Result<(), LogError> {
-        let mut state = self.lock();
-        if state.header.frame_count == 0 {
-            return Ok(());
-        }
-        self.retire(&mut state)
-    }
-
     pub fn stats(&self) -> LogStats {
         let state = self.lock();
         let h = &state.header;
@@ -277,6 +342,7 @@ impl ReplicationLogger {
             start_frame_no: h.start_frame_no,
             frame_count: h.frame_count,
             last_frame_no: h.next_frame_no().checked_sub(1),
+            generation: state.generation.generation,
             wallog_bytes: frame_offset(h.frame_count),
             snapshot_count: count_files(&self.dir.join(SNAPSHOTS_DIR), "snap"),
             pending_compactions: compaction::pending(&self.dir).len(),

@@ -13,6 +13,8 @@
 pub mod compaction;
 pub mod failpoint;
 pub mod format;
+pub mod generation;
+mod image;
 mod logger;
 pub mod recovery;
 pub mod verify;

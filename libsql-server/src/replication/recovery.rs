@@ -20,7 +20,9 @@ use libsql_sys::rusqlite::OpenFlags;
 use libsql_sys::wal::Sqlite3WalManager;
 use uuid::Uuid;
 
-use super::format::{checksum, FrameHeader, LogHeader, FRAME_SIZE, LOG_HEADER_SIZE, PAGE_SIZE};
+use super::format::{FrameHeader, LogHeader, LOG_HEADER_SIZE};
+use super::generation;
+use super::image::{write_image, ImageTarget};
 use super::logger::{create_log_file, frame_offset, LogSettings, ReplicationLogger};
 use super::{failpoint, LogError, SENTINEL, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG, WALLOG_NEW};
 use crate::durable;
@@ -54,13 +56,8 @@ impl RecoveryOptions {
 /// first if it cannot be trusted, then marks the namespace open (the sentinel).
 pub fn open(dir: &Path, data: &Path, settings: LogSettings, options: RecoveryOptions) -> Result<(Arc<ReplicationLogger>, Option<Rebuild>), LogError> {
     finish_interrupted_retire(dir)?;
-    let rebuild = match dirty_reason(dir, data, options)? {
-        Some(reason) => {
-            tracing::warn!(dir = %dir.display(), reason, "replication log cannot be trusted; rebuilding it from the data file");
-            let rebuild = rebuild(dir, data, reason)?;
-            tracing::info!(dir = %dir.display(), pages = rebuild.pages, took_ms = rebuild.took.as_millis() as u64, "replication log rebuilt");
-            Some(rebuild)
-        }
+    let mut rebuilt = match dirty_reason(dir, data, options)? {
+        Some(reason) => Some(logged_rebuild(dir, data, reason)?),
         None => {
             if !dir.join(WALLOG).exists() {
                 create_log_file(&dir.join(WALLOG), &LogHeader::new(Uuid::new_v4(), 0, 0))?;
@@ -68,10 +65,53 @@ pub fn open(dir: &Path, data: &Path, settings: LogSettings, options: RecoveryOpt
             None
         }
     };
+    // Sync clients need every log to open with a full image. A log this server wrote (its
+    // generation record names it) or just rebuilt does; one from elsewhere may not.
+    let mut header = read_header(&dir.join(WALLOG))?;
+    let known = generation::read(dir).is_some_and(|r| r.names(header.log_id, header.start_frame_no));
+    if rebuilt.is_none() && !known && !opens_with_image(&dir.join(WALLOG), &header, data)? {
+        rebuilt = Some(logged_rebuild(dir, data, "the log does not open with a full image, which sync clients need")?);
+        header = read_header(&dir.join(WALLOG))?;
+    }
+    let record = generation::for_log(dir, header.log_id, header.start_frame_no)?;
     let sentinel = dir.join(SENTINEL);
     File::create(&sentinel).and_then(|_| durable::sync_dir(dir)).map_err(|e| LogError::io(&sentinel, e))?;
-    let logger = ReplicationLogger::open(dir, settings)?;
-    Ok((logger, rebuild))
+    let logger = ReplicationLogger::open(dir, settings, record)?;
+    Ok((logger, rebuilt))
+}
+
+fn logged_rebuild(dir: &Path, data: &Path, reason: &'static str) -> Result<Rebuild, LogError> {
+    tracing::warn!(dir = %dir.display(), reason, "replication log cannot be used; rebuilding it from the data file");
+    let rebuilt = rebuild(dir, data, reason)?;
+    tracing::info!(dir = %dir.display(), pages = rebuilt.pages, took_ms = rebuilt.took.as_millis() as u64, "replication log rebuilt");
+    Ok(rebuilt)
+}
+
+fn read_header(path: &Path) -> Result<LogHeader, LogError> {
+    let file = File::open(path).map_err(|e| LogError::io(path, e))?;
+    let mut bytes = [0u8; LOG_HEADER_SIZE];
+    file.read_exact_at(&mut bytes, 0).map_err(|_| LogError::corrupt(path, None, "shorter than its header"))?;
+    LogHeader::decode(&bytes).map_err(|e| LogError::corrupt(path, None, e.to_string()))
+}
+
+/// Whether the log's first transaction carries every page of the database it describes
+/// (pages 1 to its commit size, each once). An empty log does if the database is empty.
+fn opens_with_image(path: &Path, header: &LogHeader, data: &Path) -> Result<bool, LogError> {
+    if header.frame_count == 0 {
+        return Ok(std::fs::metadata(data).map(|m| m.len() == 0).unwrap_or(true));
+    }
+    let file = File::open(path).map_err(|e| LogError::io(path, e))?;
+    let mut pages = std::collections::HashSet::new();
+    let mut frame = [0u8; 24];
+    for index in 0..header.frame_count {
+        file.read_exact_at(&mut frame, frame_offset(index)).map_err(|e| LogError::io(path, e))?;
+        let fh = FrameHeader::decode(&frame);
+        pages.insert(fh.page_no);
+        if fh.size_after != 0 {
+            return Ok(pages.len() as u64 == fh.size_after as u64 && (1..=fh.size_after).all(|p| pages.contains(&p)));
+        }
+    }
+    Ok(false)
 }
 
 /// Marks a clean close: the log is complete, the sentinel goes (unless preserved).
@@ -141,47 +181,13 @@ pub fn rebuild(dir: &Path, data: &Path, reason: &'static str) -> Result<Rebuild,
     checkpoint_data_file(data)?;
     failpoint::check("recovery.after_checkpoint", data).map_err(|e| LogError::io(data, e))?;
 
-    let pages = match std::fs::metadata(data) {
-        Ok(m) => m.len(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(LogError::io(data, e)),
-    };
-    if pages % PAGE_SIZE as u64 != 0 {
-        return Err(LogError::corrupt(data, None, format!("data file size {pages} is not a multiple of the page size")));
-    }
-    let pages = pages / PAGE_SIZE as u64;
-
     let new_path = dir.join(super::WALLOG_REBUILD);
     let mut header = LogHeader::new(Uuid::new_v4(), 0, 0);
     let log = create_log_file(&new_path, &header)?;
     let io = |p: &Path, e| LogError::io(p, e);
+    let target = ImageTarget { log: &log, log_path: &new_path, first_index: 0, first_frame_no: 0, previous_checksum: header.start_checksum };
+    let (pages, _) = write_image(target, data)?;
     if pages > 0 {
-        let source = File::open(data).map_err(|e| io(data, e))?;
-        let mut page_size = [0u8; 2];
-        source.read_exact_at(&mut page_size, 16).map_err(|e| io(data, e))?;
-        if u16::from_be_bytes(page_size) as usize != PAGE_SIZE {
-            return Err(LogError::corrupt(data, None, format!("page size {} is not {PAGE_SIZE}", u16::from_be_bytes(page_size))));
-        }
-        const CHUNK: u64 = 256;
-        let mut buf = vec![0u8; CHUNK as usize * FRAME_SIZE];
-        let mut sum = header.start_checksum;
-        let mut page_no = 0u64;
-        while page_no < pages {
-            let n = CHUNK.min(pages - page_no);
-            for (i, frame) in buf.chunks_exact_mut(FRAME_SIZE).take(n as usize).enumerate() {
-                let this = page_no + i as u64;
-                source.read_exact_at(&mut frame[24..], this * PAGE_SIZE as u64).map_err(|e| io(data, e))?;
-                sum = checksum(sum, &frame[24..]);
-                let last = this + 1 == pages;
-                FrameHeader { frame_no: this, checksum: sum, page_no: this as u32 + 1, size_after: if last { pages as u32 } else { 0 } }
-                    .encode_into(&mut frame[..24]);
-            }
-            log.write_all_at(&buf[..n as usize * FRAME_SIZE], frame_offset(page_no)).map_err(|e| io(&new_path, e))?;
-            page_no += n;
-            if page_no < pages {
-                failpoint::check("recovery.mid_frames", &new_path).map_err(|e| LogError::io(&new_path, e))?;
-            }
-        }
         log.sync_data().map_err(|e| io(&new_path, e))?;
         header.frame_count = pages;
         log.write_all_at(&header.encode(), 0).and_then(|()| log.sync_all()).map_err(|e| io(&new_path, e))?;
