@@ -12,3 +12,4 @@ mod client;
 mod hrana;
 mod process;
 mod replication;
+mod sync_v2;

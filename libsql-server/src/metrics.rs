@@ -11,6 +11,7 @@ const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 #[derive(Default)]
 pub struct Metrics {
     routes: Mutex<BTreeMap<RouteKey, RouteStats>>,
+    counters: Mutex<BTreeMap<&'static str, (&'static str, u64)>>,
 }
 
 #[derive(PartialEq, Eq, PartialOrd, Ord, Clone)]
@@ -44,6 +45,12 @@ impl Metrics {
         }
     }
 
+    /// Adds `by` to the counter `name` (described by `help`).
+    pub fn count(&self, name: &'static str, help: &'static str, by: u64) {
+        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        counters.entry(name).or_insert((help, 0)).1 += by;
+    }
+
     /// The Prometheus exposition text, with `gauges` (name, help, value) appended.
     pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
         let mut out = String::new();
@@ -63,6 +70,9 @@ impl Metrics {
             let _ = writeln!(out, "sqld_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", stats.count);
             let _ = writeln!(out, "sqld_http_request_duration_seconds_sum{{{labels}}} {}", stats.seconds);
             let _ = writeln!(out, "sqld_http_request_duration_seconds_count{{{labels}}} {}", stats.count);
+        }
+        for (name, (help, value)) in self.counters.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         }
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");

@@ -4,6 +4,7 @@ pub mod admin;
 mod error;
 mod legacy;
 mod namespace_header;
+mod sync;
 pub mod user;
 
 use std::sync::Arc;

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::error::{no_route, parse_json};
-use super::{legacy, namespace_of, track_requests, ApiError};
+use super::{legacy, namespace_of, sync, track_requests, ApiError};
 use crate::hrana::Hrana;
 use crate::metrics::Metrics;
 use crate::namespace::NamespaceName;
@@ -22,10 +22,11 @@ use crate::namespace::NamespaceName;
 #[derive(Clone)]
 pub struct UserState {
     pub hrana: Hrana,
+    pub metrics: Arc<Metrics>,
 }
 
 impl UserState {
-    fn namespace(&self, headers: &HeaderMap) -> Result<NamespaceName, ApiError> {
+    pub(super) fn namespace(&self, headers: &HeaderMap) -> Result<NamespaceName, ApiError> {
         namespace_of(headers, self.hrana.store().namespaces_enabled())
     }
 }
@@ -43,10 +44,13 @@ pub fn router(hrana: Hrana, metrics: Arc<Metrics>, max_body_size: usize) -> Rout
         .route("/v2/pipeline", post(pipeline))
         .route("/v3/pipeline", post(pipeline))
         .route("/v3/cursor", post(cursor))
-        .route_layer(axum::middleware::from_fn_with_state((metrics, "user"), track_requests))
+        .route("/info", get(sync::info))
+        .route("/export/:generation", get(sync::export))
+        .route("/sync/:generation/:start/:end", get(sync::pull))
+        .route_layer(axum::middleware::from_fn_with_state((metrics.clone(), "user"), track_requests))
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(max_body_size))
-        .with_state(UserState { hrana })
+        .with_state(UserState { hrana, metrics })
 }
 
 /// Hrana clients send their bodies with or without `content-type` (the libSQL Rust crate sends

@@ -17,6 +17,7 @@ pub mod generation;
 mod image;
 mod logger;
 pub mod recovery;
+pub mod sync;
 pub mod verify;
 pub mod wal;
 

@@ -1,0 +1,88 @@
+//! Sync protocol v2, what embedded replicas of current libSQL clients speak: `GET /info`,
+//! `GET /export/{gen}`, `GET /sync/{gen}/{start}/{end}` (pull). The namespace comes from the
+//! request as for every user route (`Host`'s first label when no header names it).
+
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::user::UserState;
+use super::ApiError;
+use crate::blocking;
+use crate::replication::sync::{self, Pull};
+
+/// Most frames one pull may ask for (clients ask for 128).
+pub const MAX_PULL_FRAMES: u64 = 4096;
+
+pub async fn info(State(state): State<UserState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let ns = state.namespace(&headers)?;
+    let ns = state.hrana.store().get(&ns).await?;
+    let generation = ns.db().logger().generation();
+    Ok(Json(json!({ "current_generation": generation })).into_response())
+}
+
+/// The database generation `gen` starts from. Every generation opens with a full image of the
+/// database in its first frames, so it starts from the empty database: the export is empty,
+/// and the client builds the database from frames 1.. (clients accept this; it saves sending
+/// every page twice).
+pub async fn export(State(state): State<UserState>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+    let Path(generation) = path?;
+    let generation = parse_number("generation", &generation)?;
+    let ns = state.namespace(&headers)?;
+    let ns = state.hrana.store().get(&ns).await?;
+    let current = ns.db().logger().generation();
+    if generation != current {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "GENERATION_NOT_FOUND",
+            format!("generation {generation} cannot be exported; the current generation is {current}"),
+        ));
+    }
+    state.metrics.count("sqld_sync_exports_total", "Sync v2 database exports served.", 1);
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Bytes::new()).into_response())
+}
+
+pub async fn pull(
+    State(state): State<UserState>,
+    headers: HeaderMap,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path((generation, start, end)) = path?;
+    let generation = parse_number("generation", &generation)?;
+    let start = parse_number("start frame", &start)?;
+    let end = parse_number("end frame", &end)?;
+    if end <= start {
+        return Err(ApiError::bad_request(format!("the end frame ({end}) must be after the start frame ({start})")));
+    }
+    if end - start > MAX_PULL_FRAMES {
+        return Err(ApiError::bad_request(format!("at most {MAX_PULL_FRAMES} frames may be pulled at once")));
+    }
+    let ns = state.namespace(&headers)?;
+    let ns = state.hrana.store().get(&ns).await?;
+    let answer = blocking::run(move || sync::pull(ns.db().logger(), generation, start, end))
+        .await?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "LOG_UNREADABLE", e.to_string()))?;
+    match answer {
+        Pull::Frames(frames) => {
+            state.metrics.count("sqld_sync_frames_pulled_total", "Frames served to sync v2 clients.", frames.len() as u64 / 4120);
+            state.metrics.count("sqld_sync_bytes_pulled_total", "Bytes of frames served to sync v2 clients.", frames.len() as u64);
+            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], frames).into_response())
+        }
+        // The protocol's end-of-generation answer: a 400 whose body names the current one.
+        Pull::EndOfGeneration { current } => Ok((StatusCode::BAD_REQUEST, Json(json!({ "generation": current }))).into_response()),
+    }
+}
+
+/// A positive decimal number that fits in 32 bits (what clients keep frame numbers and
+/// generations in).
+fn parse_number(what: &str, text: &str) -> Result<u64, ApiError> {
+    match text.parse::<u32>() {
+        Ok(0) => Err(ApiError::bad_request(format!("the {what} must be at least 1"))),
+        Ok(n) => Ok(n as u64),
+        Err(_) => Err(ApiError::bad_request(format!("the {what} {text:?} is not a number from 1 to {}", u32::MAX))),
+    }
+}

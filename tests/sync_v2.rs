@@ -1,0 +1,223 @@
+//! Sync protocol v2 with the `libsql` crate's own embedded replicas against a real `sqld`:
+//! bootstrap, follow commits and a spilled transaction, follow log rebuilds from the same
+//! local files, catch up several generations, and the protocol's bad input.
+
+use std::path::Path;
+
+use libsql::{Database, Value};
+
+use crate::common::process::Sqld;
+
+async fn synced(sqld: &Sqld, path: &Path) -> Database {
+    libsql::Builder::new_synced_database(path, sqld.url(), String::new())
+        .connector(hyper::client::HttpConnector::new())
+        .build()
+        .await
+        .unwrap()
+}
+
+async fn remote_replica_v2(sqld: &Sqld, path: &Path) -> Database {
+    libsql::Builder::new_remote_replica(path, sqld.url(), String::new())
+        .connector(hyper::client::HttpConnector::new())
+        .sync_protocol(libsql::SyncProtocol::V2)
+        .build()
+        .await
+        .unwrap()
+}
+
+async fn rows(conn: &libsql::Connection, sql: &str) -> Vec<Vec<Value>> {
+    let mut rows = conn.query(sql, ()).await.unwrap();
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().await.unwrap() {
+        out.push((0..row.column_count()).map(|i| row.get_value(i).unwrap()).collect());
+    }
+    out
+}
+
+const ALL: &str = "SELECT id, v FROM t ORDER BY id";
+
+/// Syncs `replica` and checks it holds exactly the primary's rows, every one compared.
+async fn assert_in_sync(primary: &libsql::Connection, replica: &Database) {
+    replica.sync().await.unwrap();
+    let expected = rows(primary, ALL).await;
+    let got = rows(&replica.connect().unwrap(), ALL).await;
+    assert_eq!(got.len(), expected.len(), "row counts differ");
+    assert!(got == expected, "replica rows differ from the primary's");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_replicas_bootstrap_follow_and_survive_log_rebuilds() {
+    let mut sqld = Sqld::start(&[]);
+    let primary = sqld.connect().await;
+    primary.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
+    primary.execute("INSERT INTO t SELECT value, randomblob(100) FROM generate_series(1, 20000)", ()).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let synced_db = synced(&sqld, &dir.path().join("synced.db")).await;
+    let replica_db = remote_replica_v2(&sqld, &dir.path().join("replica.db")).await;
+    assert_in_sync(&primary, &synced_db).await;
+    assert_in_sync(&primary, &replica_db).await;
+
+    // Single-row commits.
+    for i in 0..3 {
+        primary.execute("INSERT INTO t VALUES (?1, randomblob(50))", [100_000 + i]).await.unwrap();
+        assert_in_sync(&primary, &synced_db).await;
+    }
+    // A transaction larger than SQLite's page cache: it spills to the WAL before its commit,
+    // and replicas pull it across several batches.
+    let tx = primary.transaction().await.unwrap();
+    tx.execute("UPDATE t SET v = randomblob(300) WHERE id % 2 = 0", ()).await.unwrap();
+    tx.execute("INSERT INTO t SELECT 200000 + value, randomblob(1000) FROM generate_series(1, 6000)", ()).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_in_sync(&primary, &synced_db).await;
+    assert_in_sync(&primary, &replica_db).await;
+
+    // kill -9: the next open rebuilds the log, a new generation. Replicas follow from the same
+    // local files, without a new export.
+    let generation_before = generation(&sqld).await;
+    tokio::task::block_in_place(|| {
+        sqld.signal("KILL");
+        sqld.spawn(&[]);
+    });
+    assert!(generation(&sqld).await > generation_before);
+    let primary = sqld.connect().await;
+    primary.execute("DELETE FROM t WHERE id % 3 = 0", ()).await.unwrap();
+    assert_in_sync(&primary, &synced_db).await;
+    assert_in_sync(&primary, &replica_db).await;
+    drop(synced_db);
+    drop(replica_db);
+
+    // A client that stood three generations behind catches up, from its own files.
+    let reopened = synced(&sqld, &dir.path().join("synced.db")).await;
+    for round in 0..3 {
+        tokio::task::block_in_place(|| {
+            sqld.signal("KILL");
+            sqld.spawn(&[]);
+        });
+        sqld.connect().await.execute("INSERT INTO t VALUES (?1, 'gen')", [300_000 + round]).await.unwrap();
+    }
+    let primary = sqld.connect().await;
+    assert_in_sync(&primary, &reopened).await;
+}
+
+async fn generation(sqld: &Sqld) -> u64 {
+    let (status, body) = http_get(sqld, "/info").await;
+    assert_eq!(status, 200);
+    serde_json::from_slice::<serde_json::Value>(&body).unwrap()["current_generation"].as_u64().unwrap()
+}
+
+async fn http_get(sqld: &Sqld, path: &str) -> (u16, Vec<u8>) {
+    let client = hyper::Client::new();
+    let response = client.get(format!("{}{path}", sqld.url()).parse().unwrap()).await.unwrap();
+    let status = response.status().as_u16();
+    (status, hyper::body::to_bytes(response.into_body()).await.unwrap().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_writes_of_a_replica_land_on_the_primary_and_come_back() {
+    let sqld = Sqld::start(&[]);
+    let primary = sqld.connect().await;
+    primary.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let replica = libsql::Builder::new_synced_database(dir.path().join("r.db"), sqld.url(), String::new())
+        .connector(hyper::client::HttpConnector::new())
+        .remote_writes(true)
+        .build()
+        .await
+        .unwrap();
+    replica.sync().await.unwrap();
+    let conn = replica.connect().unwrap();
+    conn.execute("INSERT INTO t VALUES (1, 'from the replica')", ()).await.unwrap();
+    assert_eq!(rows(&primary, ALL).await, vec![vec![Value::Integer(1), Value::Text("from the replica".into())]]);
+    assert_in_sync(&primary, &replica).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_protocol_bad_input_is_4xx_and_the_server_goes_on() {
+    let sqld = Sqld::start(&[]);
+    sqld.connect().await.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
+    let current = generation(&sqld).await;
+    for path in [
+        "/sync/0/1/2".to_owned(),
+        "/sync/x/1/2".into(),
+        "/sync/1/1/99999999999".into(),
+        "/sync/1/5/5".into(),
+        "/sync/1/9/3".into(),
+        "/sync/1/1/100000".into(),
+        "/export/0".into(),
+        "/export/abc".into(),
+        format!("/export/{}", current + 1),
+    ] {
+        let (status, body) = http_get(&sqld, &path).await;
+        assert!((400..500).contains(&status), "{path}: {status}");
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_else(|_| panic!("{path}: not JSON"));
+        assert!(body["error"].is_string(), "{path}: {body}");
+    }
+    // Past the end, or an older generation: the protocol's end-of-generation answer.
+    for path in [format!("/sync/{current}/1000/1128"), format!("/sync/{}/1/128", current + 5)] {
+        let (status, body) = http_get(&sqld, &path).await;
+        assert_eq!(status, 400, "{path}");
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["generation"], current, "{path}");
+    }
+    // The first frames of the generation: whole frames in SQLite's WAL layout.
+    let (status, body) = http_get(&sqld, &format!("/sync/{current}/1/128")).await;
+    assert_eq!(status, 200);
+    assert!(!body.is_empty() && body.len() % 4120 == 0);
+    assert_eq!(u32::from_be_bytes(body[0..4].try_into().unwrap()), 1, "a generation opens with page 1");
+    let (status, body) = http_get(&sqld, &format!("/export/{current}")).await;
+    assert_eq!((status, body.len()), (200, 0), "generations start from the empty database");
+    assert_eq!(http_get(&sqld, "/health").await.0, 200);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_ahead_of_the_server_changes_nothing_on_the_server() {
+    let mut sqld = Sqld::start(&[]);
+    sqld.connect().await.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
+    sqld.connect().await.execute("INSERT INTO t VALUES (1, 'old')", ()).await.unwrap();
+    // Keep a copy of the server's directory while it is at an early generation.
+    tokio::task::block_in_place(|| assert!(sqld.signal("TERM").success()));
+    let backup = tempfile::tempdir().unwrap();
+    copy_dir(&sqld.db_path(), backup.path());
+    tokio::task::block_in_place(|| sqld.spawn(&[]));
+    let old_generation = generation(&sqld).await;
+
+    for _ in 0..2 {
+        tokio::task::block_in_place(|| {
+            sqld.signal("KILL");
+            sqld.spawn(&[]);
+        });
+    }
+    sqld.connect().await.execute("INSERT INTO t VALUES (2, 'new')", ()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let replica = synced(&sqld, &dir.path().join("r.db")).await;
+    replica.sync().await.unwrap();
+    drop(replica);
+
+    // The server goes back to the old directory: the replica's generation is now ahead.
+    tokio::task::block_in_place(|| assert!(sqld.signal("TERM").success()));
+    std::fs::remove_dir_all(sqld.db_path()).unwrap();
+    copy_dir(backup.path(), &sqld.db_path());
+    tokio::task::block_in_place(|| sqld.spawn(&[]));
+    assert_eq!(generation(&sqld).await, old_generation);
+    let before = rows(&sqld.connect().await, ALL).await;
+
+    let replica = synced(&sqld, &dir.path().join("r.db")).await;
+    // The client may refuse or stop at once; either way it takes nothing and changes nothing.
+    let _ = replica.sync().await;
+    assert_eq!(rows(&replica.connect().unwrap(), ALL).await.len(), 2, "the replica kept its rows");
+    assert_eq!(rows(&sqld.connect().await, ALL).await, before, "the server is unchanged");
+    assert_eq!(generation(&sqld).await, old_generation);
+}
