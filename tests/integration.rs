@@ -12,4 +12,3 @@ mod client;
 mod hrana;
 mod process;
 mod replication;
-mod sync_v2;
