@@ -6,4 +6,5 @@
 
 mod common;
 
+mod foreign_clients;
 mod sync_v2;

@@ -1,0 +1,15 @@
+"""One sync of a Python `libsql` embedded replica, from its local files, then its rows.
+
+usage: python_sync.py <local database path> <sync url>
+Prints the rows of `SELECT id, hex(v) FROM t ORDER BY id` as JSON.
+"""
+import json
+import sys
+
+import libsql
+
+path, url = sys.argv[1], sys.argv[2]
+conn = libsql.connect(path, sync_url=url)
+conn.sync()
+rows = conn.execute("SELECT id, hex(v) FROM t ORDER BY id").fetchall()
+print(json.dumps([[r[0], r[1]] for r in rows]))

@@ -1,0 +1,98 @@
+//! Embedded replicas of the Python `libsql` package (0.1.11, which speaks sync v2 only) and of
+//! `@libsql/client` (a `file:` URL with `syncUrl`), each run as its own process by a small
+//! script in `tests/clients/`: bootstrap, follow a write, follow a log rebuild.
+//! `scripts/test.sh` installs both clients and tells the tests where they are.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use libsql::Value;
+
+use crate::common::process::Sqld;
+
+#[derive(Clone, Copy, Debug)]
+enum Client {
+    Python,
+    Node,
+}
+
+fn clients_dir() -> PathBuf {
+    PathBuf::from(std::env::var("SQLD_TEST_CLIENTS_DIR").expect(
+        "SQLD_TEST_CLIENTS_DIR is not set: run the suite with ./scripts/test.sh, which installs the Python and npm clients",
+    ))
+}
+
+/// Runs one sync of `client` on the local database `path`; the replica's rows.
+fn sync_with(client: Client, path: &Path, url: &str) -> Vec<(i64, String)> {
+    let dir = clients_dir();
+    let mut command = match client {
+        Client::Python => {
+            let python = std::env::var("SQLD_TEST_PYTHON").expect("SQLD_TEST_PYTHON is not set: run ./scripts/test.sh");
+            let mut c = Command::new(python);
+            c.arg(dir.join("python_sync.py"));
+            c
+        }
+        Client::Node => {
+            let mut c = Command::new("node");
+            c.arg(dir.join("node_sync.js"));
+            c
+        }
+    };
+    let output = command.arg(path).arg(url).current_dir(&dir).output().expect("running the client");
+    assert!(
+        output.status.success(),
+        "{client:?} client failed: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{client:?} printed no rows ({e}): {}", String::from_utf8_lossy(&output.stdout)))
+}
+
+async fn primary_rows(sqld: &Sqld) -> Vec<(i64, String)> {
+    let conn = sqld.connect().await;
+    let mut rows = conn.query("SELECT id, hex(v) FROM t ORDER BY id", ()).await.unwrap();
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().await.unwrap() {
+        let Value::Text(hex) = row.get_value(1).unwrap() else { panic!("hex() gives text") };
+        out.push((row.get::<i64>(0).unwrap(), hex));
+    }
+    out
+}
+
+async fn bootstrap_follow_and_rebuild(client: Client) {
+    let mut sqld = Sqld::start(&[]);
+    let conn = sqld.connect().await;
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
+    conn.execute("INSERT INTO t SELECT value, randomblob(64) FROM generate_series(1, 2000)", ()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("replica.db");
+    let url = sqld.url();
+
+    let synced = tokio::task::block_in_place(|| sync_with(client, &path, &url));
+    assert_eq!(synced, primary_rows(&sqld).await, "{client:?}: bootstrap");
+
+    conn.execute("INSERT INTO t VALUES (5000, randomblob(10))", ()).await.unwrap();
+    let synced = tokio::task::block_in_place(|| sync_with(client, &path, &url));
+    assert_eq!(synced, primary_rows(&sqld).await, "{client:?}: follow a write");
+
+    // kill -9: the log is rebuilt (a new generation); the replica follows from its files.
+    tokio::task::block_in_place(|| {
+        sqld.signal("KILL");
+        sqld.spawn(&[]);
+    });
+    let conn = sqld.connect().await;
+    conn.execute("DELETE FROM t WHERE id % 2 = 0", ()).await.unwrap();
+    conn.execute("INSERT INTO t VALUES (6000, randomblob(10))", ()).await.unwrap();
+    let synced = tokio::task::block_in_place(|| sync_with(client, &path, &url));
+    assert_eq!(synced, primary_rows(&sqld).await, "{client:?}: follow a log rebuild");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_embedded_replica_bootstraps_follows_and_survives_a_rebuild() {
+    bootstrap_follow_and_rebuild(Client::Python).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_embedded_replica_bootstraps_follows_and_survives_a_rebuild() {
+    bootstrap_follow_and_rebuild(Client::Node).await;
+}
