@@ -221,3 +221,93 @@ async fn a_replica_ahead_of_the_server_changes_nothing_on_the_server() {
     assert_eq!(rows(&sqld.connect().await, ALL).await, before, "the server is unchanged");
     assert_eq!(generation(&sqld).await, old_generation);
 }
+
+async fn http_post(sqld: &Sqld, path: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
+    let client = hyper::Client::new();
+    let request = hyper::Request::post(format!("{}{path}", sqld.url())).body(hyper::Body::from(body)).unwrap();
+    let response = client.request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let body = hyper::body::to_bytes(response.into_body()).await.unwrap();
+    (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_writes_are_pushed_seen_by_other_replicas_and_conflicts_are_refused() {
+    let sqld = Sqld::start(&[]);
+    let primary = sqld.connect().await;
+    primary.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
+    primary.execute("INSERT INTO t VALUES (1, 'base')", ()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let writer = synced(&sqld, &dir.path().join("writer.db")).await;
+    let late = synced(&sqld, &dir.path().join("late.db")).await;
+    writer.sync().await.unwrap();
+    late.sync().await.unwrap();
+
+    // Offline writes on one replica, pushed by its next sync.
+    let local = writer.connect().unwrap();
+    local.execute("INSERT INTO t VALUES (100, 'offline')", ()).await.unwrap();
+    local.execute("UPDATE t SET v = 'changed offline' WHERE id = 1", ()).await.unwrap();
+    writer.sync().await.unwrap();
+    let expected = vec![
+        vec![Value::Integer(1), Value::Text("changed offline".into())],
+        vec![Value::Integer(100), Value::Text("offline".into())],
+    ];
+    assert_eq!(rows(&primary, ALL).await, expected, "the push landed on the primary");
+
+    // A second replica pulls it: it went through the log like any write.
+    let reader = synced(&sqld, &dir.path().join("reader.db")).await;
+    assert_in_sync(&primary, &reader).await;
+
+    // A replica that wrote from an older state conflicts and changes nothing.
+    late.connect().unwrap().execute("INSERT INTO t VALUES (200, 'conflicting')", ()).await.unwrap();
+    assert!(late.sync().await.is_err(), "a conflicting push is an error for the client");
+    assert_eq!(rows(&primary, ALL).await, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_or_corrupting_pushes_are_refused_and_the_primary_is_intact() {
+    let sqld = Sqld::start(&[]);
+    let primary = sqld.connect().await;
+    primary.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
+    primary.execute("INSERT INTO t SELECT value, randomblob(100) FROM generate_series(1, 100)", ()).await.unwrap();
+    let before = rows(&primary, ALL).await;
+    let generation = generation(&sqld).await;
+
+    let frame = |page: u32, commit: u32, fill: u8| {
+        let mut f = vec![fill; 4120];
+        f[..24].fill(0);
+        f[0..4].copy_from_slice(&page.to_be_bytes());
+        f[4..8].copy_from_slice(&commit.to_be_bytes());
+        f
+    };
+    // Where the server stands: its frames (a small database fits one pull), and a conflict
+    // answer to a well-formed push that does not continue from its last frame.
+    let (status, all) = http_get(&sqld, &format!("/sync/{generation}/1/4097")).await;
+    assert_eq!(status, 200);
+    let max = (all.len() / 4120) as u64;
+    let db_pages = all.chunks(4120).map(|f| u32::from_be_bytes(f[4..8].try_into().unwrap())).filter(|s| *s != 0).last().unwrap();
+    let mut stale = all[..4120].to_vec();
+    stale[4..8].copy_from_slice(&db_pages.to_be_bytes());
+    let (status, answer) = http_post(&sqld, &format!("/sync/{generation}/1/2"), stale).await;
+    assert_eq!((status, answer["status"].as_str()), (200, Some("conflict")), "{answer}");
+    assert_eq!(answer["max_frame_no"].as_u64(), Some(max), "{answer}");
+    let next = format!("/sync/{generation}/{}/{}", max + 1, max + 2);
+
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("not whole frames", vec![0u8; 100], 400),
+        ("page number 0", frame(0, db_pages, 1), 400),
+        ("no commit frame", frame(2, 0, 1), 400),
+        ("a page size other than 4096", { let mut f = frame(1, db_pages, 0); f[24 + 16..24 + 18].copy_from_slice(&1024u16.to_be_bytes()); f }, 400),
+        ("garbage over the table's root page", frame(2, db_pages, 0xAB), 422),
+    ];
+    for (what, body, expected) in cases {
+        let (status, answer) = http_post(&sqld, &next, body).await;
+        assert_eq!(status, expected, "{what}: {answer}");
+        assert!(answer["error"].is_string(), "{what}: {answer}");
+    }
+    let (status, _) = http_post(&sqld, &format!("/sync/{generation}/9/3"), frame(2, db_pages, 0)).await;
+    assert_eq!(status, 400, "end before start");
+    assert_eq!(rows(&primary, ALL).await, before, "the primary is intact");
+    let integrity = rows(&primary, "PRAGMA integrity_check").await;
+    assert_eq!(integrity, vec![vec![Value::Text("ok".into())]]);
+}

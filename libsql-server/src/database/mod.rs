@@ -3,6 +3,7 @@
 //! Everything here blocks (SQLite calls, fsyncs) and is called from blocking threads only.
 
 mod connection;
+mod push;
 mod write_gate;
 
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use libsql_sys::wal::wrapper::WrappedWal;
 use libsql_sys::wal::{Sqlite3Wal, Sqlite3WalManager, WalManager};
 
 pub use connection::{AccessError, Connection, ConnectionParts, SingleStatements, StmtKind, WriteAccess};
+pub use push::{check_frames, PushError, PushOutcome, PushTarget};
 pub use write_gate::{WriteGate, WritePermit};
 
 /// The connection type of the engine: SQLite's WAL wrapped by the replication log's capture.

@@ -1,6 +1,7 @@
 //! Sync protocol v2, what embedded replicas of current libSQL clients speak: `GET /info`,
-//! `GET /export/{gen}`, `GET /sync/{gen}/{start}/{end}` (pull). The namespace comes from the
-//! request as for every user route (`Host`'s first label when no header names it).
+//! `GET /export/{gen}`, `GET /sync/{gen}/{start}/{end}` (pull) and
+//! `POST /sync/{gen}/{start}/{end}[/{baton}]` (push of offline writes). The namespace comes
+//! from the request as for every user route (`Host`'s first label when no header names it).
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
@@ -13,6 +14,7 @@ use serde_json::json;
 use super::user::UserState;
 use super::ApiError;
 use crate::blocking;
+use crate::database::{PushError, PushOutcome};
 use crate::replication::sync::{self, Pull};
 
 /// Most frames one pull may ask for (clients ask for 128).
@@ -85,4 +87,65 @@ fn parse_number(what: &str, text: &str) -> Result<u64, ApiError> {
         Ok(n) => Ok(n as u64),
         Err(_) => Err(ApiError::bad_request(format!("the {what} {text:?} is not a number from 1 to {}", u32::MAX))),
     }
+}
+
+type PushPath = (String, String, String);
+
+pub async fn push(
+    state: State<UserState>,
+    headers: HeaderMap,
+    path: Result<Path<PushPath>, PathRejection>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    push_frames(state, headers, path.map(|Path(p)| p)?, body?).await
+}
+
+/// The same push with a baton: batons tie the requests of one push together for the client;
+/// this server applies each request on its own, so it accepts and ignores them.
+pub async fn push_with_baton(
+    state: State<UserState>,
+    headers: HeaderMap,
+    path: Result<Path<(String, String, String, String)>, PathRejection>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Path((generation, start, end, _baton)) = path?;
+    push_frames(state, headers, (generation, start, end), body?).await
+}
+
+async fn push_frames(State(state): State<UserState>, headers: HeaderMap, path: PushPath, body: Bytes) -> Result<Response, ApiError> {
+    let (generation, start, end) = path;
+    let generation = parse_number("generation", &generation)?;
+    let start = parse_number("start frame", &start)?;
+    let end = parse_number("end frame", &end)?;
+    if end <= start {
+        return Err(ApiError::bad_request(format!("the end frame ({end}) must be after the start frame ({start})")));
+    }
+    let count = crate::database::check_frames(&body).map_err(push_error)?;
+    if count as u64 != end - start {
+        return Err(ApiError::bad_request(format!("the body holds {count} frames, the path says {}", end - start)));
+    }
+    let ns = state.namespace(&headers)?;
+    let ns = state.hrana.store().get(&ns).await?;
+    let outcome = blocking::run(move || ns.db().apply_push(generation, start, &body)).await?.map_err(push_error)?;
+    let (status, target) = match outcome {
+        PushOutcome::Applied(target) => {
+            state.metrics.count("sqld_sync_pushes_accepted_total", "Sync v2 pushes applied.", 1);
+            ("ok", target)
+        }
+        PushOutcome::Conflict(target) => {
+            state.metrics.count("sqld_sync_pushes_conflicting_total", "Sync v2 pushes refused as conflicting.", 1);
+            ("conflict", target)
+        }
+    };
+    Ok(Json(json!({ "status": status, "generation": target.generation, "max_frame_no": target.max_frame_no, "baton": null })).into_response())
+}
+
+fn push_error(e: PushError) -> ApiError {
+    let (status, code) = match &e {
+        PushError::Malformed(_) => (StatusCode::BAD_REQUEST, "PUSH_MALFORMED"),
+        PushError::FailsQuickCheck(_) => (StatusCode::UNPROCESSABLE_ENTITY, "PUSH_CORRUPT"),
+        PushError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "BUSY"),
+        PushError::Apply(_) => (StatusCode::INTERNAL_SERVER_ERROR, "PUSH_FAILED"),
+    };
+    ApiError::new(status, code, e.to_string())
 }
