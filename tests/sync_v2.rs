@@ -6,7 +6,7 @@ use std::path::Path;
 
 use libsql::{Database, Value};
 
-use crate::common::process::Sqld;
+use crate::common::process::{rows, Sqld};
 
 async fn synced(sqld: &Sqld, path: &Path) -> Database {
     libsql::Builder::new_synced_database(path, sqld.url(), String::new())
@@ -23,15 +23,6 @@ async fn remote_replica_v2(sqld: &Sqld, path: &Path) -> Database {
         .build()
         .await
         .unwrap()
-}
-
-async fn rows(conn: &libsql::Connection, sql: &str) -> Vec<Vec<Value>> {
-    let mut rows = conn.query(sql, ()).await.unwrap();
-    let mut out = Vec::new();
-    while let Some(row) = rows.next().await.unwrap() {
-        out.push((0..row.column_count()).map(|i| row.get_value(i).unwrap()).collect());
-    }
-    out
 }
 
 const ALL: &str = "SELECT id, v FROM t ORDER BY id";
@@ -285,7 +276,7 @@ async fn malformed_or_corrupting_pushes_are_refused_and_the_primary_is_intact() 
     let (status, all) = http_get(&sqld, &format!("/sync/{generation}/1/4097")).await;
     assert_eq!(status, 200);
     let max = (all.len() / 4120) as u64;
-    let db_pages = all.chunks(4120).map(|f| u32::from_be_bytes(f[4..8].try_into().unwrap())).filter(|s| *s != 0).last().unwrap();
+    let db_pages = all.chunks(4120).map(|f| u32::from_be_bytes(f[4..8].try_into().unwrap())).rfind(|s| *s != 0).unwrap();
     let mut stale = all[..4120].to_vec();
     stale[4..8].copy_from_slice(&db_pages.to_be_bytes());
     let (status, answer) = http_post(&sqld, &format!("/sync/{generation}/1/2"), stale).await;

@@ -106,3 +106,13 @@ impl Sqld {
             .unwrap()
     }
 }
+
+/// Every row `sql` answers on `conn`, as values.
+pub async fn rows(conn: &libsql::Connection, sql: &str) -> Vec<Vec<libsql::Value>> {
+    let mut rows = conn.query(sql, ()).await.unwrap();
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().await.unwrap() {
+        out.push((0..row.column_count()).map(|i| row.get_value(i).unwrap()).collect());
+    }
+    out
+}

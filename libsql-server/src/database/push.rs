@@ -48,7 +48,7 @@ pub enum PushOutcome {
 /// Checks the shape of a push body: whole frames, page numbers from 1, and a commit frame
 /// ending the last transaction.
 pub fn check_frames(body: &[u8]) -> Result<usize, PushError> {
-    if body.is_empty() || body.len() % FRAME != 0 {
+    if body.is_empty() || !body.len().is_multiple_of(FRAME) {
         return Err(PushError::Malformed(format!(
             "{} bytes is not a whole number of {FRAME}-byte frames (page size {PAGE_SIZE})",
             body.len()

@@ -90,13 +90,13 @@ impl Hrana {
         f: impl FnOnce(&mut Stream) -> R + Send + 'static,
     ) -> Result<R, RequestError> {
         let ns = self.store.get(ns).await?;
-        Ok(blocking::run(move || -> Result<R, RequestError> {
+        blocking::run(move || -> Result<R, RequestError> {
             let mut stream = Stream::open(ns)?;
             let result = f(&mut stream);
             stream.close();
             Ok(result)
         })
-        .await??)
+        .await?
     }
 
     async fn stream_for(&self, ns: &NamespaceName, baton: Option<&str>) -> Result<Stream, RequestError> {

@@ -353,7 +353,7 @@ impl NamespaceStore {
             for (_, name, slot) in candidates {
                 let Ok(mut guard) = slot.ns.try_lock() else { continue };
                 // One reference is the slot's own: anything more is a request or stream.
-                if !guard.as_ref().is_some_and(|ns| Arc::strong_count(ns) == 1) {
+                if guard.as_ref().is_none_or(|ns| Arc::strong_count(ns) != 1) {
                     continue;
                 }
                 let ns = guard.take().expect("checked above");

@@ -7,8 +7,8 @@ use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::format::{FrameHeader, LogHeader, SnapshotHeader, FRAME_SIZE, LOG_HEADER_SIZE};
-use super::logger::frame_offset;
+use super::format::{FrameHeader, SnapshotHeader, FRAME_SIZE};
+use super::logger::{frame_offset, read_log_header};
 use super::{failpoint, LogError, SNAPSHOTS_DIR, TO_COMPACT_DIR};
 use crate::durable;
 
@@ -31,9 +31,7 @@ pub fn pending(dir: &Path) -> Vec<PathBuf> {
 pub fn write_snapshot(dir: &Path, retired: &Path) -> Result<PathBuf, LogError> {
     let io = |p: &Path, e| LogError::io(p, e);
     let file = File::open(retired).map_err(|e| io(retired, e))?;
-    let mut bytes = [0u8; LOG_HEADER_SIZE];
-    file.read_exact_at(&mut bytes, 0).map_err(|e| io(retired, e))?;
-    let header = LogHeader::decode(&bytes).map_err(|e| LogError::corrupt(retired, None, e.to_string()))?;
+    let header = read_log_header(&file, retired)?;
     if header.frame_count == 0 {
         std::fs::remove_file(retired).map_err(|e| io(retired, e))?;
         return Ok(retired.to_owned());

@@ -14,9 +14,11 @@ use std::sync::{Mutex, OnceLock};
 
 static ANY_ARMED: AtomicBool = AtomicBool::new(false);
 
-/// Armed points: a name and the directory it applies under (`None`: everywhere).
-fn armed() -> &'static Mutex<Vec<(String, Option<PathBuf>)>> {
-    static ARMED: OnceLock<Mutex<Vec<(String, Option<PathBuf>)>>> = OnceLock::new();
+/// An armed point: its name and the directory it applies under (`None`: everywhere).
+type Point = (String, Option<PathBuf>);
+
+fn armed() -> &'static Mutex<Vec<Point>> {
+    static ARMED: OnceLock<Mutex<Vec<Point>>> = OnceLock::new();
     ARMED.get_or_init(|| {
         let from_env: Vec<_> = std::env::var("SQLD_FAILPOINTS")
             .unwrap_or_default()
@@ -58,7 +60,7 @@ pub fn arm(name: &str, under: &Path) -> Armed {
 }
 
 #[must_use = "the failpoint is disarmed when the guard is dropped"]
-pub struct Armed((String, Option<PathBuf>));
+pub struct Armed(Point);
 
 impl Drop for Armed {
     fn drop(&mut self) {

@@ -87,9 +87,7 @@ impl ReplicationLogger {
     pub(super) fn open(dir: &Path, settings: LogSettings, generation: GenerationRecord) -> Result<Arc<Self>, LogError> {
         let path = dir.join(WALLOG);
         let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| LogError::io(&path, e))?;
-        let mut bytes = [0u8; LOG_HEADER_SIZE];
-        file.read_exact_at(&mut bytes, 0).map_err(|e| LogError::io(&path, e))?;
-        let header = LogHeader::decode(&bytes).map_err(|e| LogError::corrupt(&path, None, e.to_string()))?;
+        let header = read_log_header(&file, &path)?;
         let last_checksum = if header.frame_count == 0 {
             header.start_checksum
         } else {
@@ -403,6 +401,13 @@ fn preallocate(file: &File, allocated: &mut u64, needed: u64) -> std::io::Result
 
 pub(super) fn frame_offset(index: u64) -> u64 {
     LOG_HEADER_SIZE as u64 + index * FRAME_SIZE as u64
+}
+
+/// Reads and checks the header of the log file `file` (at `path`, for errors).
+pub(super) fn read_log_header(file: &File, path: &Path) -> Result<LogHeader, LogError> {
+    let mut bytes = [0u8; LOG_HEADER_SIZE];
+    file.read_exact_at(&mut bytes, 0).map_err(|_| LogError::corrupt(path, None, "shorter than its header"))?;
+    LogHeader::decode(&bytes).map_err(|e| LogError::corrupt(path, None, e.to_string()))
 }
 
 /// Creates a log file holding only `header`, durably.

@@ -23,7 +23,7 @@ use uuid::Uuid;
 use super::format::{FrameHeader, LogHeader, LOG_HEADER_SIZE};
 use super::generation;
 use super::image::{write_image, ImageTarget};
-use super::logger::{create_log_file, frame_offset, LogSettings, ReplicationLogger};
+use super::logger::{create_log_file, frame_offset, read_log_header, LogSettings, ReplicationLogger};
 use super::{failpoint, LogError, SENTINEL, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG, WALLOG_NEW};
 use crate::durable;
 
@@ -89,9 +89,7 @@ fn logged_rebuild(dir: &Path, data: &Path, reason: &'static str) -> Result<Rebui
 
 fn read_header(path: &Path) -> Result<LogHeader, LogError> {
     let file = File::open(path).map_err(|e| LogError::io(path, e))?;
-    let mut bytes = [0u8; LOG_HEADER_SIZE];
-    file.read_exact_at(&mut bytes, 0).map_err(|_| LogError::corrupt(path, None, "shorter than its header"))?;
-    LogHeader::decode(&bytes).map_err(|e| LogError::corrupt(path, None, e.to_string()))
+    read_log_header(&file, path)
 }
 
 /// Whether the log's first transaction carries every page of the database it describes

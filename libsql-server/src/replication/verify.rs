@@ -8,17 +8,15 @@ use std::path::{Path, PathBuf};
 use libsql_sys::rusqlite::OpenFlags;
 use libsql_sys::wal::Sqlite3WalManager;
 
-use super::format::{checksum, FrameHeader, LogHeader, SnapshotHeader, FRAME_SIZE, LOG_HEADER_SIZE, PAGE_SIZE, SNAPSHOT_HEADER_SIZE};
-use super::logger::frame_offset;
+use super::format::{checksum, FrameHeader, LogHeader, SnapshotHeader, FRAME_SIZE, PAGE_SIZE, SNAPSHOT_HEADER_SIZE};
+use super::logger::{frame_offset, read_log_header};
 use super::{LogError, SNAPSHOTS_DIR, WALLOG};
 
 /// Walks every committed frame of a wallog, checking frame_no continuity and the checksum
 /// chain, and hands each frame to `visit`. Returns the header.
 pub fn walk_wallog(path: &Path, mut visit: impl FnMut(&FrameHeader, &[u8])) -> Result<LogHeader, LogError> {
     let file = File::open(path).map_err(|e| LogError::io(path, e))?;
-    let mut bytes = [0u8; LOG_HEADER_SIZE];
-    file.read_exact_at(&mut bytes, 0).map_err(|_| LogError::corrupt(path, None, "shorter than its header"))?;
-    let header = LogHeader::decode(&bytes).map_err(|e| LogError::corrupt(path, None, e.to_string()))?;
+    let header = read_log_header(&file, path)?;
     let mut frame = vec![0u8; FRAME_SIZE];
     let mut previous = header.start_checksum;
     for index in 0..header.frame_count {
@@ -91,12 +89,7 @@ pub fn snapshots_of(dir: &Path, log_id: uuid::Uuid) -> Vec<(u64, u64, PathBuf)> 
 pub fn replay(dir: &Path) -> Result<Vec<u8>, LogError> {
     let wallog = dir.join(WALLOG);
     // Read the header first to know which snapshots belong to this log.
-    let header = {
-        let file = File::open(&wallog).map_err(|e| LogError::io(&wallog, e))?;
-        let mut bytes = [0u8; LOG_HEADER_SIZE];
-        file.read_exact_at(&mut bytes, 0).map_err(|_| LogError::corrupt(&wallog, None, "shorter than its header"))?;
-        LogHeader::decode(&bytes).map_err(|e| LogError::corrupt(&wallog, None, e.to_string()))?
-    };
+    let header = read_log_header(&File::open(&wallog).map_err(|e| LogError::io(&wallog, e))?, &wallog)?;
     let mut image = Vec::new();
     let mut size = 0u32;
     let put = |image: &mut Vec<u8>, page_no: u32, page: &[u8]| {
