@@ -158,6 +158,17 @@ async fn sync_protocol_bad_input_is_4xx_and_the_server_goes_on() {
     let (status, body) = http_get(&sqld, &format!("/export/{current}")).await;
     assert_eq!((status, body.len()), (200, 0), "generations start from the empty database");
     assert_eq!(http_get(&sqld, "/health").await.0, 200);
+
+    let metrics = hyper::Client::new().get(format!("http://{}/metrics", sqld.admin).parse().unwrap()).await.unwrap();
+    let metrics = String::from_utf8(hyper::body::to_bytes(metrics.into_body()).await.unwrap().to_vec()).unwrap();
+    let value = |name: &str| -> u64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name} missing:\n{metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let frames = value("sqld_sync_frames_pulled_total");
+    assert!(frames >= 1, "frames pulled are counted");
+    assert_eq!(value("sqld_sync_bytes_pulled_total"), frames * 4120);
+    assert_eq!(value("sqld_sync_exports_total"), 1);
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -296,6 +307,9 @@ async fn malformed_or_corrupting_pushes_are_refused_and_the_primary_is_intact() 
         assert_eq!(status, expected, "{what}: {answer}");
         assert!(answer["error"].is_string(), "{what}: {answer}");
     }
+    let conflicts = hyper::Client::new().get(format!("http://{}/metrics", sqld.admin).parse().unwrap()).await.unwrap();
+    let conflicts = String::from_utf8(hyper::body::to_bytes(conflicts.into_body()).await.unwrap().to_vec()).unwrap();
+    assert!(conflicts.contains("sqld_sync_pushes_conflicting_total 1\n"), "{conflicts}");
     let (status, _) = http_post(&sqld, &format!("/sync/{generation}/9/3"), frame(2, db_pages, 0)).await;
     assert_eq!(status, 400, "end before start");
     assert_eq!(rows(&primary, ALL).await, before, "the primary is intact");
