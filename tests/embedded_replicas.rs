@@ -7,4 +7,5 @@
 mod common;
 
 mod foreign_clients;
+mod generation_switch;
 mod sync_v2;

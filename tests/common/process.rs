@@ -94,16 +94,25 @@ impl Drop for Sqld {
 }
 
 impl Sqld {
-    /// A `libsql` crate connection to this server over HTTP (the crate's own TLS connector is
-    /// not compiled in, so a plain hyper connector is given).
+    /// A `libsql` crate connection as a future that does not borrow the server (for a server
+    /// behind a lock the future must not hold). The crate's own TLS connector is not compiled
+    /// in, so a plain hyper connector is given.
+    pub fn connect_owned(&self) -> impl std::future::Future<Output = libsql::Connection> + Send + 'static {
+        let url = self.url();
+        async move {
+            libsql::Builder::new_remote(url, String::new())
+                .connector(hyper::client::HttpConnector::new())
+                .build()
+                .await
+                .unwrap()
+                .connect()
+                .unwrap()
+        }
+    }
+
+    /// A `libsql` crate connection to this server over HTTP.
     pub async fn connect(&self) -> libsql::Connection {
-        libsql::Builder::new_remote(self.url(), String::new())
-            .connector(hyper::client::HttpConnector::new())
-            .build()
-            .await
-            .unwrap()
-            .connect()
-            .unwrap()
+        self.connect_owned().await
     }
 }
 
