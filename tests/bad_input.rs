@@ -95,6 +95,12 @@ fn sql_errors_are_hrana_errors_with_sqlite_codes_not_http_errors() {
             execute("SELEKT"),
             {"type": "execute", "stmt": {"sql": "SELECT ?", "args": [{"type": "null"}, {"type": "null"}]}},
             {"type": "execute", "stmt": {"sql": "SELECT :a", "named_args": [{"name": "b", "value": {"type": "null"}}]}},
+            execute("ATTACH 'elsewhere.db' AS other"),
+            execute("PRAGMA journal_mode = DELETE"),
+            execute("PRAGMA synchronous = OFF"),
+            execute("PRAGMA journal_mode"),
+            execute("VACUUM INTO 'copy.db'"),
+            execute("VACUUM"),
             close()
         ]}))
         .await;
@@ -103,6 +109,13 @@ fn sql_errors_are_hrana_errors_with_sqlite_codes_not_http_errors() {
         assert_eq!(error_code(&answer, 3), "SQLITE_ERROR");
         assert_eq!(error_code(&answer, 4), "ARGS_INVALID");
         assert_eq!(error_code(&answer, 5), "ARGS_INVALID");
+        // What would take writes out of the replication log or reach other files is refused.
+        assert_eq!(error_code(&answer, 6), "SQLITE_AUTH");
+        assert_eq!(error_code(&answer, 7), "SQLITE_AUTH");
+        assert_eq!(error_code(&answer, 8), "SQLITE_AUTH");
+        assert_eq!(rows(&answer, 9), vec![json!([{"type": "text", "value": "wal"}])], "reading a guarded pragma is fine");
+        assert_eq!(error_code(&answer, 10), "SQLITE_AUTH", "VACUUM INTO writes a file anywhere");
+        assert_eq!(answer["results"][11]["type"], "ok", "a plain VACUUM works");
         Ok(())
     });
 }

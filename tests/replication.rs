@@ -240,6 +240,26 @@ fn sentinel_lifecycle() {
 }
 
 #[test]
+fn a_broken_log_refuses_writes_and_is_rebuilt_on_the_next_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    primary.exec("CREATE TABLE t (x); INSERT INTO t VALUES (1);");
+    primary.logger().poison("simulated: a committed transaction could not be logged".into());
+    assert!(primary.try_exec("INSERT INTO t VALUES (2)").is_err(), "writes are refused");
+    assert_eq!(primary.count("SELECT count(*) FROM t"), 1, "reads go on");
+    let id = primary.logger().log_id();
+    primary.close();
+    assert!(tmp.path().join(".sentinel").exists(), "a broken log keeps its sentinel through a clean close");
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    assert!(primary.rebuild.is_some());
+    assert_ne!(primary.logger().log_id(), id);
+    primary.exec("INSERT INTO t VALUES (3)");
+    assert_eq!(primary.count("SELECT count(*) FROM t"), 2);
+    primary.assert_replay_equals_data();
+    primary.close();
+}
+
+#[test]
 fn missing_old_or_unreadable_logs_are_rebuilt_from_data() {
     for damage in ["missing", "old version", "bad magic"] {
         let tmp = tempfile::tempdir().unwrap();

@@ -300,6 +300,8 @@ async fn malformed_or_corrupting_pushes_are_refused_and_the_primary_is_intact() 
         ("page number 0", frame(0, db_pages, 1), 400),
         ("no commit frame", frame(2, 0, 1), 400),
         ("a page size other than 4096", { let mut f = frame(1, db_pages, 0); f[24 + 16..24 + 18].copy_from_slice(&1024u16.to_be_bytes()); f }, 400),
+        ("a page past its transaction's database size", frame(db_pages + 5, db_pages, 0), 400),
+        ("a database far larger than any allowed", frame(2, u32::MAX, 0), 413),
         ("garbage over the table's root page", frame(2, db_pages, 0xAB), 422),
     ];
     for (what, body, expected) in cases {
@@ -312,6 +314,15 @@ async fn malformed_or_corrupting_pushes_are_refused_and_the_primary_is_intact() 
     assert!(conflicts.contains("sqld_sync_pushes_conflicting_total 1\n"), "{conflicts}");
     let (status, _) = http_post(&sqld, &format!("/sync/{generation}/9/3"), frame(2, db_pages, 0)).await;
     assert_eq!(status, 400, "end before start");
+    // A namespace whose writes are blocked takes no pushes either.
+    let blocked = hyper::Request::post(format!("http://{}/v1/namespaces/default/config", sqld.admin))
+        .body(hyper::Body::from(r#"{"block_writes": true}"#))
+        .unwrap();
+    assert!(hyper::Client::new().request(blocked).await.unwrap().status().is_success());
+    let mut valid = all[all.len() - 4120..].to_vec();
+    valid[4..8].copy_from_slice(&db_pages.to_be_bytes());
+    let (status, answer) = http_post(&sqld, &next, valid).await;
+    assert_eq!(status, 403, "{answer}");
     assert_eq!(rows(&primary, ALL).await, before, "the primary is intact");
     let integrity = rows(&primary, "PRAGMA integrity_check").await;
     assert_eq!(integrity, vec![vec![Value::Text("ok".into())]]);

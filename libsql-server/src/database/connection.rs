@@ -2,12 +2,36 @@
 //! the namespace's read/write blocks and the write gate.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use libsql_sys::rusqlite;
+use libsql_sys::rusqlite::{self, hooks::AuthAction, hooks::AuthContext, hooks::Authorization};
 
 use super::{synchronous_pragma, EngineConnection, Shared, WritePermit};
+
+/// PRAGMAs a client may read but not set: `journal_mode` and `locking_mode` would take writes
+/// out of the WAL and so out of the replication log, `page_size` out of the log's format,
+/// and the others would change the server's settings for every later user of a pooled
+/// connection (durability, size limit) or let a client corrupt the schema.
+const GUARDED_PRAGMAS: &[&str] =
+    &["journal_mode", "locking_mode", "page_size", "synchronous", "max_page_count", "wal_autocheckpoint", "writable_schema"];
+
+/// Refuses, at prepare time, what client SQL must not do on a server connection: ATTACH
+/// (another file, maybe another tenant's, and writes that bypass this log) and setting a
+/// guarded PRAGMA. `internal` is raised while the server applies its own settings.
+fn install_authorizer(conn: &rusqlite::Connection, internal: Arc<AtomicBool>) {
+    conn.authorizer(Some(move |ctx: AuthContext<'_>| match ctx.action {
+        // VACUUM attaches a nameless temporary database; any named file is refused (which also
+        // refuses VACUUM INTO a file).
+        AuthAction::Attach { filename } if !filename.is_empty() => Authorization::Deny,
+        AuthAction::Pragma { pragma_name, pragma_value: Some(_) }
+            if !internal.load(Ordering::Relaxed) && GUARDED_PRAGMAS.iter().any(|p| p.eq_ignore_ascii_case(pragma_name)) =>
+        {
+            Authorization::Deny
+        }
+        _ => Authorization::Allow,
+    }));
+}
 
 /// Prepared statements kept per connection: a client's working set of queries.
 const STATEMENT_CACHE_CAPACITY: usize = 128;
@@ -92,15 +116,19 @@ pub struct WriteAccess {
     shared: Arc<Shared>,
     /// The configuration version whose per-connection pragmas are applied.
     config_seen: Option<u64>,
+    /// Raised while the server itself sets guarded PRAGMAs.
+    internal: Arc<AtomicBool>,
 }
 
 impl Connection {
     /// Wraps a new engine connection and applies the namespace's per-connection settings.
     pub(super) fn new(conn: EngineConnection, shared: Arc<Shared>) -> Result<Self, rusqlite::Error> {
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+        let internal = Arc::new(AtomicBool::new(false));
+        install_authorizer(&conn, internal.clone());
         let mut conn = Connection {
             conn,
-            access: WriteAccess { permit: None, shared, config_seen: None },
+            access: WriteAccess { permit: None, shared, config_seen: None, internal },
             single_statements: SingleStatements::default(),
         };
         conn.access.apply_config(&conn.conn)?;
@@ -170,10 +198,14 @@ impl WriteAccess {
             return Ok(());
         }
         let config = self.shared.config();
-        conn.pragma_update(None, "synchronous", synchronous_pragma(&config))?;
         // 0 pages means "no limit": SQLite's own maximum.
         let max_pages = if config.max_db_pages == 0 { u32::MAX as u64 - 1 } else { config.max_db_pages };
-        conn.pragma_update(None, "max_page_count", max_pages)?;
+        self.internal.store(true, Ordering::Relaxed);
+        let applied = conn
+            .pragma_update(None, "synchronous", synchronous_pragma(&config))
+            .and_then(|()| conn.pragma_update(None, "max_page_count", max_pages));
+        self.internal.store(false, Ordering::Relaxed);
+        applied?;
         self.config_seen = Some(version);
         Ok(())
     }

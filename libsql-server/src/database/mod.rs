@@ -51,6 +51,9 @@ pub struct Shared {
     path: PathBuf,
     logger: Arc<ReplicationLogger>,
     compaction: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// When the last compaction attempt was postponed or failed: retries wait a while, so a
+    /// long reader or a broken log does not turn every write into a compaction attempt.
+    compaction_failed_at: Mutex<Option<std::time::Instant>>,
     config: RwLock<Arc<DatabaseConfig>>,
     /// Bumped by every configuration change, so connections re-apply per-connection pragmas.
     config_version: AtomicU64,
@@ -65,7 +68,11 @@ impl Shared {
     /// Starts the compaction the log asked for, unless one is running. Called by a connection
     /// that just released the write gate.
     fn compact_if_wanted(self: &Arc<Self>) {
-        if !self.logger.retire_wanted() {
+        if !self.logger.retire_wanted() || self.logger.is_poisoned() {
+            return;
+        }
+        let failed_at = *self.compaction_failed_at.lock().unwrap_or_else(|e| e.into_inner());
+        if failed_at.is_some_and(|at| at.elapsed() < COMPACTION_RETRY_AFTER) {
             return;
         }
         let mut running = self.compaction.lock().unwrap_or_else(|e| e.into_inner());
@@ -86,26 +93,46 @@ impl Shared {
     /// queue meanwhile. If readers keep SQLite's WAL from being fully checkpointed, it gives up
     /// and the next write tries again.
     fn compact(&self) {
+        let done = self.try_compact();
+        *self.compaction_failed_at.lock().unwrap_or_else(|e| e.into_inner()) = (!done).then(std::time::Instant::now);
+    }
+
+    fn try_compact(&self) -> bool {
         let Some(_permit) = self.gate.acquire(COMPACTION_GATE_WAIT) else {
             tracing::warn!(path = %self.path.display(), "compaction postponed: the write lock stayed busy");
-            return;
+            return false;
         };
         let checkpointed = open_engine_connection(&self.path, &self.logger).and_then(|conn| {
-            conn.busy_timeout(SQLITE_BUSY_TIMEOUT)?;
+            conn.busy_timeout(COMPACTION_READER_WAIT)?;
             let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
             Ok(busy == 0)
         });
         match checkpointed {
-            Ok(true) => {
-                if let Err(e) = self.logger.retire_with_image(&self.path) {
+            Ok(true) => match self.logger.retire_with_image(&self.path) {
+                Ok(()) => true,
+                Err(e) => {
                     tracing::error!(path = %self.path.display(), error = %e, "compaction failed");
+                    false
                 }
+            },
+            Ok(false) => {
+                tracing::warn!(path = %self.path.display(), "compaction postponed: readers kept the WAL from a full checkpoint");
+                false
             }
-            Ok(false) => tracing::warn!(path = %self.path.display(), "compaction postponed: readers kept the WAL from a full checkpoint"),
-            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "compaction postponed: checkpoint failed"),
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "compaction postponed: checkpoint failed");
+                false
+            }
         }
     }
 }
+
+/// How long a compaction waits for readers to let the WAL be checkpointed; writers queue
+/// meanwhile, so it is short.
+const COMPACTION_READER_WAIT: Duration = Duration::from_millis(250);
+
+/// How long after a postponed or failed compaction the next attempt waits.
+const COMPACTION_RETRY_AFTER: Duration = Duration::from_secs(10);
 
 /// How long a compaction waits for the write gate before it tries again later.
 const COMPACTION_GATE_WAIT: Duration = Duration::from_secs(30);
@@ -137,6 +164,7 @@ impl Database {
                 path: path.to_owned(),
                 logger,
                 compaction: Mutex::new(None),
+                compaction_failed_at: Mutex::new(None),
                 config: RwLock::new(Arc::new(config)),
                 config_version: AtomicU64::new(0),
                 write_lock_timeout,

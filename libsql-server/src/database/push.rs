@@ -26,6 +26,10 @@ pub enum PushError {
     FailsQuickCheck(String),
     #[error("the write lock stayed busy; retry the push")]
     Busy,
+    #[error("writes are blocked on this namespace{}", .0.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+    Blocked(Option<String>),
+    #[error("the pushed database ({pages} pages) is larger than the namespace allows ({max} pages)")]
+    TooLarge { pages: u64, max: u64 },
     #[error("applying the frames failed: {0}")]
     Apply(String),
 }
@@ -45,8 +49,11 @@ pub enum PushOutcome {
     Conflict(PushTarget),
 }
 
-/// Checks the shape of a push body: whole frames, page numbers from 1, and a commit frame
-/// ending the last transaction.
+/// Largest database a push may describe when the namespace sets no limit (pages): 256 GiB.
+const MAX_PUSH_PAGES: u64 = 1 << 26;
+
+/// Checks the shape of a push body: whole frames, page numbers from 1 up to the commit size
+/// of their transaction, and a commit frame ending the last transaction.
 pub fn check_frames(body: &[u8]) -> Result<usize, PushError> {
     if body.is_empty() || !body.len().is_multiple_of(FRAME) {
         return Err(PushError::Malformed(format!(
@@ -69,7 +76,29 @@ pub fn check_frames(body: &[u8]) -> Result<usize, PushError> {
     if open {
         return Err(PushError::Malformed("the last transaction has no commit frame".into()));
     }
+    // Every page must lie inside the database its transaction commits.
+    let mut txn_start = 0;
+    for (i, frame) in body.chunks_exact(FRAME).enumerate() {
+        let commit = u32::from_be_bytes(frame[4..8].try_into().unwrap());
+        if commit == 0 {
+            continue;
+        }
+        if commit as u64 > MAX_PUSH_PAGES {
+            return Err(PushError::TooLarge { pages: commit as u64, max: MAX_PUSH_PAGES });
+        }
+        for (j, f) in body.chunks_exact(FRAME).enumerate().take(i + 1).skip(txn_start) {
+            if u32::from_be_bytes(f[0..4].try_into().unwrap()) > commit {
+                return Err(PushError::Malformed(format!("frame {j} writes a page past its transaction's database size {commit}")));
+            }
+        }
+        txn_start = i + 1;
+    }
     Ok(body.len() / FRAME)
+}
+
+/// The largest commit size in a checked push body.
+fn largest_commit(body: &[u8]) -> u64 {
+    body.chunks_exact(FRAME).map(|f| u32::from_be_bytes(f[4..8].try_into().unwrap()) as u64).max().unwrap_or(0)
 }
 
 impl Database {
@@ -77,6 +106,13 @@ impl Database {
     /// write gate throughout, so the check against the log and the apply are one step.
     pub fn apply_push(&self, generation: u64, start: u64, body: &[u8]) -> Result<PushOutcome, PushError> {
         check_frames(body)?;
+        let config = self.config();
+        if config.block_writes || config.block_reads {
+            return Err(PushError::Blocked(config.block_reason.clone()));
+        }
+        if config.max_db_pages > 0 && largest_commit(body) > config.max_db_pages {
+            return Err(PushError::TooLarge { pages: largest_commit(body), max: config.max_db_pages });
+        }
         let _permit = self.shared.gate.acquire(self.shared.write_lock_timeout).ok_or(PushError::Busy)?;
         let current = self.push_target();
         if generation != current.generation || start != current.max_frame_no + 1 {

@@ -163,7 +163,7 @@ impl ConfigBody {
             block_reads: Some(c.block_reads),
             block_writes: Some(c.block_writes),
             block_reason: c.block_reason.clone(),
-            max_db_size: Some(ByteSize(c.max_db_pages * PAGE_SIZE as u64)),
+            max_db_size: Some(ByteSize(c.max_db_pages.saturating_mul(PAGE_SIZE as u64))),
             heartbeat_url: c.heartbeat_url.clone(),
             jwt_key: c.jwt_key.clone(),
             allow_attach: Some(c.allow_attach),

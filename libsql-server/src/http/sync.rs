@@ -145,6 +145,8 @@ fn push_error(e: PushError) -> ApiError {
         PushError::Malformed(_) => (StatusCode::BAD_REQUEST, "PUSH_MALFORMED"),
         PushError::FailsQuickCheck(_) => (StatusCode::UNPROCESSABLE_ENTITY, "PUSH_CORRUPT"),
         PushError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "BUSY"),
+        PushError::Blocked(_) => (StatusCode::FORBIDDEN, "BLOCKED"),
+        PushError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "PUSH_TOO_LARGE"),
         PushError::Apply(_) => (StatusCode::INTERNAL_SERVER_ERROR, "PUSH_FAILED"),
     };
     ApiError::new(status, code, e.to_string())

@@ -4,7 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -45,6 +45,9 @@ pub struct ReplicationLogger {
     compactions: Mutex<Vec<JoinHandle<()>>>,
     /// The log is full: the next chance, it should be retired (see [`Self::retire_with_image`]).
     retire_wanted: AtomicBool,
+    /// The current generation's number, readable without the log's lock (which a commit holds
+    /// through its fsync, and a compaction through a full image).
+    generation: AtomicU64,
 }
 
 struct LogState {
@@ -114,6 +117,7 @@ impl ReplicationLogger {
             }),
             compactions: Mutex::new(Vec::new()),
             retire_wanted: AtomicBool::new(false),
+            generation: AtomicU64::new(generation.generation),
         });
         // Finish the snapshots a previous run retired but did not get to write.
         for retired in compaction::pending(dir) {
@@ -243,13 +247,14 @@ impl ReplicationLogger {
             state.last_checksum = last_checksum;
         }
         state.generation = generation::for_log(&self.dir, state.header.log_id, state.header.start_frame_no)?;
+        self.generation.store(state.generation.generation, Ordering::Release);
         tracing::info!(dir = %self.dir.display(), generation = state.generation.generation, pages, "new generation opened with a full image");
         Ok(())
     }
 
     /// The current generation.
     pub fn generation(&self) -> u64 {
-        self.lock().generation.generation
+        self.generation.load(Ordering::Acquire)
     }
 
     /// What a sync reader needs to serve the current generation's frames: its number, the log

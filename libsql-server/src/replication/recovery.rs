@@ -115,6 +115,10 @@ fn opens_with_image(path: &Path, header: &LogHeader, data: &Path) -> Result<bool
 /// Marks a clean close: the log is complete, the sentinel goes (unless preserved).
 pub fn close(logger: &ReplicationLogger, options: RecoveryOptions) -> Result<(), LogError> {
     logger.close()?;
+    if logger.is_poisoned() {
+        tracing::warn!(dir = %logger.dir().display(), "keeping the sentinel: the log misses a committed transaction and is rebuilt on the next open");
+        return Ok(());
+    }
     if options.preserve_sentinel {
         tracing::info!(dir = %logger.dir().display(), "keeping the sentinel: the next open rebuilds the log");
         return Ok(());

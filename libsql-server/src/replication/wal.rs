@@ -74,7 +74,8 @@ impl<W: Wal> WrapWal<W> for ReplicationWal {
 
         // The transaction: its frames already spilled into SQLite's WAL (as SQLite holds
         // them now, after in-place rewrites and savepoint rollbacks), then the commit call's
-        // pages, which supersede spilled versions of the same pages.
+        // pages. A page in both is logged twice, the later version winning on replay: so a
+        // pushed transaction is logged with exactly the frames the client sent.
         let frame_len = FRAME_HEADER_SIZE + PAGE_SIZE;
         let spilled_frames = self.txn_start.take().map_or(0, |start| before - start) as usize;
         self.spilled.resize(spilled_frames * frame_len, 0);
@@ -86,18 +87,12 @@ impl<W: Wal> WrapWal<W> for ReplicationWal {
             }
         }
         self.committing.clear();
-        let mut committing_pages = std::collections::HashSet::new();
         for (page_no, page) in page_headers.iter() {
             self.committing.extend_from_slice(&page_no.to_be_bytes());
             self.committing.extend_from_slice(page);
-            committing_pages.insert(page_no);
         }
-        let mut pages: Vec<(u32, &[u8])> = self
-            .spilled
-            .chunks_exact(frame_len)
-            .map(|f| (wal_page_no(f), &f[FRAME_HEADER_SIZE..]))
-            .filter(|(page_no, _)| !committing_pages.contains(page_no))
-            .collect();
+        let mut pages: Vec<(u32, &[u8])> =
+            self.spilled.chunks_exact(frame_len).map(|f| (wal_page_no(f), &f[FRAME_HEADER_SIZE..])).collect();
         pages.extend(self.committing.chunks_exact(4 + PAGE_SIZE).map(|c| (wal_page_no(c), &c[4..])));
 
         self.logger.log_commit(
