@@ -219,9 +219,7 @@ async fn set_config(
 ) -> Result<Json<ConfigBody>, ApiError> {
     let name = name_of(path)?;
     let update: ConfigBody = parse_json(&body?)?;
-    let current = state.store.config(&name).await?;
-    let config = update.apply((*current).clone());
-    state.store.set_config(&name, config.clone()).await?;
+    let config = state.store.update_config(&name, move |current| update.apply(current)).await?;
     Ok(Json(ConfigBody::from_config(&config)))
 }
 

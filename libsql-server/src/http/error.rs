@@ -6,7 +6,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::hrana::RequestError;
+use crate::database::AccessError;
+use crate::hrana::{RequestError, StmtError};
 use crate::namespace::{self, InvalidName};
 
 /// An HTTP error answer: `{"error": "...", "message": "...", "code": "..."}`. `error` is what
@@ -78,6 +79,30 @@ impl From<RequestError> for ApiError {
             RequestError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
         };
         ApiError::new(status, code, e.to_string())
+    }
+}
+
+/// A statement's error as the answer of a one-statement request (Hrana v1 over HTTP): the
+/// client's SQL is its own mistake (400); a namespace gone is 404; the server's own failures
+/// (a broken log, I/O, a full disk) are 5xx.
+impl From<StmtError> for ApiError {
+    fn from(e: StmtError) -> Self {
+        use libsql_sys::rusqlite::ErrorCode;
+        let status = match &e {
+            StmtError::Namespace(_) => {
+                let StmtError::Namespace(e) = e else { unreachable!() };
+                return e.into();
+            }
+            StmtError::Access(AccessError::WriteLockTimeout) => StatusCode::SERVICE_UNAVAILABLE,
+            StmtError::Sqlite(err) | StmtError::Access(AccessError::Sqlite(err)) => match err.sqlite_error_code() {
+                Some(ErrorCode::SystemIoFailure | ErrorCode::DiskFull | ErrorCode::DatabaseCorrupt | ErrorCode::CannotOpen) => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+                _ => StatusCode::BAD_REQUEST,
+            },
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError::new(status, e.code(), e.to_string())
     }
 }
 

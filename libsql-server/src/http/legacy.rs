@@ -53,7 +53,7 @@ pub async fn run(hrana: &Hrana, ns: &NamespaceName, request: QueryRequest) -> Re
     let result = hrana
         .batch_once(ns, Batch { steps, replication_index: None })
         .await?
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+        .map_err(ApiError::from)?;
 
     if let Some(error) = result.step_errors.iter().flatten().next() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, error.code.clone(), error.message.clone()));

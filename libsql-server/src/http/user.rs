@@ -99,7 +99,7 @@ async fn execute_v1(State(state): State<UserState>, headers: HeaderMap, body: Re
     let request: ExecuteV1 = parse_json(&body)?;
     match state.hrana.execute_once(&ns, request.stmt).await? {
         Ok(result) => Ok(Json(json!({ "result": result })).into_response()),
-        Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -109,7 +109,7 @@ async fn batch_v1(State(state): State<UserState>, headers: HeaderMap, body: Resu
     let request: BatchV1 = parse_json(&body)?;
     match state.hrana.batch_once(&ns, request.batch).await? {
         Ok(result) => Ok(Json(json!({ "result": result })).into_response()),
-        Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -205,17 +205,24 @@ impl NamespaceStore {
         Ok(self.get(name).await?.db().config())
     }
 
-    /// Stores a new configuration durably, then makes it the one every connection obeys.
-    pub async fn set_config(&self, name: &NamespaceName, config: DatabaseConfig) -> Result<(), Error> {
+    /// Changes the configuration with `update`, under the namespace's lock so concurrent
+    /// changes do not overwrite each other; stores it durably, then makes it the one every
+    /// connection obeys. Returns the new configuration.
+    pub async fn update_config(
+        &self,
+        name: &NamespaceName,
+        update: impl FnOnce(DatabaseConfig) -> DatabaseConfig + Send + 'static,
+    ) -> Result<DatabaseConfig, Error> {
         self.check_running()?;
         let slot = self.slot(name);
         let mut guard = slot.ns.lock().await;
         let ns = self.load_locked(name, &slot, &mut guard).await?;
         let meta = self.inner.meta.clone();
-        blocking::run(move || -> Result<(), Error> {
+        blocking::run(move || -> Result<DatabaseConfig, Error> {
+            let config = update((*ns.db().config()).clone());
             meta.put(ns.name(), &config)?;
-            ns.db().set_config(config);
-            Ok(())
+            ns.db().set_config(config.clone());
+            Ok(config)
         })
         .await
         .map_err(internal)?
