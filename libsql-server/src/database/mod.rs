@@ -138,9 +138,7 @@ const COMPACTION_RETRY_AFTER: Duration = Duration::from_secs(10);
 const COMPACTION_GATE_WAIT: Duration = Duration::from_secs(30);
 
 pub struct Database {
-    path: PathBuf,
     shared: Arc<Shared>,
-    logger: Arc<ReplicationLogger>,
     idle: Mutex<Vec<Connection>>,
 }
 
@@ -157,8 +155,6 @@ impl Database {
     /// Every connection's committed transactions go to `logger`.
     pub fn open(path: &Path, config: DatabaseConfig, write_lock_timeout: Duration, logger: Arc<ReplicationLogger>) -> Result<Self, Error> {
         let db = Database {
-            path: path.to_owned(),
-            logger: logger.clone(),
             shared: Arc::new(Shared {
                 gate: Arc::new(WriteGate::default()),
                 path: path.to_owned(),
@@ -181,7 +177,7 @@ impl Database {
     }
 
     pub fn logger(&self) -> &Arc<ReplicationLogger> {
-        &self.logger
+        &self.shared.logger
     }
 
     /// Waits for a running compaction and the snapshots it started (tests, close).
@@ -190,11 +186,11 @@ impl Database {
         if let Some(handle) = running {
             let _ = handle.join();
         }
-        self.logger.wait_for_compactions();
+        self.shared.logger.wait_for_compactions();
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.shared.path
     }
 
     pub fn config(&self) -> Arc<DatabaseConfig> {
@@ -211,7 +207,7 @@ impl Database {
         if let Some(conn) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
             return Ok(conn);
         }
-        let conn = open_engine_connection(&self.path, &self.logger)?;
+        let conn = open_engine_connection(&self.shared.path, &self.shared.logger)?;
         Ok(Connection::new(conn, self.shared.clone())?)
     }
 
@@ -252,9 +248,9 @@ impl Database {
     /// Size in bytes of the data file and of SQLite's WAL beside it.
     pub fn file_sizes(&self) -> (u64, u64) {
         let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        let mut wal = self.path.clone().into_os_string();
+        let mut wal = self.shared.path.clone().into_os_string();
         wal.push("-wal");
-        (size(&self.path), size(Path::new(&wal)))
+        (size(&self.shared.path), size(Path::new(&wal)))
     }
 }
 

@@ -127,7 +127,7 @@ impl Database {
     }
 
     pub fn push_target(&self) -> PushTarget {
-        let (generation, _, header) = self.logger.sync_view();
+        let (generation, _, header) = self.shared.logger.sync_view();
         PushTarget { generation, max_frame_no: header.frame_count }
     }
 
@@ -141,10 +141,10 @@ impl Database {
         }
         let scratch = tempfile::Builder::new()
             .prefix(".push-check-")
-            .tempdir_in(self.path.parent().unwrap_or(Path::new(".")))
+            .tempdir_in(self.shared.path.parent().unwrap_or(Path::new(".")))
             .map_err(|e| apply(&e))?;
         let copy = scratch.path().join("data");
-        std::fs::copy(&self.path, &copy).map_err(|e| apply(&e))?;
+        std::fs::copy(&self.shared.path, &copy).map_err(|e| apply(&e))?;
         let file = OpenOptions::new().write(true).open(&copy).map_err(|e| apply(&e))?;
         for frame in body.chunks_exact(FRAME) {
             let page_no = u32::from_be_bytes(frame[0..4].try_into().unwrap()) as u64;

@@ -273,11 +273,6 @@ impl NamespaceStore {
         self.inner.loaded.load(Ordering::Acquire)
     }
 
-    /// Whether `name` is open right now (for tests and diagnostics; it may change at once).
-    pub fn is_loaded(&self, name: &NamespaceName) -> bool {
-        let slot = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned();
-        slot.is_some_and(|s| s.ns.try_lock().map(|g| g.is_some()).unwrap_or(true))
-    }
 
     /// Refuses new work and closes every namespace cleanly (checkpointed).
     pub async fn shutdown(&self) {
