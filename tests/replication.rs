@@ -259,6 +259,57 @@ fn a_broken_log_refuses_writes_and_is_rebuilt_on_the_next_open() {
     primary.close();
 }
 
+/// A log write that fails before SQLite commits (here: after its frames reached the file) fails
+/// that transaction and nothing else: the log is not poisoned, and the frames it left past the
+/// committed end are overwritten by the next transactions.
+#[test]
+fn a_failed_log_write_fails_only_its_transaction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    primary.exec("CREATE TABLE t (x); INSERT INTO t VALUES (1);");
+    let before = primary.logger().stats().frame_count;
+    {
+        let _armed = failpoint::arm("log.write", tmp.path());
+        assert!(primary.try_exec("INSERT INTO t SELECT randomblob(3000) FROM generate_series(1, 50)").is_err());
+    }
+    assert!(!primary.logger().is_poisoned());
+    assert_eq!(primary.logger().stats().frame_count, before, "nothing counted");
+    assert_eq!(primary.count("SELECT count(*) FROM t"), 1, "the transaction did not commit");
+    primary.exec("INSERT INTO t VALUES (2)");
+    primary.exec("PRAGMA cache_size = 5; INSERT INTO t SELECT randomblob(3000) FROM generate_series(1, 100);");
+    assert_eq!(primary.count("SELECT count(*) FROM t"), 102);
+    primary.assert_replay_equals_data();
+    primary.close();
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    assert!(primary.rebuild.is_none(), "a clean log is reopened as it is");
+    primary.assert_replay_equals_data();
+    primary.close();
+}
+
+/// A log fsync that fails after SQLite committed: the transaction stays committed, the log
+/// takes no more writes, keeps its sentinel, and the next open rebuilds it with the row.
+#[test]
+fn a_failed_log_fsync_after_the_commit_poisons_the_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    primary.exec("CREATE TABLE t (x); INSERT INTO t VALUES (1);");
+    {
+        let _armed = failpoint::arm("log.sync", tmp.path());
+        primary.exec("INSERT INTO t VALUES (2)");
+    }
+    assert!(primary.logger().is_poisoned());
+    assert!(primary.try_exec("INSERT INTO t VALUES (3)").is_err(), "writes are refused");
+    assert_eq!(primary.count("SELECT count(*) FROM t"), 2);
+    primary.close();
+    assert!(tmp.path().join(".sentinel").exists());
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    assert!(primary.rebuild.is_some());
+    assert_eq!(primary.count("SELECT count(*) FROM t"), 2);
+    primary.exec("INSERT INTO t VALUES (3)");
+    primary.assert_replay_equals_data();
+    primary.close();
+}
+
 #[test]
 fn missing_old_or_unreadable_logs_are_rebuilt_from_data() {
     for damage in ["missing", "old version", "bad magic"] {

@@ -2,7 +2,7 @@
 //! the `wallog` (a 64-byte header, then 4120-byte frames) and snapshot files (a 48-byte header,
 //! then frames, newest first). Little-endian throughout. One reader and writer per format.
 
-use crc::{Crc, Table, CRC_64_GO_ISO};
+use crc_fast::{CrcAlgorithm, Digest};
 use uuid::Uuid;
 
 
@@ -19,13 +19,14 @@ pub const SNAPSHOT_HEADER_SIZE: usize = 48;
 /// The version this server writes into `sqld_version`.
 const SQLD_VERSION: [u16; 4] = [0, 1, 0, 0];
 
-// Slice-by-16 tables: the checksum runs over every page of every commit.
-static CRC_64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_GO_ISO);
-
 /// The rolling checksum: CRC-64/GO-ISO over the page, seeded with the previous frame's
 /// checksum (in the algorithm's own register order, no extra inversion).
+///
+/// Computed with carry-less multiplication (the checksum runs over every page of every commit;
+/// a table-driven CRC cost ~5% of a 1000-row transaction's time).
 pub fn checksum(previous: u64, page: &[u8]) -> u64 {
-    let mut digest = CRC_64.digest_with_initial(previous);
+    // crc-fast takes a reflected algorithm's register bit-reversed.
+    let mut digest = Digest::new_with_init_state(CrcAlgorithm::Crc64GoIso, previous.reverse_bits());
     digest.update(page);
     digest.finalize()
 }
@@ -206,6 +207,22 @@ mod tests {
     #[test]
     fn checksum_matches_the_documented_check_value() {
         assert_eq!(checksum(0xFFFF_FFFF_FFFF_FFFF, b"123456789"), 0xB909_56C7_75A4_1001);
+    }
+
+    /// The chain seeds each frame's CRC with the previous checksum: compared with the
+    /// table-driven `crc` crate (an independent implementation) on arbitrary seeds and lengths.
+    #[test]
+    fn seeded_checksum_matches_an_independent_implementation() {
+        let reference = crc::Crc::<u64>::new(&crc::CRC_64_GO_ISO);
+        let data: Vec<u8> = (0..PAGE_SIZE as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let mut seed = 0x0123_4567_89AB_CDEFu64;
+        for len in [0, 1, 7, 64, 1000, PAGE_SIZE] {
+            let mut digest = reference.digest_with_initial(seed);
+            digest.update(&data[..len]);
+            let expected = digest.finalize();
+            assert_eq!(checksum(seed, &data[..len]), expected, "seed {seed:#x}, {len} bytes");
+            seed = expected;
+        }
     }
 
     #[test]

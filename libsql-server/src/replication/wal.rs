@@ -6,8 +6,9 @@
 //! transaction in place. Rather than mirror all that, capture reads the spilled frames back
 //! from SQLite's own WAL at the commit call (as SQLite holds them then; this connection holds
 //! the WAL write lock, so nothing can checkpoint or overwrite them), adds the commit call's
-//! pages, and logs the transaction while SQLite commits it (see
-//! [`ReplicationLogger::log_commit`]). Rolled-back transactions never reach the log.
+//! pages, and writes the transaction into the log before SQLite commits it, counting it only
+//! once SQLite has (see [`ReplicationLogger::stage_commit`]). Rolled-back transactions never
+//! reach the log.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -29,13 +30,11 @@ pub struct ReplicationWal {
     txn_start: Option<u32>,
     /// The spilled frames read back at commit (SQLite WAL frames: 24-byte header, page).
     spilled: Vec<u8>,
-    /// The pages of the commit call, copied (SQLite needs its page list for its own commit).
-    committing: Vec<u8>,
 }
 
 impl ReplicationWal {
     pub fn new(logger: Arc<ReplicationLogger>) -> Self {
-        ReplicationWal { logger, txn_start: None, spilled: Vec::new(), committing: Vec::new() }
+        ReplicationWal { logger, txn_start: None, spilled: Vec::new() }
     }
 }
 
@@ -81,26 +80,24 @@ impl<W: Wal> WrapWal<W> for ReplicationWal {
         self.spilled.resize(spilled_frames * frame_len, 0);
         for (i, frame) in self.spilled.chunks_exact_mut(frame_len).enumerate() {
             let frame_no = NonZeroU32::new(before - spilled_frames as u32 + 1 + i as u32).expect("WAL frames are numbered from 1");
+            // Nothing is committed yet: the transaction fails and the log stays whole.
             if let Err(e) = wrapped.read_frame_raw(frame_no, frame) {
-                self.logger.poison(format!("reading back WAL frame {frame_no} of a transaction being committed: {e:?}"));
+                tracing::error!(dir = %self.logger.dir().display(), error = ?e, frame_no, "reading back a spilled WAL frame failed; the transaction does not commit");
                 return Err(e);
             }
         }
-        self.committing.clear();
-        for (page_no, page) in page_headers.iter() {
-            self.committing.extend_from_slice(&page_no.to_be_bytes());
-            self.committing.extend_from_slice(page);
-        }
         let mut pages: Vec<(u32, &[u8])> =
             self.spilled.chunks_exact(frame_len).map(|f| (wal_page_no(f), &f[FRAME_HEADER_SIZE..])).collect();
-        pages.extend(self.committing.chunks_exact(4 + PAGE_SIZE).map(|c| (wal_page_no(c), &c[4..])));
-
-        self.logger.log_commit(
-            &pages,
-            size_after,
-            || wrapped.insert_frames(page_size, page_headers, size_after, true, sync_flags),
-            || libsql_sys::wal::Error::new(SQLITE_IOERR),
-        )
+        pages.extend(page_headers.iter());
+        let staged = match self.logger.stage_commit(&pages, size_after) {
+            Ok(staged) => staged,
+            Err(e) => {
+                tracing::error!(dir = %self.logger.dir().display(), error = %e, "a transaction could not be logged; it does not commit");
+                return Err(libsql_sys::wal::Error::new(SQLITE_IOERR));
+            }
+        };
+        drop(pages);
+        staged.commit(|| wrapped.insert_frames(page_size, page_headers, size_after, true, sync_flags))
     }
 
     fn undo<U: UndoHandler>(&mut self, wrapped: &mut W, handler: Option<&mut U>) -> Result<()> {
