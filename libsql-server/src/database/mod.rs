@@ -262,13 +262,15 @@ fn open_engine_connection(path: &Path, logger: &Arc<ReplicationLogger>) -> Resul
     Ok(conn)
 }
 
-/// `PRAGMA synchronous` for a configured durability mode. The default is FULL: a commit that
-/// was acknowledged survives a power cut, not only a process crash.
+/// `PRAGMA synchronous` for a configured durability mode. With the default (strong), a commit
+/// that was acknowledged survives a power cut, not only a process crash: the replication log
+/// fsyncs every transaction before SQLite commits it, and recovery rolls the data file
+/// forward from the log, so SQLite's own per-commit fsync (FULL) would be a second one for the
+/// same guarantee. `extra` asks for it anyway.
 fn synchronous_pragma(config: &DatabaseConfig) -> &'static str {
     match config.durability_mode.and_then(|m| DurabilityMode::try_from(m).ok()) {
-        Some(DurabilityMode::Relaxed) => "NORMAL",
-        Some(DurabilityMode::Extra) => "EXTRA",
+        Some(DurabilityMode::Relaxed) | Some(DurabilityMode::Strong) | None => "NORMAL",
+        Some(DurabilityMode::Extra) => "FULL",
         Some(DurabilityMode::Off) => "OFF",
-        Some(DurabilityMode::Strong) | None => "FULL",
     }
 }

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::format::{checksum, FrameHeader, LogHeader, SnapshotHeader, FRAME_SIZE, LOG_HEADER_SIZE};
+use super::format::{checksum, FrameHeader, LogHeader, SnapshotHeader, FRAME_HEADER_SIZE, FRAME_SIZE, LOG_HEADER_SIZE};
 use super::generation::{self, GenerationRecord};
 use super::image::{write_image, ImageTarget};
-use super::{compaction, failpoint, LogError, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG};
+use super::{compaction, failpoint, LogError, LOG_UNTRUSTED, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG};
 use crate::durable;
 
 /// When a log is retired into a snapshot.
@@ -151,13 +151,19 @@ impl ReplicationLogger {
         self.lock().header.log_id
     }
 
-    /// Starts logging one transaction: encodes `pages` ((page number, bytes), the last one
-    /// carrying `size_after`) and writes them past the log's committed end, where nothing
-    /// counts them yet, and starts their writeback so the disk works while SQLite commits.
-    /// [`StagedCommit::commit`] then runs SQLite's commit and makes the frames durable. The
-    /// log's lock is held from here to the end of the commit, so commits are logged in the
-    /// order SQLite makes them. Fails, changing nothing, if the log is poisoned or the frames
-    /// cannot be written: the transaction must then not commit.
+    /// Logs one transaction ahead of SQLite's commit of it: encodes `pages` ((page number,
+    /// bytes), the last one carrying `size_after`), writes them past the log's committed end
+    /// and fdatasyncs them. [`StagedCommit::commit`] then runs SQLite's commit and counts the
+    /// frames in the header. The log's lock is held throughout, so the log's order is SQLite's
+    /// commit order.
+    ///
+    /// The log is the durable record of a commit: SQLite runs with `synchronous=NORMAL`, so a
+    /// power cut can cost the data file its last transactions, and the next open rolls them
+    /// forward from the log (see `recovery`). So the log always holds every transaction the
+    /// data file does, durably, before SQLite commits it.
+    ///
+    /// Fails if the log is poisoned or the frames cannot be written durably; the transaction
+    /// must then not commit, and its frames are discarded (see [`Self::discard_staged`]).
     pub fn stage_commit(&self, pages: &[(u32, &[u8])], size_after: u32) -> Result<StagedCommit<'_>, LogError> {
         let mut state = self.lock();
         if let Some(why) = &state.poisoned {
@@ -169,13 +175,35 @@ impl ReplicationLogger {
         let LogState { file, allocated, buf, .. } = &mut *state;
         let end = at + buf.len() as u64;
         if frames > 0 {
-            preallocate(file, allocated, end)
+            let durable = preallocate(file, allocated, end)
                 .and_then(|()| file.write_all_at(buf, at))
                 .and_then(|()| failpoint::check("log.write", &self.dir))
-                .map_err(|e| LogError::io(&self.dir.join(WALLOG), e))?;
-            start_writeback(file, at, end);
+                .and_then(|()| file.sync_data());
+            if let Err(e) = durable {
+                let e = LogError::io(&self.dir.join(WALLOG), e);
+                self.discard_staged(&mut state, at, &e);
+                return Err(e);
+            }
         }
-        Ok(StagedCommit { logger: self, state, frames, last_checksum, end })
+        Ok(StagedCommit { logger: self, state, frames, last_checksum, at, end })
+    }
+
+    /// After a staged transaction failed: zeroes its first frame's header, durably, so the
+    /// checksum chain a roll-forward follows ends before it (the next transaction overwrites
+    /// the rest). If even that fails, the log is poisoned and marked untrusted, so that no
+    /// roll-forward applies a transaction that did not commit.
+    fn discard_staged(&self, state: &mut LogState, at: u64, why: &dyn std::fmt::Display) {
+        let zeroed = failpoint::check("log.discard", &self.dir)
+            .and_then(|()| state.file.write_all_at(&[0u8; FRAME_HEADER_SIZE], at))
+            .and_then(|()| state.file.sync_data());
+        if let Err(e) = zeroed {
+            let why = format!("the frames of a failed transaction could not be discarded ({e}) after: {why}");
+            tracing::error!(dir = %self.dir.display(), error = %why, "replication log broken; writes are refused until it is rebuilt");
+            if let Err(e) = mark_untrusted(&self.dir) {
+                tracing::error!(dir = %self.dir.display(), error = %e, "could not mark the log untrusted either");
+            }
+            state.poisoned = Some(why);
+        }
     }
 
     /// Counts `frames` durable frames in the header, then retires the log if it is full.
@@ -377,36 +405,46 @@ pub struct StagedCommit<'a> {
     state: std::sync::MutexGuard<'a, LogState>,
     frames: u64,
     last_checksum: u64,
+    /// Where the staged frames start and end in the file.
+    at: u64,
     end: u64,
 }
 
 impl StagedCommit<'_> {
-    /// Runs SQLite's commit; if it succeeds, fsyncs the staged frames and counts them in the
-    /// header. A failed SQLite commit leaves them uncounted (the next transaction overwrites
-    /// them; a reader or a reopen never looks past the header's count). A failed fsync after
-    /// a successful SQLite commit poisons the log: writes are refused until a rebuild (and a
-    /// crash there is covered by the sentinel: the next open rebuilds).
+    /// Runs SQLite's commit. If it succeeds, the staged (already durable) frames are counted
+    /// in the header, which is not fsynced: a roll-forward follows the checksum chain past a
+    /// stale count. If it fails, the staged frames are discarded. A header that cannot be
+    /// written poisons the log: writes are refused until the next open, which rolls the
+    /// durable frames forward and rebuilds.
     pub fn commit<E>(self, commit: impl FnOnce() -> Result<usize, E>) -> Result<usize, E> {
-        let StagedCommit { logger, mut state, frames, last_checksum, end } = self;
-        let written = commit()?;
+        let StagedCommit { logger, mut state, frames, last_checksum, at, end } = self;
+        let result = commit();
         if frames == 0 {
-            return Ok(written);
+            return result;
         }
-        let path = logger.dir.join(WALLOG);
-        let synced = failpoint::check("log.sync", &logger.dir)
-            .and_then(|()| state.file.sync_data())
-            .map_err(|e| LogError::io(&path, e));
-        let published = synced.and_then(|()| {
-            let LogState { file, uncached_below, .. } = &mut *state;
-            release_cache(file, uncached_below, end);
-            logger.publish(&mut state, frames, last_checksum)
-        });
-        if let Err(e) = published {
-            tracing::error!(dir = %logger.dir.display(), error = %e, "a committed transaction could not be logged; the log takes no more writes until rebuilt");
-            state.poisoned = Some(e.to_string());
+        match result {
+            Err(e) => {
+                logger.discard_staged(&mut state, at, &"SQLite's commit failed");
+                Err(e)
+            }
+            Ok(written) => {
+                let LogState { file, uncached_below, .. } = &mut *state;
+                release_cache(file, uncached_below, end);
+                if let Err(e) = logger.publish(&mut state, frames, last_checksum) {
+                    tracing::error!(dir = %logger.dir.display(), error = %e, "a committed transaction could not be counted in the log header; the log takes no more writes until rebuilt");
+                    state.poisoned = Some(e.to_string());
+                }
+                Ok(written)
+            }
         }
-        Ok(written)
     }
+}
+
+/// Marks the log of `dir` as holding frames that must not be rolled forward; recovery then
+/// trusts the data file, and the rebuild removes the mark.
+fn mark_untrusted(dir: &Path) -> std::io::Result<()> {
+    File::create(dir.join(LOG_UNTRUSTED))?.sync_all()?;
+    durable::sync_dir(dir)
 }
 
 /// Encodes `pages` as the frames that follow the log's last one into the state's buffer, and
@@ -424,19 +462,6 @@ fn encode_frames(state: &mut LogState, pages: &[(u32, &[u8])], size_after: u32) 
         frame[24..].copy_from_slice(page);
     }
     sum
-}
-
-/// Asks the kernel to start writing `from..to` of `file` out now, without waiting, so the
-/// fdatasync that follows SQLite's commit finds the data already on its way. Advice only.
-fn start_writeback(file: &File, from: u64, to: u64) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: plain syscall on an open descriptor; failure only loses the head start.
-        unsafe { libc::sync_file_range(file.as_raw_fd(), from as libc::off64_t, (to - from) as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE) };
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (file, from, to);
 }
 
 /// Fills the file with zeros up to past `needed`, a chunk at a time.

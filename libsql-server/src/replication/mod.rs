@@ -1,13 +1,14 @@
 //! The replication log of a primary namespace, byte-compatible with the libSQL server's.
 //!
 //! * [`wal::ReplicationWal`] wraps SQLite's WAL on every primary connection and hands each
-//!   committed transaction to the namespace's [`ReplicationLogger`], which appends it to
-//!   `wallog` (frames fsynced before the header counts them).
+//!   transaction to the namespace's [`ReplicationLogger`], which appends it to `wallog` and
+//!   fsyncs it before SQLite commits: the log is the durable record of every commit.
 //! * A log past `--max-log-size` or `--max-log-duration` is retired to `to_compact/` and a
 //!   fresh log continues; [`compaction`] turns the retired log into `snapshots/*.snap` off the
 //!   write path.
 //! * [`recovery`] decides at open whether the log can be trusted (`.sentinel`, missing or old
-//!   log) and otherwise rebuilds it from the data file.
+//!   log); after a crash it rolls the data file forward from the log, then rebuilds the log
+//!   from the data file.
 //! * [`verify`] walks log and snapshots, and replays them to compare with the data file.
 
 pub mod compaction;
@@ -36,6 +37,9 @@ pub const WALLOG_REBUILD: &str = "wallog.rebuild";
 pub const SNAPSHOTS_DIR: &str = "snapshots";
 pub const TO_COMPACT_DIR: &str = "to_compact";
 pub const SENTINEL: &str = ".sentinel";
+/// Beside a log that holds frames of a transaction that did not commit and could not be
+/// discarded: recovery must not roll the data file forward from it.
+pub const LOG_UNTRUSTED: &str = ".log-untrusted";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {

@@ -2,17 +2,20 @@
 //! be trusted (dirty recovery).
 //!
 //! `.sentinel` exists while a namespace is open. Found at open, it means the last run did not
-//! shut down cleanly: a transaction may be in the data file and not in the log, or the other
-//! way round, so the log is rebuilt from the data file. The same happens when the log is
-//! missing beside existing data, is older than version 2, or its header is unreadable.
+//! shut down cleanly. The log holds every committed transaction durably (it is fsynced before
+//! SQLite commits, and SQLite itself runs with `synchronous=NORMAL`), but a power cut may have
+//! cost the data file its last ones: so the data file is first rolled forward to the log's
+//! last committed transaction, then the log is rebuilt from the data file (a new log_id, as
+//! the libSQL server does). The log is rebuilt the same way, without a roll-forward, when it
+//! is missing beside existing data, older than version 2, or its header is unreadable.
 //!
 //! Every step of a rebuild is idempotent and the sentinel stays until the namespace closes
 //! cleanly, so a crash anywhere inside a rebuild just means the next open rebuilds again.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,11 +23,11 @@ use libsql_sys::rusqlite::OpenFlags;
 use libsql_sys::wal::Sqlite3WalManager;
 use uuid::Uuid;
 
-use super::format::{FrameHeader, LogHeader, LOG_HEADER_SIZE};
+use super::format::{checksum, FrameHeader, LogHeader, FRAME_HEADER_SIZE, FRAME_SIZE, LOG_HEADER_SIZE, PAGE_SIZE};
 use super::generation;
 use super::image::{write_image, ImageTarget};
 use super::logger::{create_log_file, frame_offset, read_log_header, LogSettings, ReplicationLogger};
-use super::{failpoint, LogError, SENTINEL, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG, WALLOG_NEW};
+use super::{failpoint, LogError, LOG_UNTRUSTED, SENTINEL, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG, WALLOG_NEW};
 use crate::durable;
 
 /// Why the log was rebuilt, and what it cost.
@@ -57,7 +60,12 @@ impl RecoveryOptions {
 pub fn open(dir: &Path, data: &Path, settings: LogSettings, options: RecoveryOptions) -> Result<(Arc<ReplicationLogger>, Option<Rebuild>), LogError> {
     finish_interrupted_retire(dir)?;
     let mut rebuilt = match dirty_reason(dir, data, options)? {
-        Some(reason) => Some(logged_rebuild(dir, data, reason)?),
+        Some(reason) => {
+            if reason == UNCLEAN_SHUTDOWN {
+                roll_forward(dir, data)?;
+            }
+            Some(logged_rebuild(dir, data, reason)?)
+        }
         None => {
             if !dir.join(WALLOG).exists() {
                 create_log_file(&dir.join(WALLOG), &LogHeader::new(Uuid::new_v4(), 0, 0))?;
@@ -131,9 +139,11 @@ pub fn close(logger: &ReplicationLogger, options: RecoveryOptions) -> Result<(),
     }
 }
 
+const UNCLEAN_SHUTDOWN: &str = "the sentinel shows the last run did not shut down cleanly";
+
 fn dirty_reason(dir: &Path, data: &Path, options: RecoveryOptions) -> Result<Option<&'static str>, LogError> {
     if dir.join(SENTINEL).exists() && !options.ignore_dirty {
-        return Ok(Some("the sentinel shows the last run did not shut down cleanly"));
+        return Ok(Some(UNCLEAN_SHUTDOWN));
     }
     let wallog = dir.join(WALLOG);
     let mut bytes = Vec::new();
@@ -209,6 +219,7 @@ pub fn rebuild(dir: &Path, data: &Path, reason: &'static str) -> Result<Rebuild,
         }
     }
     let _ = std::fs::remove_file(dir.join(WALLOG_NEW));
+    let _ = std::fs::remove_file(dir.join(LOG_UNTRUSTED));
     durable::sync_dir(dir).map_err(|e| io(dir, e))?;
     Ok(Rebuild { reason, pages, took: started.elapsed() })
 }
@@ -228,4 +239,126 @@ fn checkpoint_data_file(data: &Path) -> Result<(), LogError> {
         return Err(LogError::CheckpointBusy(data.to_owned()));
     }
     Ok(())
+}
+
+/// What a roll-forward found in the log: for every page its last committed version (the
+/// frame's index in the file), and the database size after the last committed transaction.
+struct CommittedLog {
+    pages: std::collections::BTreeMap<u32, u64>,
+    db_pages: u32,
+}
+
+/// After a crash: brings `data` up to the last transaction the log holds durably. The data
+/// file can only be behind the log (the log is fsynced before SQLite commits), so writing each
+/// page's last logged version over it, where it differs, and cutting it to the logged size
+/// yields exactly the database as of the log's last transaction. Nothing is done, and the
+/// data file is trusted as it is, when the log is not this server's (no generation record
+/// names it), is marked untrusted, or fails its checksum chain inside its committed part:
+/// a broken log must never overwrite data. A crash inside a roll-forward is harmless: the log
+/// is untouched, and the next open rolls forward again. Returns the pages written.
+pub fn roll_forward(dir: &Path, data: &Path) -> Result<u64, LogError> {
+    let path = dir.join(WALLOG);
+    let trust = |why: &str| {
+        tracing::warn!(dir = %dir.display(), why, "not rolling the data file forward from the log; the data file is trusted as it is");
+        Ok(0)
+    };
+    if dir.join(LOG_UNTRUSTED).exists() {
+        return trust("the log is marked untrusted");
+    }
+    if !data.exists() {
+        return trust("there is no data file");
+    }
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(LogError::io(&path, e)),
+    };
+    let Ok(header) = read_log_header(&file, &path) else {
+        return trust("the log header is unreadable");
+    };
+    if !generation::read(dir).is_some_and(|r| r.names(header.log_id, header.start_frame_no)) {
+        return trust("no generation record names the log");
+    }
+    let committed = match scan_committed(&file, &path, &header)? {
+        Ok(committed) => committed,
+        Err(corrupt) => return trust(&corrupt.to_string()),
+    };
+    if committed.pages.is_empty() {
+        return Ok(0);
+    }
+    // SQLite's own recovery first: fold whatever its WAL still holds into the data file, so
+    // the file alone is the database (a WAL is never left behind once pages were written
+    // here, so an interrupted roll-forward is not read through one).
+    let wal = PathBuf::from(format!("{}-wal", data.display()));
+    if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+        checkpoint_data_file(data)?;
+    }
+    let out = OpenOptions::new().read(true).write(true).open(data).map_err(|e| LogError::io(data, e))?;
+    let mut logged = vec![0u8; PAGE_SIZE];
+    let mut current = vec![0u8; PAGE_SIZE];
+    let mut written = 0u64;
+    for (&page_no, &index) in committed.pages.range(..=committed.db_pages) {
+        file.read_exact_at(&mut logged, frame_offset(index) + FRAME_HEADER_SIZE as u64).map_err(|e| LogError::io(&path, e))?;
+        let at = (page_no as u64 - 1) * PAGE_SIZE as u64;
+        let differs = match out.read_exact_at(&mut current, at) {
+            Ok(()) => current != logged,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => true,
+            Err(e) => return Err(LogError::io(data, e)),
+        };
+        if differs {
+            out.write_all_at(&logged, at).map_err(|e| LogError::io(data, e))?;
+            written += 1;
+            if written == 1 {
+                failpoint::check("recovery.mid_roll_forward", data).map_err(|e| LogError::io(data, e))?;
+            }
+        }
+    }
+    let size = committed.db_pages as u64 * PAGE_SIZE as u64;
+    let resized = out.metadata().map_err(|e| LogError::io(data, e))?.len() != size;
+    if resized {
+        out.set_len(size).map_err(|e| LogError::io(data, e))?;
+    }
+    if written > 0 || resized {
+        out.sync_all().map_err(|e| LogError::io(data, e))?;
+        tracing::warn!(dir = %dir.display(), pages = written, db_pages = committed.db_pages, "data file rolled forward from the log: it had lost committed transactions");
+    }
+    Ok(written)
+}
+
+/// Walks the log from its first frame along the checksum chain and frame_no sequence, past the
+/// header's count (which is written without an fsync, so it may lag the durable frames) up to
+/// the last frame that verifies, and keeps the transactions that end in a commit frame. A
+/// frame inside the header's count that does not verify makes the log corrupt (inner `Err`).
+fn scan_committed(file: &File, path: &Path, header: &LogHeader) -> Result<Result<CommittedLog, LogError>, LogError> {
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    reader.seek_relative(LOG_HEADER_SIZE as i64).map_err(|e| LogError::io(path, e))?;
+    let mut frame = vec![0u8; FRAME_SIZE];
+    let mut sum = header.start_checksum;
+    let mut pending: Vec<(u32, u64)> = Vec::new();
+    let mut committed = CommittedLog { pages: std::collections::BTreeMap::new(), db_pages: 0 };
+    let mut index = 0u64;
+    loop {
+        match reader.read_exact(&mut frame) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(LogError::io(path, e)),
+        }
+        let fh = FrameHeader::decode(&frame[..FRAME_HEADER_SIZE]);
+        let next = checksum(sum, &frame[FRAME_HEADER_SIZE..]);
+        if fh.frame_no != header.start_frame_no + index || fh.checksum != next {
+            break;
+        }
+        sum = next;
+        pending.push((fh.page_no, index));
+        if fh.size_after != 0 {
+            committed.pages.extend(pending.drain(..));
+            committed.db_pages = fh.size_after;
+        }
+        index += 1;
+    }
+    if index < header.frame_count {
+        let frame_no = header.start_frame_no + index;
+        return Ok(Err(LogError::corrupt(path, Some(frame_no), "the checksum chain breaks inside the committed frames")));
+    }
+    Ok(Ok(committed))
 }

@@ -6,9 +6,9 @@
 //! transaction in place. Rather than mirror all that, capture reads the spilled frames back
 //! from SQLite's own WAL at the commit call (as SQLite holds them then; this connection holds
 //! the WAL write lock, so nothing can checkpoint or overwrite them), adds the commit call's
-//! pages, and writes the transaction into the log before SQLite commits it, counting it only
-//! once SQLite has (see [`ReplicationLogger::stage_commit`]). Rolled-back transactions never
-//! reach the log.
+//! pages, and makes the transaction durable in the log before SQLite commits it, counting it
+//! only once SQLite has (see [`ReplicationLogger::stage_commit`]). Rolled-back transactions
+//! never reach the log.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use libsql_sys::wal::wrapper::WrapWal;
 use libsql_sys::wal::{PageHeaders, Result, UndoHandler, Wal};
 
 use super::format::{FRAME_HEADER_SIZE, PAGE_SIZE};
-use super::ReplicationLogger;
+use super::{failpoint, ReplicationLogger};
 
 /// `SQLITE_IOERR`: what a write gets once the log is broken.
 const SQLITE_IOERR: i32 = 10;
@@ -97,7 +97,11 @@ impl<W: Wal> WrapWal<W> for ReplicationWal {
             }
         };
         drop(pages);
-        staged.commit(|| wrapped.insert_frames(page_size, page_headers, size_after, true, sync_flags))
+        let dir = self.logger.dir();
+        staged.commit(|| {
+            failpoint::check("wal.commit", dir).map_err(|_| libsql_sys::wal::Error::new(SQLITE_IOERR))?;
+            wrapped.insert_frames(page_size, page_headers, size_after, true, sync_flags)
+        })
     }
 
     fn undo<U: UndoHandler>(&mut self, wrapped: &mut W, handler: Option<&mut U>) -> Result<()> {
