@@ -4,8 +4,8 @@
 //! * write throughput with the log on (the server's `Database`) beside a bare `libsql-sys`
 //!   connection with the same durability: every acknowledged commit survives a power cut.
 //!   The bare connection gets that from SQLite (WAL, `synchronous=FULL`); the server from the
-//!   log, fsynced before SQLite commits with `synchronous=NORMAL`, and rolled forward after a
-//!   crash;
+//!   log, fsynced before SQLite commits with `synchronous=OFF`, the data file rewritten from
+//!   it after a crash;
 //! * dirty-recovery time (a dirty open: roll the data file forward from the log, then rebuild
 //!   the log) beside a plain copy of the data file, fsynced (the physical floor), for 20k
 //!   rows, 200k rows and a ~1 GiB database.

@@ -45,9 +45,9 @@ async fn kill_9_under_write_load_keeps_every_acknowledged_write() {
         assert!(data_dir.join(".sentinel").exists(), "kill -9 leaves the sentinel");
         let acked = writer.await.unwrap();
         if round % 2 == 1 {
-            // A power cut on top: SQLite runs with synchronous=NORMAL, so it may lose all it
-            // had not synced, at worst its whole WAL. The log holds every acknowledged commit
-            // durably and the next open rolls the data file forward from it.
+            // A power cut on top: SQLite does not sync (synchronous=OFF), so it may lose all
+            // it had not written back, here its whole WAL. The log holds every acknowledged
+            // commit durably and the next open rewrites the data file from it.
             for file in ["data-wal", "data-shm"] {
                 let _ = std::fs::remove_file(data_dir.join(file));
             }

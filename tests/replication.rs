@@ -357,16 +357,18 @@ fn integrity(primary: &Primary) -> String {
     result
 }
 
-/// SQLite runs with synchronous=NORMAL: a power cut can cost the data file the transactions
-/// after its last sync, which the log holds durably. Simulated by putting back an earlier
-/// data file after a crash: the next open rolls every acknowledged transaction forward,
-/// across spills, a shrinking VACUUM and a compaction (whose new log opens with an image),
-/// also after a crash in the middle of the roll-forward itself.
+/// SQLite does not sync the data file (synchronous=OFF): after a power cut it may hold an
+/// older state, or torn pages, while the log holds every acknowledged transaction durably.
+/// Simulated by putting back an earlier data file after a crash (and, in one case, tearing
+/// it): the next open rewrites it to the log's last state, across spills, a shrinking VACUUM
+/// and a compaction (whose new log opens with an image), also after a crash in the middle of
+/// the roll-forward itself, and also when the log is then kept (LIBSQL_IGNORE_DIRTY_LOG).
 #[test]
 fn acknowledged_commits_survive_the_data_file_losing_its_last_transactions() {
-    for crash_inside in [false, true] {
+    for case in ["earlier data file", "torn data file", "crash inside the roll-forward", "log kept"] {
         let tmp = tempfile::tempdir().unwrap();
-        let primary = Primary::open(tmp.path(), compact_every(400), RecoveryOptions::default());
+        let options = RecoveryOptions { ignore_dirty: case == "log kept", ..Default::default() };
+        let primary = Primary::open(tmp.path(), compact_every(400), options);
         primary.exec("CREATE TABLE t (k, v); INSERT INTO t SELECT value, randomblob(2000) FROM generate_series(1, 300);");
         let earlier = save_data(tmp.path());
         for i in 0..20 {
@@ -378,17 +380,25 @@ fn acknowledged_commits_survive_the_data_file_losing_its_last_transactions() {
         assert_eq!(expected.0, 50 + 20 + 200);
         primary.crash();
         restore_data(tmp.path(), &earlier);
-
-        if crash_inside {
-            let _armed = failpoint::arm("recovery.mid_roll_forward", tmp.path());
-            let data = tmp.path().join("data");
-            assert!(recovery::open(tmp.path(), &data, compact_every(400), RecoveryOptions::default()).is_err(), "the roll-forward was not reached");
+        let data = tmp.path().join("data");
+        if case == "torn data file" {
+            let mut bytes = std::fs::read(&data).unwrap();
+            bytes[..4096].fill(0xAB);
+            bytes.truncate(bytes.len() / 2);
+            std::fs::write(&data, bytes).unwrap();
+            let _ = std::fs::remove_file(tmp.path().join("data-wal"));
         }
-        let primary = Primary::open(tmp.path(), compact_every(400), RecoveryOptions::default());
-        assert!(primary.rebuild.is_some());
+        if case == "crash inside the roll-forward" {
+            let _armed = failpoint::arm("recovery.mid_roll_forward", tmp.path());
+            assert!(recovery::open(tmp.path(), &data, compact_every(400), options).is_err(), "the roll-forward was not reached");
+        }
+        let primary = Primary::open(tmp.path(), compact_every(400), options);
+        assert_eq!(primary.rebuild.is_none(), case == "log kept", "{case}");
         let found = (primary.count("SELECT count(*) FROM t"), primary.count("SELECT sum(length(v)) + sum(k) FROM t"));
-        assert_eq!(found, expected, "crash_inside={crash_inside}");
-        assert_eq!(integrity(&primary), "ok");
+        assert_eq!(found, expected, "{case}");
+        assert_eq!(integrity(&primary), "ok", "{case}");
+        primary.assert_replay_equals_data();
+        primary.exec("INSERT INTO t VALUES (-1, 'after')");
         primary.assert_replay_equals_data();
         primary.close();
     }

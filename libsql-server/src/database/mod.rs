@@ -263,13 +263,16 @@ fn open_engine_connection(path: &Path, logger: &Arc<ReplicationLogger>) -> Resul
 }
 
 /// `PRAGMA synchronous` for a configured durability mode. With the default (strong), a commit
-/// that was acknowledged survives a power cut, not only a process crash: the replication log
-/// fsyncs every transaction before SQLite commits it, and recovery rolls the data file
-/// forward from the log, so SQLite's own per-commit fsync (FULL) would be a second one for the
-/// same guarantee. `extra` asks for it anyway.
+/// that was acknowledged survives a power cut, not only a process crash, and SQLite itself
+/// does not sync at all (OFF): the replication log fsyncs every transaction before SQLite
+/// commits it and always holds the whole database (it opens with a full image), and after a
+/// crash recovery rewrites the data file from it wherever they differ. SQLite's own syncs
+/// would only write the same pages durably a second time. The data file is synced where the
+/// log stops covering it: before a compaction retires the log, and on a clean close. `extra`
+/// asks for SQLite's FULL on top.
 fn synchronous_pragma(config: &DatabaseConfig) -> &'static str {
     match config.durability_mode.and_then(|m| DurabilityMode::try_from(m).ok()) {
-        Some(DurabilityMode::Relaxed) | Some(DurabilityMode::Strong) | None => "NORMAL",
+        Some(DurabilityMode::Relaxed) | Some(DurabilityMode::Strong) | None => "OFF",
         Some(DurabilityMode::Extra) => "FULL",
         Some(DurabilityMode::Off) => "OFF",
     }

@@ -157,10 +157,10 @@ impl ReplicationLogger {
     /// frames in the header. The log's lock is held throughout, so the log's order is SQLite's
     /// commit order.
     ///
-    /// The log is the durable record of a commit: SQLite runs with `synchronous=NORMAL`, so a
-    /// power cut can cost the data file its last transactions, and the next open rolls them
-    /// forward from the log (see `recovery`). So the log always holds every transaction the
-    /// data file does, durably, before SQLite commits it.
+    /// The log is the durable record of a commit: SQLite does not sync (`synchronous=OFF`), so
+    /// a power cut can leave the data file behind or torn, and the next open rewrites it from
+    /// the log (see `recovery`). So the log holds every transaction the data file may hold,
+    /// durably, before SQLite commits it.
     ///
     /// Fails if the log is poisoned or the frames cannot be written durably; the transaction
     /// must then not commit, and its frames are discarded (see [`Self::discard_staged`]).
@@ -235,6 +235,9 @@ impl ReplicationLogger {
             return Err(LogError::Poisoned(why.clone()));
         }
         if state.header.frame_count > 0 {
+            // SQLite does not sync the data file (the log is the durable copy): once the log
+            // retires, until its successor holds its image, the data file is the only one.
+            durable::sync_file(data).map_err(|e| LogError::io(data, e))?;
             if let Err(e) = self.retire(&mut state) {
                 // Failing before the old log moved leaves it in place to go on with. Failing
                 // after leaves no log to append to: refuse writes until a rebuild.

@@ -29,6 +29,9 @@ use libsql_sys::rusqlite;
 pub use logger::{LogSettings, LogStats, ReplicationLogger};
 pub use recovery::{Rebuild, RecoveryOptions};
 
+/// The SQLite database file of a namespace, and SQLite's own WAL beside it.
+pub const DATA: &str = "data";
+pub const DATA_WAL: &str = "data-wal";
 pub const WALLOG: &str = "wallog";
 /// A new log beside the current one while a retire swaps them.
 pub const WALLOG_NEW: &str = "wallog.new";

@@ -2,11 +2,11 @@
 //! be trusted (dirty recovery).
 //!
 //! `.sentinel` exists while a namespace is open. Found at open, it means the last run did not
-//! shut down cleanly. The log holds every committed transaction durably (it is fsynced before
-//! SQLite commits, and SQLite itself runs with `synchronous=NORMAL`), but a power cut may have
-//! cost the data file its last ones: so the data file is first rolled forward to the log's
-//! last committed transaction, then the log is rebuilt from the data file (a new log_id, as
-//! the libSQL server does). The log is rebuilt the same way, without a roll-forward, when it
+//! shut down cleanly. The log holds the whole database and every committed transaction
+//! durably (it is fsynced before SQLite commits, and SQLite itself does not sync), but a power
+//! cut may have left the data file behind or torn: so the data file is first rewritten to the
+//! log's last state, then the log is rebuilt from the data file (a new log_id, as the libSQL
+//! server does). The log is rebuilt the same way, without a roll-forward, when it
 //! is missing beside existing data, older than version 2, or its header is unreadable.
 //!
 //! Every step of a rebuild is idempotent and the sentinel stays until the namespace closes
@@ -15,7 +15,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ use super::format::{checksum, FrameHeader, LogHeader, FRAME_HEADER_SIZE, FRAME_S
 use super::generation;
 use super::image::{write_image, ImageTarget};
 use super::logger::{create_log_file, frame_offset, read_log_header, LogSettings, ReplicationLogger};
-use super::{failpoint, LogError, LOG_UNTRUSTED, SENTINEL, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG, WALLOG_NEW};
+use super::{failpoint, LogError, DATA, DATA_WAL, LOG_UNTRUSTED, SENTINEL, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG, WALLOG_NEW};
 use crate::durable;
 
 /// Why the log was rebuilt, and what it cost.
@@ -59,13 +59,13 @@ impl RecoveryOptions {
 /// first if it cannot be trusted, then marks the namespace open (the sentinel).
 pub fn open(dir: &Path, data: &Path, settings: LogSettings, options: RecoveryOptions) -> Result<(Arc<ReplicationLogger>, Option<Rebuild>), LogError> {
     finish_interrupted_retire(dir)?;
+    if dir.join(SENTINEL).exists() {
+        // Even when the log is then trusted as it is (LIBSQL_IGNORE_DIRTY_LOG): SQLite does not
+        // sync the data file, so after a power cut only the log has the last transactions.
+        roll_forward(dir, data)?;
+    }
     let mut rebuilt = match dirty_reason(dir, data, options)? {
-        Some(reason) => {
-            if reason == UNCLEAN_SHUTDOWN {
-                roll_forward(dir, data)?;
-            }
-            Some(logged_rebuild(dir, data, reason)?)
-        }
+        Some(reason) => Some(logged_rebuild(dir, data, reason)?),
         None => {
             if !dir.join(WALLOG).exists() {
                 create_log_file(&dir.join(WALLOG), &LogHeader::new(Uuid::new_v4(), 0, 0))?;
@@ -131,6 +131,12 @@ pub fn close(logger: &ReplicationLogger, options: RecoveryOptions) -> Result<(),
         tracing::info!(dir = %logger.dir().display(), "keeping the sentinel: the next open rebuilds the log");
         return Ok(());
     }
+    // Without the sentinel the next open trusts the data file as it is: SQLite did not sync
+    // it, so it is synced here (with its WAL, should one remain).
+    for file in [DATA, DATA_WAL] {
+        let path = logger.dir().join(file);
+        durable::sync_file(&path).map_err(|e| LogError::io(&path, e))?;
+    }
     let sentinel = logger.dir().join(SENTINEL);
     match std::fs::remove_file(&sentinel) {
         Ok(()) => durable::sync_dir(logger.dir()).map_err(|e| LogError::io(logger.dir(), e)),
@@ -139,11 +145,9 @@ pub fn close(logger: &ReplicationLogger, options: RecoveryOptions) -> Result<(),
     }
 }
 
-const UNCLEAN_SHUTDOWN: &str = "the sentinel shows the last run did not shut down cleanly";
-
 fn dirty_reason(dir: &Path, data: &Path, options: RecoveryOptions) -> Result<Option<&'static str>, LogError> {
     if dir.join(SENTINEL).exists() && !options.ignore_dirty {
-        return Ok(Some(UNCLEAN_SHUTDOWN));
+        return Ok(Some("the sentinel shows the last run did not shut down cleanly"));
     }
     let wallog = dir.join(WALLOG);
     let mut bytes = Vec::new();
@@ -246,16 +250,20 @@ fn checkpoint_data_file(data: &Path) -> Result<(), LogError> {
 struct CommittedLog {
     pages: std::collections::BTreeMap<u32, u64>,
     db_pages: u32,
+    /// Frames up to and including the last commit frame.
+    frames: u64,
 }
 
-/// After a crash: brings `data` up to the last transaction the log holds durably. The data
-/// file can only be behind the log (the log is fsynced before SQLite commits), so writing each
-/// page's last logged version over it, where it differs, and cutting it to the logged size
-/// yields exactly the database as of the log's last transaction. Nothing is done, and the
-/// data file is trusted as it is, when the log is not this server's (no generation record
-/// names it), is marked untrusted, or fails its checksum chain inside its committed part:
-/// a broken log must never overwrite data. A crash inside a roll-forward is harmless: the log
-/// is untouched, and the next open rolls forward again. Returns the pages written.
+/// After a crash: makes `data` exactly the database as of the last transaction the log holds
+/// durably. The log opens with a full image and holds every later transaction, fsynced
+/// before SQLite committed it, while SQLite does not sync the data file at all; so whatever
+/// the data file holds after a power cut (an older state, even torn pages), writing each
+/// page's last logged version over it where it differs and cutting it to the logged size
+/// repairs it. Nothing is done, and the data file is trusted as it is, when the log is not
+/// this server's (no generation record names it), is marked untrusted, or fails its checksum
+/// chain inside its committed part: a broken log must never overwrite data. A crash inside a
+/// roll-forward is harmless: the next open rolls forward again from the same log. Returns the
+/// pages written.
 pub fn roll_forward(dir: &Path, data: &Path) -> Result<u64, LogError> {
     let path = dir.join(WALLOG);
     let trust = |why: &str| {
@@ -265,15 +273,12 @@ pub fn roll_forward(dir: &Path, data: &Path) -> Result<u64, LogError> {
     if dir.join(LOG_UNTRUSTED).exists() {
         return trust("the log is marked untrusted");
     }
-    if !data.exists() {
-        return trust("there is no data file");
-    }
-    let file = match File::open(&path) {
+    let file = match OpenOptions::new().read(true).write(true).open(&path) {
         Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return trust("there is no log"),
         Err(e) => return Err(LogError::io(&path, e)),
     };
-    let Ok(header) = read_log_header(&file, &path) else {
+    let Ok(mut header) = read_log_header(&file, &path) else {
         return trust("the log header is unreadable");
     };
     if !generation::read(dir).is_some_and(|r| r.names(header.log_id, header.start_frame_no)) {
@@ -283,17 +288,22 @@ pub fn roll_forward(dir: &Path, data: &Path) -> Result<u64, LogError> {
         Ok(committed) => committed,
         Err(corrupt) => return trust(&corrupt.to_string()),
     };
-    if committed.pages.is_empty() {
+    if committed.frames == 0 {
         return Ok(0);
     }
-    // SQLite's own recovery first: fold whatever its WAL still holds into the data file, so
-    // the file alone is the database (a WAL is never left behind once pages were written
-    // here, so an interrupted roll-forward is not read through one).
-    let wal = PathBuf::from(format!("{}-wal", data.display()));
-    if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
-        checkpoint_data_file(data)?;
+    // The log holds the whole database (it opens with a full image) and every transaction
+    // SQLite's WAL may hold: the data file becomes exactly the log's last state whatever it
+    // holds now, even pages torn by a power cut, so SQLite's WAL is simply dropped. The
+    // pages are written only after that, so a later attempt never reads through a stale WAL.
+    for suffix in ["-wal", "-shm"] {
+        let stale = sqlite_sibling(data, suffix);
+        match std::fs::remove_file(&stale) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(LogError::io(&stale, e)),
+        }
     }
-    let out = OpenOptions::new().read(true).write(true).open(data).map_err(|e| LogError::io(data, e))?;
+    let out = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(data).map_err(|e| LogError::io(data, e))?;
     let mut logged = vec![0u8; PAGE_SIZE];
     let mut current = vec![0u8; PAGE_SIZE];
     let mut written = 0u64;
@@ -313,16 +323,27 @@ pub fn roll_forward(dir: &Path, data: &Path) -> Result<u64, LogError> {
             }
         }
     }
-    let size = committed.db_pages as u64 * PAGE_SIZE as u64;
-    let resized = out.metadata().map_err(|e| LogError::io(data, e))?.len() != size;
-    if resized {
-        out.set_len(size).map_err(|e| LogError::io(data, e))?;
+    out.set_len(committed.db_pages as u64 * PAGE_SIZE as u64).map_err(|e| LogError::io(data, e))?;
+    // Synced even when nothing differed: the pages may be only in the page cache, and from
+    // here on the data file is trusted as it is until the log is rebuilt.
+    out.sync_all().and_then(|()| durable::sync_dir(dir)).map_err(|e| LogError::io(data, e))?;
+    // The header's count may lag the durable frames (it is not fsynced per commit); a log
+    // kept as it is (LIBSQL_IGNORE_DIRTY_LOG) must not append over frames now in the data file.
+    if committed.frames > header.frame_count {
+        header.frame_count = committed.frames;
+        file.write_all_at(&header.encode(), 0).and_then(|()| file.sync_data()).map_err(|e| LogError::io(&path, e))?;
     }
-    if written > 0 || resized {
-        out.sync_all().map_err(|e| LogError::io(data, e))?;
+    if written > 0 {
         tracing::warn!(dir = %dir.display(), pages = written, db_pages = committed.db_pages, "data file rolled forward from the log: it had lost committed transactions");
     }
     Ok(written)
+}
+
+/// SQLite's `-wal` or `-shm` file beside the database file `data`.
+fn sqlite_sibling(data: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = data.as_os_str().to_owned();
+    name.push(suffix);
+    name.into()
 }
 
 /// Walks the log from its first frame along the checksum chain and frame_no sequence, past the
@@ -335,7 +356,7 @@ fn scan_committed(file: &File, path: &Path, header: &LogHeader) -> Result<Result
     let mut frame = vec![0u8; FRAME_SIZE];
     let mut sum = header.start_checksum;
     let mut pending: Vec<(u32, u64)> = Vec::new();
-    let mut committed = CommittedLog { pages: std::collections::BTreeMap::new(), db_pages: 0 };
+    let mut committed = CommittedLog { pages: std::collections::BTreeMap::new(), db_pages: 0, frames: 0 };
     let mut index = 0u64;
     loop {
         match reader.read_exact(&mut frame) {
@@ -353,6 +374,7 @@ fn scan_committed(file: &File, path: &Path, header: &LogHeader) -> Result<Result
         if fh.size_after != 0 {
             committed.pages.extend(pending.drain(..));
             committed.db_pages = fh.size_after;
+            committed.frames = index + 1;
         }
         index += 1;
     }
