@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::format::{checksum, FrameHeader, FRAME_SIZE, PAGE_SIZE};
 use super::logger::frame_offset;
-use super::{failpoint, LogError};
+use super::{failpoint, pagecache, LogError};
 
 /// Where the image goes in the log, and the chain it continues.
 pub struct ImageTarget<'a> {
@@ -46,6 +46,7 @@ pub fn write_image(target: ImageTarget<'_>, data: &Path) -> Result<(u64, u64), L
     let mut buf = vec![0u8; CHUNK as usize * FRAME_SIZE];
     let mut sum = target.previous_checksum;
     let mut done = 0u64;
+    let mut dropped_below = frame_offset(target.first_index);
     while done < pages {
         let n = CHUNK.min(pages - done);
         for (i, frame) in buf.chunks_exact_mut(FRAME_SIZE).take(n as usize).enumerate() {
@@ -62,7 +63,11 @@ pub fn write_image(target: ImageTarget<'_>, data: &Path) -> Result<(u64, u64), L
             .encode_into(&mut frame[..24]);
         }
         let at = frame_offset(target.first_index + done);
+        let end = at + n * FRAME_SIZE as u64;
         target.log.write_all_at(&buf[..n as usize * FRAME_SIZE], at).map_err(|e| io(target.log_path, e))?;
+        // A large image streams through a small window of the page cache.
+        pagecache::start_writeback(target.log, at, end);
+        pagecache::drop_behind(target.log, &mut dropped_below, end, true);
         done += n;
         if done < pages {
             failpoint::check("image.mid_frames", target.log_path).map_err(|e| io(target.log_path, e))?;

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::format::{checksum, FrameHeader, LogHeader, SnapshotHeader, FRAME_HEADER_SIZE, FRAME_SIZE, LOG_HEADER_SIZE};
 use super::generation::{self, GenerationRecord};
 use super::image::{write_image, ImageTarget};
-use super::{compaction, failpoint, LogError, LOG_UNTRUSTED, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG};
+use super::{compaction, failpoint, pagecache, LogError, LOG_UNTRUSTED, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG};
 use crate::durable;
 
 /// When a log is retired into a snapshot.
@@ -71,10 +71,6 @@ struct LogState {
 
 /// How far ahead of the frames the file is filled with zeros.
 const PREALLOCATE: u64 = 4 << 20;
-
-/// The most recent durable bytes of the log kept in the page cache, for replicas pulling the
-/// tail; older pages are dropped once durable (see [`release_cache`]).
-const CACHED_TAIL: u64 = 8 << 20;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LogStats {
@@ -269,7 +265,7 @@ impl ReplicationLogger {
         if pages > 0 {
             state.file.sync_data().map_err(|e| LogError::io(&path, e))?;
             let LogState { file, uncached_below, .. } = &mut *state;
-            release_cache(file, uncached_below, frame_offset(pages));
+            pagecache::drop_behind(file, uncached_below, frame_offset(pages), false);
             let mut header = state.header;
             header.frame_count = pages;
             state.file.write_all_at(&header.encode(), 0).map_err(|e| LogError::io(&path, e))?;
@@ -432,7 +428,7 @@ impl StagedCommit<'_> {
             }
             Ok(written) => {
                 let LogState { file, uncached_below, .. } = &mut *state;
-                release_cache(file, uncached_below, end);
+                pagecache::drop_behind(file, uncached_below, end, false);
                 if let Err(e) = logger.publish(&mut state, frames, last_checksum) {
                     tracing::error!(dir = %logger.dir.display(), error = %e, "a committed transaction could not be counted in the log header; the log takes no more writes until rebuilt");
                     state.poisoned = Some(e.to_string());
@@ -482,28 +478,6 @@ fn preallocate(file: &File, allocated: &mut u64, needed: u64) -> std::io::Result
     }
     *allocated = target;
     Ok(())
-}
-
-/// Drops the log's pages below `durable_end - CACHED_TAIL` from the page cache, in steps of a
-/// few MiB. A log is written once and read back rarely, so keeping it cached only grows the
-/// page cache; dropping it lets the next appends reuse those pages, which measured 10× faster
-/// than appending into fresh ones. Only pages already fsynced may be passed: dropping is
-/// advice and never loses data, but dirty pages would not drop.
-fn release_cache(file: &File, uncached_below: &mut u64, durable_end: u64) {
-    let until = durable_end.saturating_sub(CACHED_TAIL) & !(PREALLOCATE - 1);
-    if until < *uncached_below + PREALLOCATE {
-        return;
-    }
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let len = (until - *uncached_below) as libc::off_t;
-        // SAFETY: plain syscall on an open descriptor; the result is advice only.
-        unsafe { libc::posix_fadvise(file.as_raw_fd(), *uncached_below as libc::off_t, len, libc::POSIX_FADV_DONTNEED) };
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = file;
-    *uncached_below = until;
 }
 
 pub(super) fn frame_offset(index: u64) -> u64 {

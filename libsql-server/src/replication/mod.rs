@@ -17,6 +17,7 @@ pub mod format;
 pub mod generation;
 mod image;
 mod logger;
+mod pagecache;
 pub mod recovery;
 pub mod sync;
 pub mod verify;
