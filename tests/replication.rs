@@ -339,8 +339,11 @@ fn save_data(dir: &Path) -> Vec<(PathBuf, Option<Vec<u8>>)> {
 }
 
 /// Puts a saved data file back after a crash: what a power cut does to a data file whose
-/// last transactions were not yet synced.
+/// last transactions were not yet synced. The record of how far the data file is durable goes
+/// too, since the saved file may be older than it (see `restore_synced_data` for a loss no
+/// older than the record).
 fn restore_data(dir: &Path, saved: &[(PathBuf, Option<Vec<u8>>)]) {
+    let _ = std::fs::remove_file(dir.join("synced"));
     for (path, bytes) in saved {
         match bytes {
             Some(bytes) => std::fs::write(path, bytes).unwrap(),
@@ -402,6 +405,40 @@ fn acknowledged_commits_survive_the_data_file_losing_its_last_transactions() {
         primary.assert_replay_equals_data();
         primary.close();
     }
+}
+
+/// A complete checkpoint syncs the data file and records how far it is durable; a power cut
+/// can then only cost it what came later, and the roll-forward replays only the log after the
+/// recorded point. Shown by breaking a frame before that point: a walk from the log's start
+/// would stop there and trust the stale data file.
+#[test]
+fn the_roll_forward_starts_where_the_data_file_was_recorded_durable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    primary.exec("CREATE TABLE t (k, v); INSERT INTO t SELECT value, randomblob(2000) FROM generate_series(1, 300);");
+    primary.db().checkpoint(libsql_server::database::CheckpointMode::Truncate).unwrap();
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp.path().join("synced")).unwrap()).unwrap();
+    assert_eq!(record["frame_no"].as_u64(), primary.logger().stats().last_frame_no);
+    let synced = save_data(tmp.path());
+    primary.exec("INSERT INTO t SELECT value + 1000, randomblob(2000) FROM generate_series(1, 50);");
+    primary.crash();
+    for (path, bytes) in &synced {
+        match bytes {
+            Some(bytes) => std::fs::write(path, bytes).unwrap(),
+            None => drop(std::fs::remove_file(path)),
+        }
+    }
+    let _ = std::fs::remove_file(tmp.path().join("data-shm"));
+    let wallog = tmp.path().join("wallog");
+    let mut bytes = std::fs::read(&wallog).unwrap();
+    bytes[64 + 5 * 4120 + 100] ^= 0xFF;
+    std::fs::write(&wallog, bytes).unwrap();
+
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    assert_eq!(primary.count("SELECT count(*) FROM t"), 350);
+    assert_eq!(integrity(&primary), "ok");
+    primary.assert_replay_equals_data();
+    primary.close();
 }
 
 /// A log whose committed frames fail the checksum chain never overwrites the data file: the

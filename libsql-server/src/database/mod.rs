@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use libsql_replication::rpc::metadata::{DatabaseConfig, DurabilityMode};
+use crate::replication::synced;
 use libsql_sys::rusqlite::{self, OpenFlags};
 use libsql_sys::wal::wrapper::WrappedWal;
 use libsql_sys::wal::{Sqlite3Wal, Sqlite3WalManager, WalManager};
@@ -43,6 +44,8 @@ pub enum Error {
     Sqlite(#[from] rusqlite::Error),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Log(#[from] crate::replication::LogError),
 }
 
 /// State shared by every connection of one database.
@@ -225,14 +228,23 @@ impl Database {
 
     /// Runs a checkpoint on a connection of the pool. Returns SQLite's (busy, log frames,
     /// checkpointed frames).
+    /// A checkpoint that moved the whole WAL into the data file also syncs the data file and
+    /// records how far it is durable (see `replication::synced`), so a roll-forward after a
+    /// crash replays only the log after that point.
     pub fn checkpoint(&self, mode: CheckpointMode) -> Result<(i64, i64, i64), Error> {
         let conn = self.connection()?;
         let pragma = match mode {
             CheckpointMode::Passive => "PRAGMA wal_checkpoint(PASSIVE)",
             CheckpointMode::Truncate => "PRAGMA wal_checkpoint(TRUNCATE)",
         };
-        let result = conn.sqlite().query_row(pragma, [], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        let position = self.shared.logger.committed_position();
+        let result: (i64, i64, i64) = conn.sqlite().query_row(pragma, [], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
         self.recycle(conn);
+        let (busy, wal_frames, checkpointed) = result;
+        if let Some(position) = position.filter(|_| busy == 0 && wal_frames == checkpointed) {
+            let dir = self.shared.path.parent().unwrap_or(Path::new("."));
+            synced::record(dir, &self.shared.path, position).map_err(Error::Log)?;
+        }
         Ok(result)
     }
 

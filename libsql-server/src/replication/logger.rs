@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::format::{checksum, FrameHeader, LogHeader, SnapshotHeader, FRAME_HEADER_SIZE, FRAME_SIZE, LOG_HEADER_SIZE};
 use super::generation::{self, GenerationRecord};
+use super::synced::{self, SyncedThrough};
 use super::image::{write_image, ImageTarget};
 use super::{compaction, failpoint, pagecache, LogError, LOG_UNTRUSTED, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG};
 use crate::durable;
@@ -147,6 +148,15 @@ impl ReplicationLogger {
         self.lock().header.log_id
     }
 
+    /// The log and its last committed frame, if it has one: what a checkpoint that starts
+    /// now puts into the data file.
+    pub fn committed_position(&self) -> Option<SyncedThrough> {
+        let state = self.lock();
+        let h = &state.header;
+        let frame_no = h.next_frame_no().checked_sub(1).filter(|_| h.frame_count > 0)?;
+        Some(SyncedThrough { log_id: h.log_id, start_frame_no: h.start_frame_no, frame_no })
+    }
+
     /// Logs one transaction ahead of SQLite's commit of it: encodes `pages` ((page number,
     /// bytes), the last one carrying `size_after`), writes them past the log's committed end
     /// and fdatasyncs them. [`StagedCommit::commit`] then runs SQLite's commit and counts the
@@ -274,6 +284,11 @@ impl ReplicationLogger {
         }
         state.generation = generation::for_log(&self.dir, state.header.log_id, state.header.start_frame_no)?;
         self.generation.store(state.generation.generation, Ordering::Release);
+        if pages > 0 {
+            // The data file was synced before the old log retired, and the image is it.
+            let h = state.header;
+            synced::record(&self.dir, data, SyncedThrough { log_id: h.log_id, start_frame_no: h.start_frame_no, frame_no: h.start_frame_no + pages - 1 })?;
+        }
         tracing::info!(dir = %self.dir.display(), generation = state.generation.generation, pages, "new generation opened with a full image");
         Ok(())
     }

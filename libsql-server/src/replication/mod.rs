@@ -20,6 +20,7 @@ mod logger;
 mod pagecache;
 pub mod recovery;
 pub mod sync;
+pub mod synced;
 pub mod verify;
 pub mod wal;
 

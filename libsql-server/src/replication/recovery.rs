@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use super::format::{checksum, FrameHeader, LogHeader, FRAME_HEADER_SIZE, FRAME_SIZE, LOG_HEADER_SIZE, PAGE_SIZE};
 use super::generation;
+use super::synced::{self, SyncedThrough};
 use super::image::{write_image, ImageTarget};
 use super::logger::{create_log_file, frame_offset, read_log_header, LogSettings, ReplicationLogger};
 use super::{failpoint, LogError, DATA, DATA_WAL, LOG_UNTRUSTED, SENTINEL, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG, WALLOG_NEW};
@@ -225,6 +226,11 @@ pub fn rebuild(dir: &Path, data: &Path, reason: &'static str) -> Result<Rebuild,
     let _ = std::fs::remove_file(dir.join(WALLOG_NEW));
     let _ = std::fs::remove_file(dir.join(LOG_UNTRUSTED));
     durable::sync_dir(dir).map_err(|e| io(dir, e))?;
+    if pages > 0 {
+        // The new log is an image of the data file: once that is synced, a roll-forward
+        // replays only what comes after the image.
+        synced::record(dir, data, SyncedThrough { log_id: header.log_id, start_frame_no: 0, frame_no: pages - 1 })?;
+    }
     Ok(Rebuild { reason, pages, took: started.elapsed() })
 }
 
@@ -256,10 +262,10 @@ struct CommittedLog {
 
 /// After a crash: makes `data` exactly the database as of the last transaction the log holds
 /// durably. The log opens with a full image and holds every later transaction, fsynced
-/// before SQLite committed it, while SQLite does not sync the data file at all; so whatever
-/// the data file holds after a power cut (an older state, even torn pages), writing each
-/// page's last logged version over it where it differs and cutting it to the logged size
-/// repairs it. Nothing is done, and the data file is trusted as it is, when the log is not
+/// before SQLite committed it, while SQLite syncs the data file only at recorded points (see
+/// [`synced`]); so whatever the data file holds after a power cut (an older state, even torn
+/// pages), writing each page's last logged version since the recorded point (or since the
+/// log's start) over it where it differs and cutting it to the logged size repairs it. Nothing is done, and the data file is trusted as it is, when the log is not
 /// this server's (no generation record names it), is marked untrusted, or fails its checksum
 /// chain inside its committed part: a broken log must never overwrite data. A crash inside a
 /// roll-forward is harmless: the next open rolls forward again from the same log. Returns the
@@ -284,17 +290,30 @@ pub fn roll_forward(dir: &Path, data: &Path) -> Result<u64, LogError> {
     if !generation::read(dir).is_some_and(|r| r.names(header.log_id, header.start_frame_no)) {
         return trust("no generation record names the log");
     }
-    let committed = match scan_committed(&file, &path, &header)? {
+    let start = synced_start(dir, &file, &header);
+    let committed = match scan_committed(&file, &path, &header, start)? {
         Ok(committed) => committed,
         Err(corrupt) => return trust(&corrupt.to_string()),
     };
-    if committed.frames == 0 {
-        return Ok(0);
+    let written = if committed.frames > 0 { rewrite_data_file(data, &file, &path, &committed)? } else { 0 };
+    // The header's count may lag the durable frames (it is not fsynced per commit); a log
+    // kept as it is (LIBSQL_IGNORE_DIRTY_LOG) must not append over frames the data file holds.
+    let log_end = committed.frames.max(start.index);
+    if log_end > header.frame_count {
+        header.frame_count = log_end;
+        file.write_all_at(&header.encode(), 0).and_then(|()| file.sync_data()).map_err(|e| LogError::io(&path, e))?;
     }
-    // The log holds the whole database (it opens with a full image) and every transaction
-    // SQLite's WAL may hold: the data file becomes exactly the log's last state whatever it
-    // holds now, even pages torn by a power cut, so SQLite's WAL is simply dropped. The
-    // pages are written only after that, so a later attempt never reads through a stale WAL.
+    if written > 0 {
+        tracing::warn!(dir = %dir.display(), pages = written, db_pages = committed.db_pages, "data file rolled forward from the log: it had lost committed transactions");
+    }
+    Ok(written)
+}
+
+/// Makes `data` the log's last state: every page the scanned part of the log wrote, in its
+/// last version, where it differs; the logged size; fsynced. The log holds every transaction
+/// SQLite's WAL may hold, so that WAL is simply dropped, before any page is written, so that
+/// a later attempt never reads through a stale WAL. Returns the pages written.
+fn rewrite_data_file(data: &Path, log: &File, log_path: &Path, committed: &CommittedLog) -> Result<u64, LogError> {
     for suffix in ["-wal", "-shm"] {
         let stale = sqlite_sibling(data, suffix);
         match std::fs::remove_file(&stale) {
@@ -308,7 +327,7 @@ pub fn roll_forward(dir: &Path, data: &Path) -> Result<u64, LogError> {
     let mut current = vec![0u8; PAGE_SIZE];
     let mut written = 0u64;
     for (&page_no, &index) in committed.pages.range(..=committed.db_pages) {
-        file.read_exact_at(&mut logged, frame_offset(index) + FRAME_HEADER_SIZE as u64).map_err(|e| LogError::io(&path, e))?;
+        log.read_exact_at(&mut logged, frame_offset(index) + FRAME_HEADER_SIZE as u64).map_err(|e| LogError::io(log_path, e))?;
         let at = (page_no as u64 - 1) * PAGE_SIZE as u64;
         let differs = match out.read_exact_at(&mut current, at) {
             Ok(()) => current != logged,
@@ -326,17 +345,36 @@ pub fn roll_forward(dir: &Path, data: &Path) -> Result<u64, LogError> {
     out.set_len(committed.db_pages as u64 * PAGE_SIZE as u64).map_err(|e| LogError::io(data, e))?;
     // Synced even when nothing differed: the pages may be only in the page cache, and from
     // here on the data file is trusted as it is until the log is rebuilt.
-    out.sync_all().and_then(|()| durable::sync_dir(dir)).map_err(|e| LogError::io(data, e))?;
-    // The header's count may lag the durable frames (it is not fsynced per commit); a log
-    // kept as it is (LIBSQL_IGNORE_DIRTY_LOG) must not append over frames now in the data file.
-    if committed.frames > header.frame_count {
-        header.frame_count = committed.frames;
-        file.write_all_at(&header.encode(), 0).and_then(|()| file.sync_data()).map_err(|e| LogError::io(&path, e))?;
-    }
-    if written > 0 {
-        tracing::warn!(dir = %dir.display(), pages = written, db_pages = committed.db_pages, "data file rolled forward from the log: it had lost committed transactions");
-    }
+    out.sync_all().and_then(|()| durable::sync_parent(data)).map_err(|e| LogError::io(data, e))?;
     Ok(written)
+}
+
+/// Where a roll-forward starts walking the log, and the checksum the chain continues from.
+#[derive(Clone, Copy)]
+struct ScanStart {
+    index: u64,
+    checksum: u64,
+}
+
+/// The frame after the one the data file is recorded durable through (see [`synced`]), if the
+/// record names this log and that frame is there as recorded; otherwise the log's start.
+fn synced_start(dir: &Path, file: &File, header: &LogHeader) -> ScanStart {
+    let from_start = ScanStart { index: 0, checksum: header.start_checksum };
+    let Some(record) = synced::read(dir).filter(|r| r.log_id == header.log_id && r.start_frame_no == header.start_frame_no) else {
+        return from_start;
+    };
+    let Some(index) = record.frame_no.checked_sub(header.start_frame_no) else {
+        return from_start;
+    };
+    let mut bytes = [0u8; FRAME_HEADER_SIZE];
+    if file.read_exact_at(&mut bytes, frame_offset(index)).is_err() {
+        return from_start;
+    }
+    let frame = FrameHeader::decode(&bytes);
+    if frame.frame_no != record.frame_no || frame.size_after == 0 {
+        return from_start;
+    }
+    ScanStart { index: index + 1, checksum: frame.checksum }
 }
 
 /// SQLite's `-wal` or `-shm` file beside the database file `data`.
@@ -350,14 +388,14 @@ fn sqlite_sibling(data: &Path, suffix: &str) -> std::path::PathBuf {
 /// header's count (which is written without an fsync, so it may lag the durable frames) up to
 /// the last frame that verifies, and keeps the transactions that end in a commit frame. A
 /// frame inside the header's count that does not verify makes the log corrupt (inner `Err`).
-fn scan_committed(file: &File, path: &Path, header: &LogHeader) -> Result<Result<CommittedLog, LogError>, LogError> {
+fn scan_committed(file: &File, path: &Path, header: &LogHeader, start: ScanStart) -> Result<Result<CommittedLog, LogError>, LogError> {
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
-    reader.seek_relative(LOG_HEADER_SIZE as i64).map_err(|e| LogError::io(path, e))?;
+    reader.seek_relative(frame_offset(start.index) as i64).map_err(|e| LogError::io(path, e))?;
     let mut frame = vec![0u8; FRAME_SIZE];
-    let mut sum = header.start_checksum;
+    let mut sum = start.checksum;
     let mut pending: Vec<(u32, u64)> = Vec::new();
     let mut committed = CommittedLog { pages: std::collections::BTreeMap::new(), db_pages: 0, frames: 0 };
-    let mut index = 0u64;
+    let mut index = start.index;
     loop {
         match reader.read_exact(&mut frame) {
             Ok(()) => {}

@@ -1,0 +1,41 @@
+//! How far the data file is known durable: `dbs/<ns>/synced` names a log and a frame_no, and
+//! says that the data file, fsynced, holds every transaction of that log up to that frame.
+//! SQLite itself does not sync the data file (the log is the durable copy), so after a crash
+//! the roll-forward would otherwise have to compare every page of the database with the log;
+//! with the record it only replays the log after that frame. Written after each complete
+//! checkpoint, each new log image and each rebuild; a record naming another log is ignored.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::LogError;
+use crate::durable;
+
+pub const SYNCED_FILE: &str = "synced";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncedThrough {
+    pub log_id: Uuid,
+    pub start_frame_no: u64,
+    /// The last frame (a commit frame) whose transaction the synced data file holds.
+    pub frame_no: u64,
+}
+
+/// The stored record, if it can be read.
+pub fn read(dir: &Path) -> Option<SyncedThrough> {
+    serde_json::from_slice(&std::fs::read(dir.join(SYNCED_FILE)).ok()?).ok()
+}
+
+/// Fsyncs the data file `data`, then records that it holds everything through `position`.
+/// The caller guarantees that it does: the position was taken before a complete checkpoint.
+pub fn record(dir: &Path, data: &Path, position: SyncedThrough) -> Result<(), LogError> {
+    if read(dir) == Some(position) {
+        return Ok(());
+    }
+    durable::sync_file(data).map_err(|e| LogError::io(data, e))?;
+    let path = dir.join(SYNCED_FILE);
+    let bytes = serde_json::to_vec(&position).expect("a record serialises");
+    durable::write_file(&path, &bytes).map_err(|e| LogError::io(&path, e))
+}
