@@ -6,8 +6,8 @@
 //! durably (it is fsynced before SQLite commits, and SQLite itself does not sync), but a power
 //! cut may have left the data file behind or torn: so the data file is first rewritten to the
 //! log's last state, then the log is rebuilt from the data file (a new log_id, as the libSQL
-//! server does). The log is rebuilt the same way, without a roll-forward, when it
-//! is missing beside existing data, older than version 2, or its header is unreadable.
+//! server does). The log is rebuilt the same way, without a roll-forward, when it is missing
+//! beside existing data, older than version 2, or its header is unreadable.
 //!
 //! Every step of a rebuild is idempotent and the sentinel stays until the namespace closes
 //! cleanly, so a crash anywhere inside a rebuild just means the next open rebuilds again.
@@ -263,13 +263,15 @@ struct CommittedLog {
 /// After a crash: makes `data` exactly the database as of the last transaction the log holds
 /// durably. The log opens with a full image and holds every later transaction, fsynced
 /// before SQLite committed it, while SQLite syncs the data file only at recorded points (see
-/// [`synced`]); so whatever the data file holds after a power cut (an older state, even torn
-/// pages), writing each page's last logged version since the recorded point (or since the
-/// log's start) over it where it differs and cutting it to the logged size repairs it. Nothing is done, and the data file is trusted as it is, when the log is not
-/// this server's (no generation record names it), is marked untrusted, or fails its checksum
-/// chain inside its committed part: a broken log must never overwrite data. A crash inside a
-/// roll-forward is harmless: the next open rolls forward again from the same log. Returns the
-/// pages written.
+/// [`synced`]). So whatever the data file holds after a power cut (an older state, even torn
+/// pages), writing over it each page's last logged version since the recorded point (or
+/// since the log's start), where it differs, and cutting it to the logged size repairs it.
+///
+/// Nothing is done, and the data file is trusted as it is, when the log is not this server's
+/// (no generation record names it), is marked untrusted, or fails its checksum chain inside
+/// its committed part: a broken log must never overwrite data. A crash inside a roll-forward
+/// is harmless: the next open rolls forward again from the same log. Returns the pages
+/// written.
 pub fn roll_forward(dir: &Path, data: &Path) -> Result<u64, LogError> {
     let path = dir.join(WALLOG);
     let trust = |why: &str| {
