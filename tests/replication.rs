@@ -465,6 +465,53 @@ fn a_corrupt_log_never_overwrites_the_data_file() {
     primary.close();
 }
 
+/// A header that cannot be written after SQLite committed: the transaction's frames are
+/// durable and count, so the log is poisoned but a close keeps them (and writes the count).
+#[test]
+fn a_failed_header_write_keeps_the_committed_frames() {
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    primary.exec("CREATE TABLE t (x); INSERT INTO t VALUES (1);");
+    let before = primary.logger().stats().frame_count;
+    {
+        let _armed = failpoint::arm("log.header", tmp.path());
+        primary.exec("INSERT INTO t VALUES (2)");
+    }
+    assert!(primary.logger().is_poisoned());
+    let counted = primary.logger().stats().frame_count;
+    assert!(counted > before);
+    primary.close();
+    let bytes = std::fs::read(tmp.path().join("wallog")).unwrap();
+    assert_eq!(le_u64(&bytes, 40), counted, "the close wrote the count");
+    assert_eq!(bytes.len() as u64, 64 + counted * 4120, "and kept the frames");
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    assert_eq!(primary.count("SELECT count(*) FROM t"), 2);
+    primary.assert_replay_equals_data();
+    primary.close();
+}
+
+/// A write still in flight when its namespace closes (a shutdown past its timeout) does not
+/// commit: the data file was already synced and the sentinel removed.
+#[test]
+fn a_closed_log_takes_no_more_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    primary.exec("CREATE TABLE t (x); INSERT INTO t VALUES (1);");
+    let mut held = primary.db().connection().unwrap();
+    let db = primary.db.take().unwrap();
+    db.close().unwrap();
+    recovery::close(db.logger(), primary.options).unwrap();
+    assert!(!tmp.path().join(".sentinel").exists());
+    assert!(held.execute_script("INSERT INTO t VALUES (2)").is_err());
+    drop(held);
+    drop(db);
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    assert!(primary.rebuild.is_none());
+    assert_eq!(primary.count("SELECT count(*) FROM t"), 1);
+    primary.assert_replay_equals_data();
+    primary.close();
+}
+
 #[test]
 fn missing_old_or_unreadable_logs_are_rebuilt_from_data() {
     for damage in ["missing", "old version", "bad magic"] {

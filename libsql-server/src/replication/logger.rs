@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::format::{checksum, FrameHeader, LogHeader, SnapshotHeader, FRAME_HEADER_SIZE, FRAME_SIZE, LOG_HEADER_SIZE};
+use super::format::{checksum, FrameHeader, LogHeader, SnapshotHeader, FRAME_SIZE, LOG_HEADER_SIZE};
 use super::generation::{self, GenerationRecord};
 use super::synced::{self, SyncedThrough};
 use super::image::{write_image, ImageTarget};
-use super::{compaction, failpoint, pagecache, LogError, LOG_UNTRUSTED, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG};
+use super::{compaction, failpoint, pagecache, LogError, DATA, DATA_WAL, LOG_UNTRUSTED, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG};
 use crate::durable;
 
 /// When a log is retired into a snapshot.
@@ -67,6 +67,9 @@ struct LogState {
     allocated: u64,
     /// Bytes of the file below which its durable pages were dropped from the page cache.
     uncached_below: u64,
+    /// Set by a clean close: a write still in flight then must not commit, since the data
+    /// file was synced and the sentinel goes.
+    closed: bool,
     buf: Vec<u8>,
 }
 
@@ -117,6 +120,7 @@ impl ReplicationLogger {
                 started_at: Instant::now(),
                 allocated,
                 uncached_below: 0,
+                closed: false,
                 buf: Vec::new(),
             }),
             compactions: Mutex::new(Vec::new()),
@@ -175,6 +179,9 @@ impl ReplicationLogger {
         if let Some(why) = &state.poisoned {
             return Err(LogError::Poisoned(why.clone()));
         }
+        if state.closed {
+            return Err(LogError::Closed);
+        }
         let frames = pages.len() as u64;
         let last_checksum = encode_frames(&mut state, pages, size_after);
         let at = frame_offset(state.header.frame_count);
@@ -194,14 +201,17 @@ impl ReplicationLogger {
         Ok(StagedCommit { logger: self, state, frames, last_checksum, at, end })
     }
 
-    /// After a staged transaction failed: zeroes its first frame's header, durably, so the
-    /// checksum chain a roll-forward follows ends before it (the next transaction overwrites
-    /// the rest). If even that fails, the log is poisoned and marked untrusted, so that no
-    /// roll-forward applies a transaction that did not commit.
+    /// After a staged transaction failed: zeroes its frames, durably, so the checksum chain a
+    /// roll-forward follows ends before them. If even that fails, the log is poisoned and
+    /// marked untrusted, so that no roll-forward applies a transaction that did not commit.
     fn discard_staged(&self, state: &mut LogState, at: u64, why: &dyn std::fmt::Display) {
+        // Every staged frame, not just the first: a later transaction may rewrite the first
+        // one identically, and the rest would then continue its checksum chain.
+        state.buf.fill(0);
+        let LogState { file, buf, .. } = &*state;
         let zeroed = failpoint::check("log.discard", &self.dir)
-            .and_then(|()| state.file.write_all_at(&[0u8; FRAME_HEADER_SIZE], at))
-            .and_then(|()| state.file.sync_data());
+            .and_then(|()| file.write_all_at(buf, at))
+            .and_then(|()| file.sync_data());
         if let Err(e) = zeroed {
             let why = format!("the frames of a failed transaction could not be discarded ({e}) after: {why}");
             tracing::error!(dir = %self.dir.display(), error = %why, "replication log broken; writes are refused until it is rebuilt");
@@ -213,12 +223,14 @@ impl ReplicationLogger {
     }
 
     /// Counts `frames` durable frames in the header, then retires the log if it is full.
+    /// The frames are durable and SQLite committed them, so they count in memory even if the
+    /// header cannot be written (the caller then poisons the log; a close must not cut them).
     fn publish(&self, state: &mut LogState, frames: u64, last_checksum: u64) -> Result<(), LogError> {
-        let mut header = state.header;
-        header.frame_count += frames;
-        state.file.write_all_at(&header.encode(), 0).map_err(|e| LogError::io(&self.dir.join(WALLOG), e))?;
-        state.header = header;
+        state.header.frame_count += frames;
         state.last_checksum = last_checksum;
+        failpoint::check("log.header", &self.dir)
+            .and_then(|()| state.file.write_all_at(&state.header.encode(), 0))
+            .map_err(|e| LogError::io(&self.dir.join(WALLOG), e))?;
 
         if self.should_retire(state) {
             self.retire_wanted.store(true, Ordering::Release);
@@ -287,7 +299,7 @@ impl ReplicationLogger {
         if pages > 0 {
             // The data file was synced before the old log retired, and the image is it.
             let h = state.header;
-            synced::record(&self.dir, data, SyncedThrough { log_id: h.log_id, start_frame_no: h.start_frame_no, frame_no: h.start_frame_no + pages - 1 })?;
+            synced::record(&self.dir, data, SyncedThrough { log_id: h.log_id, start_frame_no: h.start_frame_no, frame_no: h.start_frame_no + pages - 1 });
         }
         tracing::info!(dir = %self.dir.display(), generation = state.generation.generation, pages, "new generation opened with a full image");
         Ok(())
@@ -400,9 +412,15 @@ impl ReplicationLogger {
     pub fn close(&self) -> Result<(), LogError> {
         self.wait_for_compactions();
         let mut state = self.lock();
+        state.closed = true;
         let end = frame_offset(state.header.frame_count);
         let path = self.dir.join(WALLOG);
-        state.file.set_len(end).and_then(|()| state.file.sync_all()).map_err(|e| LogError::io(&path, e))?;
+        state
+            .file
+            .write_all_at(&state.header.encode(), 0)
+            .and_then(|()| state.file.set_len(end))
+            .and_then(|()| state.file.sync_all())
+            .map_err(|e| LogError::io(&path, e))?;
         state.allocated = end;
         Ok(())
     }
@@ -457,6 +475,10 @@ impl StagedCommit<'_> {
 /// Marks the log of `dir` as holding frames that must not be rolled forward; recovery then
 /// trusts the data file, and the rebuild removes the mark.
 fn mark_untrusted(dir: &Path) -> std::io::Result<()> {
+    // Trusted from now on, the data file must hold every acknowledged transaction durably:
+    // SQLite does not sync it, so it is synced here (with its WAL) before the mark says so.
+    durable::sync_file(&dir.join(DATA))?;
+    durable::sync_file(&dir.join(DATA_WAL))?;
     File::create(dir.join(LOG_UNTRUSTED))?.sync_all()?;
     durable::sync_dir(dir)
 }

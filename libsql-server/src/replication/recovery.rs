@@ -124,6 +124,13 @@ fn opens_with_image(path: &Path, header: &LogHeader, data: &Path) -> Result<bool
 /// Marks a clean close: the log is complete, the sentinel goes (unless preserved).
 pub fn close(logger: &ReplicationLogger, options: RecoveryOptions) -> Result<(), LogError> {
     logger.close()?;
+    // SQLite did not sync the data file: from here on (without the sentinel, or with a log
+    // that cannot be rolled forward from) it is trusted as it is, so it is synced now, with
+    // its WAL should one remain.
+    for file in [DATA, DATA_WAL] {
+        let path = logger.dir().join(file);
+        durable::sync_file(&path).map_err(|e| LogError::io(&path, e))?;
+    }
     if logger.is_poisoned() {
         tracing::warn!(dir = %logger.dir().display(), "keeping the sentinel: the log misses a committed transaction and is rebuilt on the next open");
         return Ok(());
@@ -131,12 +138,6 @@ pub fn close(logger: &ReplicationLogger, options: RecoveryOptions) -> Result<(),
     if options.preserve_sentinel {
         tracing::info!(dir = %logger.dir().display(), "keeping the sentinel: the next open rebuilds the log");
         return Ok(());
-    }
-    // Without the sentinel the next open trusts the data file as it is: SQLite did not sync
-    // it, so it is synced here (with its WAL, should one remain).
-    for file in [DATA, DATA_WAL] {
-        let path = logger.dir().join(file);
-        durable::sync_file(&path).map_err(|e| LogError::io(&path, e))?;
     }
     let sentinel = logger.dir().join(SENTINEL);
     match std::fs::remove_file(&sentinel) {
@@ -147,6 +148,10 @@ pub fn close(logger: &ReplicationLogger, options: RecoveryOptions) -> Result<(),
 }
 
 fn dirty_reason(dir: &Path, data: &Path, options: RecoveryOptions) -> Result<Option<&'static str>, LogError> {
+    if dir.join(LOG_UNTRUSTED).exists() {
+        // Even under LIBSQL_IGNORE_DIRTY_LOG: the log holds frames that must never be applied.
+        return Ok(Some("the log is marked untrusted"));
+    }
     if dir.join(SENTINEL).exists() && !options.ignore_dirty {
         return Ok(Some("the sentinel shows the last run did not shut down cleanly"));
     }
@@ -196,6 +201,8 @@ fn finish_interrupted_retire(dir: &Path) -> Result<(), LogError> {
 pub fn rebuild(dir: &Path, data: &Path, reason: &'static str) -> Result<Rebuild, LogError> {
     let started = Instant::now();
     checkpoint_data_file(data)?;
+    // The new log is made from the data file, which SQLite did not sync.
+    durable::sync_file(data).map_err(|e| LogError::io(data, e))?;
     failpoint::check("recovery.after_checkpoint", data).map_err(|e| LogError::io(data, e))?;
 
     let new_path = dir.join(super::WALLOG_REBUILD);
@@ -229,7 +236,7 @@ pub fn rebuild(dir: &Path, data: &Path, reason: &'static str) -> Result<Rebuild,
     if pages > 0 {
         // The new log is an image of the data file: once that is synced, a roll-forward
         // replays only what comes after the image.
-        synced::record(dir, data, SyncedThrough { log_id: header.log_id, start_frame_no: 0, frame_no: pages - 1 })?;
+        synced::record(dir, data, SyncedThrough { log_id: header.log_id, start_frame_no: 0, frame_no: pages - 1 });
     }
     Ok(Rebuild { reason, pages, took: started.elapsed() })
 }
@@ -297,7 +304,10 @@ pub fn roll_forward(dir: &Path, data: &Path) -> Result<u64, LogError> {
         Ok(committed) => committed,
         Err(corrupt) => return trust(&corrupt.to_string()),
     };
-    let written = if committed.frames > 0 { rewrite_data_file(data, &file, &path, &committed)? } else { 0 };
+    // From a recorded point even with nothing after it: SQLite's WAL may still hold a
+    // transaction that failed after reaching it, and must not be replayed.
+    let known = committed.frames > 0 || start.index > 0;
+    let written = if known { rewrite_data_file(data, &file, &path, &committed)? } else { 0 };
     // The header's count may lag the durable frames (it is not fsynced per commit); a log
     // kept as it is (LIBSQL_IGNORE_DIRTY_LOG) must not append over frames the data file holds.
     let log_end = committed.frames.max(start.index);
@@ -356,12 +366,14 @@ fn rewrite_data_file(data: &Path, log: &File, log_path: &Path, committed: &Commi
 struct ScanStart {
     index: u64,
     checksum: u64,
+    /// The database size at that point.
+    db_pages: u32,
 }
 
 /// The frame after the one the data file is recorded durable through (see [`synced`]), if the
 /// record names this log and that frame is there as recorded; otherwise the log's start.
 fn synced_start(dir: &Path, file: &File, header: &LogHeader) -> ScanStart {
-    let from_start = ScanStart { index: 0, checksum: header.start_checksum };
+    let from_start = ScanStart { index: 0, checksum: header.start_checksum, db_pages: 0 };
     let Some(record) = synced::read(dir).filter(|r| r.log_id == header.log_id && r.start_frame_no == header.start_frame_no) else {
         return from_start;
     };
@@ -376,7 +388,7 @@ fn synced_start(dir: &Path, file: &File, header: &LogHeader) -> ScanStart {
     if frame.frame_no != record.frame_no || frame.size_after == 0 {
         return from_start;
     }
-    ScanStart { index: index + 1, checksum: frame.checksum }
+    ScanStart { index: index + 1, checksum: frame.checksum, db_pages: frame.size_after }
 }
 
 /// SQLite's `-wal` or `-shm` file beside the database file `data`.
@@ -396,7 +408,7 @@ fn scan_committed(file: &File, path: &Path, header: &LogHeader, start: ScanStart
     let mut frame = vec![0u8; FRAME_SIZE];
     let mut sum = start.checksum;
     let mut pending: Vec<(u32, u64)> = Vec::new();
-    let mut committed = CommittedLog { pages: std::collections::BTreeMap::new(), db_pages: 0, frames: 0 };
+    let mut committed = CommittedLog { pages: std::collections::BTreeMap::new(), db_pages: start.db_pages, frames: 0 };
     let mut index = start.index;
     loop {
         match reader.read_exact(&mut frame) {
