@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use libsql_replication::rpc::metadata::{DatabaseConfig, DurabilityMode};
-use crate::replication::synced;
 use libsql_sys::rusqlite::{self, OpenFlags};
 use libsql_sys::wal::wrapper::WrappedWal;
 use libsql_sys::wal::{Sqlite3Wal, Sqlite3WalManager, WalManager};
@@ -240,8 +239,7 @@ impl Database {
         self.recycle(conn);
         let (busy, wal_frames, checkpointed) = result;
         if let Some(position) = position.filter(|_| busy == 0 && wal_frames == checkpointed) {
-            let dir = self.shared.path.parent().unwrap_or(Path::new("."));
-            synced::record(dir, &self.shared.path, position);
+            self.shared.logger.record_data_synced(&self.shared.path, position);
         }
         Ok(result)
     }

@@ -46,6 +46,9 @@ pub struct ReplicationLogger {
     compactions: Mutex<Vec<JoinHandle<()>>>,
     /// The log is full: the next chance, it should be retired (see [`Self::retire_with_image`]).
     retire_wanted: AtomicBool,
+    /// The last position recorded in `synced`: held while recording, so a checkpoint and a
+    /// compaction of this namespace take turns, and an unchanged position costs no fsync.
+    synced: Mutex<Option<SyncedThrough>>,
     /// The current generation's number, readable without the log's lock (which a commit holds
     /// through its fsync, and a compaction through a full image).
     generation: AtomicU64,
@@ -125,6 +128,7 @@ impl ReplicationLogger {
             }),
             compactions: Mutex::new(Vec::new()),
             retire_wanted: AtomicBool::new(false),
+            synced: Mutex::new(synced::read(dir)),
             generation: AtomicU64::new(generation.generation),
         });
         // Finish the snapshots a previous run retired but did not get to write.
@@ -299,10 +303,19 @@ impl ReplicationLogger {
         if pages > 0 {
             // The data file was synced before the old log retired, and the image is it.
             let h = state.header;
-            synced::record(&self.dir, data, SyncedThrough { log_id: h.log_id, start_frame_no: h.start_frame_no, frame_no: h.start_frame_no + pages - 1 });
+            self.record_data_synced(data, SyncedThrough { log_id: h.log_id, start_frame_no: h.start_frame_no, frame_no: h.start_frame_no + pages - 1 });
         }
         tracing::info!(dir = %self.dir.display(), generation = state.generation.generation, pages, "new generation opened with a full image");
         Ok(())
+    }
+
+    /// Records (see [`synced`]) that the data file `data` holds everything through
+    /// `position`, fsyncing it first, unless that is already recorded.
+    pub fn record_data_synced(&self, data: &Path, position: SyncedThrough) {
+        let mut recorded = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+        if *recorded != Some(position) && synced::record(&self.dir, data, position) {
+            *recorded = Some(position);
+        }
     }
 
     /// The current generation.

@@ -10,8 +10,6 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use std::sync::Mutex;
-
 use crate::durable;
 
 pub const SYNCED_FILE: &str = "synced";
@@ -30,19 +28,17 @@ pub fn read(dir: &Path) -> Option<SyncedThrough> {
 }
 
 /// Fsyncs the data file `data`, then records that it holds everything through `position`.
-/// The caller guarantees that it does: the position was taken before a complete checkpoint.
-/// The record only saves recovery work, so a failure is logged, not returned.
-pub fn record(dir: &Path, data: &Path, position: SyncedThrough) {
-    // A checkpoint and a compaction may record at once; both write through one temporary file.
-    static WRITING: Mutex<()> = Mutex::new(());
-    let _writing = WRITING.lock().unwrap_or_else(|e| e.into_inner());
-    if read(dir) == Some(position) {
-        return;
-    }
+/// The caller guarantees that it does (the position was taken before a complete checkpoint),
+/// and that nothing else records for this namespace at the same time (both would write
+/// through one temporary file): the namespace's logger serialises them, see
+/// `ReplicationLogger::record_data_synced`. The record only saves recovery work, so a failure
+/// is logged and reported as `false`, not returned.
+pub fn record(dir: &Path, data: &Path, position: SyncedThrough) -> bool {
     let path = dir.join(SYNCED_FILE);
     let bytes = serde_json::to_vec(&position).expect("a record serialises");
     let written = durable::sync_file(data).and_then(|()| durable::write_file(&path, &bytes));
-    if let Err(e) = written {
+    if let Err(e) = &written {
         tracing::warn!(path = %path.display(), error = %e, "could not record how far the data file is durable; a recovery would walk more of the log");
     }
+    written.is_ok()
 }
