@@ -10,5 +10,6 @@ mod admin;
 mod bad_input;
 mod client;
 mod hrana;
+mod log_durability;
 mod process;
 mod replication;

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod primary;
 pub mod process;
 
 use std::path::PathBuf;
