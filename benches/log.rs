@@ -14,7 +14,7 @@ use std::fs::File;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use libsql_server::database::Database;
+use libsql_server::database::{Database, Limits};
 use libsql_server::namespace::DatabaseConfig;
 use libsql_server::replication::{recovery, LogSettings, RecoveryOptions};
 use libsql_sys::rusqlite::{params, Connection as Sqlite, OpenFlags};
@@ -55,7 +55,7 @@ fn open_logged(dir: &Path) -> Database {
     std::fs::create_dir_all(dir).unwrap();
     let data = dir.join("data");
     let (logger, _) = recovery::open(dir, &data, LogSettings::from_flags(200, None), RecoveryOptions::default()).unwrap();
-    Database::open(&data, DatabaseConfig::default(), Duration::from_secs(5), logger).unwrap()
+    Database::open(&data, DatabaseConfig::default(), Limits::unlimited(), logger).unwrap()
 }
 
 fn open_bare(path: &Path) -> libsql_sys::Connection<Sqlite3Wal> {

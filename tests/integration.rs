@@ -10,6 +10,8 @@ mod admin;
 mod bad_input;
 mod client;
 mod hrana;
+mod isolation;
+mod limits;
 mod log_durability;
 mod process;
 mod replication;

@@ -4,7 +4,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use clap::Parser;
+
+use crate::database::Limits;
 
 use crate::namespace::StoreOptions;
 use crate::replication::{LogSettings, RecoveryOptions};
@@ -66,8 +71,17 @@ pub struct Config {
     #[arg(long, env = "SQLD_WRITE_LOCK_TIMEOUT_MS", default_value_t = 5000)]
     pub write_lock_timeout_ms: u64,
 
+    /// Milliseconds one statement may run before it is stopped (0: no limit).
+    #[arg(long, env = "SQLD_STATEMENT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub statement_timeout_ms: u64,
+
+    /// Seconds a write transaction may hold its namespace's write lock before it is rolled
+    /// back, for namespaces whose configuration sets no `txn_timeout_s` (0: no limit).
+    #[arg(long, env = "SQLD_TXN_TIMEOUT_S", default_value_t = 5)]
+    pub txn_timeout_s: u64,
+
     /// Seconds a graceful shutdown waits for in-flight requests before it closes anyway.
-    #[arg(long, env = "SQLD_SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
+    #[arg(long, env = "SQLD_SHUTDOWN_TIMEOUT_S", alias = "shutdown-timeout", default_value_t = 10)]
     pub shutdown_timeout_s: u64,
 }
 
@@ -83,7 +97,12 @@ impl Config {
         StoreOptions {
             namespaces_enabled: self.enable_namespaces,
             max_active: self.max_active_namespaces as usize,
-            write_lock_timeout: self.write_lock_timeout(),
+            limits: Limits {
+                write_lock_timeout: self.write_lock_timeout(),
+                statement_timeout: nonzero(Duration::from_millis(self.statement_timeout_ms)),
+                transaction_timeout: nonzero(Duration::from_secs(self.txn_timeout_s)),
+                halt: Arc::new(AtomicBool::new(false)),
+            },
             log: LogSettings::from_flags(self.max_log_size, self.max_log_duration),
             recovery: RecoveryOptions::from_env(),
         }
@@ -100,4 +119,9 @@ impl Config {
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_s)
     }
+}
+
+/// A limit of zero means no limit.
+fn nonzero(limit: Duration) -> Option<Duration> {
+    (!limit.is_zero()).then_some(limit)
 }

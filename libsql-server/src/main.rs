@@ -1,16 +1,30 @@
 //! `sqld`: the server binary.
 
+use std::time::Duration;
+
 use clap::Parser;
 use libsql_server::{Config, Server};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// How long the process waits, after the server stopped, for blocking work still running (a
+/// statement that ignores the interrupt, an fsync): the process exits regardless.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
     let config = Config::parse();
-    match run(config).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(run(config));
+    runtime.shutdown_timeout(EXIT_GRACE);
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

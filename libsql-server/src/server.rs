@@ -2,6 +2,7 @@
 //! order of a graceful shutdown.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::Router;
@@ -18,14 +19,18 @@ pub struct Server {
     config: Config,
     hrana: Hrana,
     metrics: Arc<Metrics>,
+    /// Raised once in-flight requests had their time: stops every statement still running.
+    halt: Arc<AtomicBool>,
 }
 
 impl Server {
     /// Opens the data directory (creating it and the `default` namespace on first start).
     pub async fn open(config: Config) -> Result<Self, namespace::Error> {
-        let store = NamespaceStore::open(&config.db_path, config.store_options()).await?;
+        let options = config.store_options();
+        let halt = options.limits.halt.clone();
+        let store = NamespaceStore::open(&config.db_path, options).await?;
         let hrana = Hrana::new(store, config.stream_expiry());
-        Ok(Server { config, hrana, metrics: Arc::new(Metrics::default()) })
+        Ok(Server { config, hrana, metrics: Arc::new(Metrics::default()), halt })
     }
 
     pub fn store(&self) -> &NamespaceStore {
@@ -79,11 +84,16 @@ impl Server {
         }
         // Every connection task holds a sender; recv() yields None once all have finished.
         if tokio::time::timeout(self.config.shutdown_timeout(), in_flight_rx.recv()).await.is_err() {
-            tracing::warn!("in-flight requests did not finish in time; closing anyway");
+            tracing::warn!("in-flight requests did not finish in time; stopping their statements");
         }
+        self.halt.store(true, Ordering::Relaxed);
         let _ = reaper.await;
         self.hrana.close_all_streams().await;
-        self.hrana.store().shutdown().await;
+        // Closing checkpoints every namespace; a namespace left open past the bound is not
+        // lost: its sentinel stays, and its next open rolls the data file forward from the log.
+        if tokio::time::timeout(self.config.shutdown_timeout(), self.hrana.store().shutdown()).await.is_err() {
+            tracing::warn!("closing namespaces did not finish in time; those still open are recovered at their next open");
+        }
         tracing::info!("shutdown complete");
     }
 }

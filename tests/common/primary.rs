@@ -3,9 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use libsql_server::database::Database;
+use libsql_server::database::{Database, Limits};
 use libsql_server::namespace::DatabaseConfig;
 use libsql_server::replication::verify::{compare_with_data, Comparison};
 use libsql_server::replication::{recovery, LogSettings, RecoveryOptions, ReplicationLogger, Rebuild};
@@ -22,7 +21,7 @@ impl Primary {
         std::fs::create_dir_all(dir).unwrap();
         let data = dir.join("data");
         let (logger, rebuild) = recovery::open(dir, &data, settings, options).unwrap();
-        let db = Database::open(&data, DatabaseConfig::default(), Duration::from_secs(5), logger).unwrap();
+        let db = Database::open(&data, DatabaseConfig::default(), Limits::unlimited(), logger).unwrap();
         Primary { dir: dir.to_owned(), db: Some(db), rebuild, options }
     }
 

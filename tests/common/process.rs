@@ -125,3 +125,40 @@ pub async fn rows(conn: &libsql::Connection, sql: &str) -> Vec<Vec<libsql::Value
     }
     out
 }
+
+impl Sqld {
+    /// A Hrana pipeline over plain HTTP: the answer's status and JSON.
+    pub async fn pipeline(&self, body: serde_json::Value) -> (hyper::StatusCode, serde_json::Value) {
+        self.post("/v2/pipeline", body.to_string()).await
+    }
+
+    /// A POST to the user API: the answer's status and JSON.
+    pub async fn post(&self, path: &str, body: String) -> (hyper::StatusCode, serde_json::Value) {
+        let request = hyper::Request::post(format!("{}{path}", self.url())).body(hyper::Body::from(body)).unwrap();
+        let response = hyper::Client::new().request(request).await.expect("request");
+        let status = response.status();
+        let body = hyper::body::to_bytes(response.into_body()).await.expect("body");
+        (status, serde_json::from_slice(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body))))
+    }
+
+    /// Sends a pipeline on a raw connection and returns the connection without reading the
+    /// answer (a client that may vanish).
+    pub async fn send_raw_pipeline(&self, body: serde_json::Value) -> tokio::net::TcpStream {
+        use tokio::io::AsyncWriteExt;
+        let body = body.to_string();
+        let mut stream = tokio::net::TcpStream::connect(self.user).await.unwrap();
+        let head = format!("POST /v2/pipeline HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\n\r\n", body.len());
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(body.as_bytes()).await.unwrap();
+        stream
+    }
+
+    /// Polls `attempt` (with a deadline) until it returns true.
+    pub async fn wait_until<F: std::future::Future<Output = bool>>(&self, what: &str, mut attempt: impl FnMut() -> F) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !attempt().await {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

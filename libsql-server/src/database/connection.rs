@@ -2,36 +2,15 @@
 //! the namespace's read/write blocks and the write gate.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
-use libsql_sys::rusqlite::{self, hooks::AuthAction, hooks::AuthContext, hooks::Authorization};
+use libsql_sys::rusqlite::{self, config::DbConfig, limits::Limit, ErrorCode};
 
+use super::interrupt::{self, Interrupt, Reason};
+use super::policy::{self, PolicyState};
 use super::{synchronous_pragma, EngineConnection, Shared, WritePermit};
-
-/// PRAGMAs a client may read but not set: `journal_mode` and `locking_mode` would take writes
-/// out of the WAL and so out of the replication log, `page_size` out of the log's format,
-/// and the others would change the server's settings for every later user of a pooled
-/// connection (durability, size limit) or let a client corrupt the schema.
-const GUARDED_PRAGMAS: &[&str] =
-    &["journal_mode", "locking_mode", "page_size", "synchronous", "max_page_count", "wal_autocheckpoint", "writable_schema"];
-
-/// Refuses, at prepare time, what client SQL must not do on a server connection: ATTACH
-/// (another file, maybe another tenant's, and writes that bypass this log) and setting a
-/// guarded PRAGMA. `internal` is raised while the server applies its own settings.
-fn install_authorizer(conn: &rusqlite::Connection, internal: Arc<AtomicBool>) {
-    conn.authorizer(Some(move |ctx: AuthContext<'_>| match ctx.action {
-        // VACUUM attaches a nameless temporary database; any named file is refused (which also
-        // refuses VACUUM INTO a file).
-        AuthAction::Attach { filename } if !filename.is_empty() => Authorization::Deny,
-        AuthAction::Pragma { pragma_name, pragma_value: Some(_) }
-            if !internal.load(Ordering::Relaxed) && GUARDED_PRAGMAS.iter().any(|p| p.eq_ignore_ascii_case(pragma_name)) =>
-        {
-            Authorization::Deny
-        }
-        _ => Authorization::Allow,
-    }));
-}
 
 /// Prepared statements kept per connection: a client's working set of queries.
 const STATEMENT_CACHE_CAPACITY: usize = 128;
@@ -63,8 +42,23 @@ pub enum AccessError {
     WritesBlocked(Option<String>),
     #[error("timed out waiting for the namespace's write lock (another transaction is writing)")]
     WriteLockTimeout,
+    #[error("{}", interrupted_message(.0))]
+    Interrupted(Reason),
+    #[error("the database reached its size limit ({max_pages} pages of 4096 bytes, max_db_size): {source}")]
+    QuotaExceeded { max_pages: u64, source: rusqlite::Error },
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+}
+
+fn interrupted_message(reason: &Reason) -> String {
+    match reason {
+        Reason::StatementTimeout(limit) => format!("the statement was stopped after running for {limit:?} (the server's statement time limit)"),
+        Reason::TransactionTimeout(limit) => {
+            format!("the transaction held the write lock for more than {limit:?} (txn_timeout_s) and was rolled back")
+        }
+        Reason::ClientGone => "the client went away; the statement was stopped".into(),
+        Reason::ShuttingDown => "the server is shutting down; the statement was stopped".into(),
+    }
 }
 
 fn reason_suffix(reason: &Option<String>) -> String {
@@ -116,19 +110,30 @@ pub struct WriteAccess {
     shared: Arc<Shared>,
     /// The configuration version whose per-connection pragmas are applied.
     config_seen: Option<u64>,
-    /// Raised while the server itself sets guarded PRAGMAs.
-    internal: Arc<AtomicBool>,
+    /// What the authorizer knows of this connection (see `policy`).
+    policy: Arc<PolicyState>,
+    interrupt: Arc<Interrupt>,
 }
 
 impl Connection {
     /// Wraps a new engine connection and applies the namespace's per-connection settings.
     pub(super) fn new(conn: EngineConnection, shared: Arc<Shared>) -> Result<Self, rusqlite::Error> {
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
-        let internal = Arc::new(AtomicBool::new(false));
-        install_authorizer(&conn, internal.clone());
+        let policy = Arc::new(PolicyState::default());
+        conn.authorizer(Some(policy::authorizer(policy.clone())));
+        let interrupt = Arc::new(Interrupt::new(shared.limits.halt.clone()));
+        let check = interrupt.clone();
+        conn.progress_handler(interrupt::CHECK_EVERY_OPS, Some(move || check.reason().is_some()));
+        // Defensive mode: no writable schema, no raw page writes, no journal_mode=OFF, even
+        // through paths the authorizer does not see. One attached database at most: the
+        // scratch copy VACUUM attaches (client ATTACH is refused by the authorizer). No
+        // sorter threads: a client's sort runs on its own request's thread.
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 1);
+        conn.set_limit(Limit::SQLITE_LIMIT_WORKER_THREADS, 0);
         let mut conn = Connection {
             conn,
-            access: WriteAccess { permit: None, shared, config_seen: None, internal },
+            access: WriteAccess { permit: None, shared, config_seen: None, policy, interrupt },
             single_statements: SingleStatements::default(),
         };
         conn.access.apply_config(&conn.conn)?;
@@ -153,9 +158,23 @@ impl Connection {
                 while cursor.next()?.is_some() {}
                 Ok(())
             })();
-            self.access.settle(&self.conn);
-            stepped?;
+            self.access.finish(&self.conn, stepped)?;
         }
+    }
+
+    /// True once client SQL changed this connection's own state: it must not be pooled.
+    pub fn is_tainted(&self) -> bool {
+        self.access.policy.tainted.load(Ordering::Relaxed)
+    }
+
+    /// What stops this connection's statements (the request's client going away, say).
+    pub fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.access.interrupt
+    }
+
+    /// True when this connection holds the write lock past its transaction's time limit.
+    pub fn transaction_expired(&self) -> bool {
+        self.access.permit.is_some() && self.access.interrupt.transaction_expired()
     }
 
     pub fn parts(&mut self) -> ConnectionParts<'_> {
@@ -177,18 +196,58 @@ impl WriteAccess {
                 return Err(AccessError::WritesBlocked(config.block_reason.clone()));
             }
             if self.permit.is_none() {
-                let permit = self.shared.gate.acquire(self.shared.write_lock_timeout);
+                let permit = self.shared.gate.acquire(self.shared.limits.write_lock_timeout);
                 self.permit = Some(permit.ok_or(AccessError::WriteLockTimeout)?);
+                self.interrupt.start_transaction(self.transaction_timeout(&config));
             }
         }
+        self.interrupt.start_statement(self.shared.limits.statement_timeout);
+        self.policy.stepping.store(true, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Called after every statement: once the transaction has ended, the gate is released,
-    /// and a compaction the log asked for may start.
-    pub fn settle(&mut self, conn: &rusqlite::Connection) {
+    /// Called after every admitted statement with the outcome of stepping it: says why an
+    /// interrupted statement stopped, rolls back a transaction past its time limit, and once
+    /// the transaction has ended releases the gate (a compaction the log asked for may start).
+    pub fn finish<T>(&mut self, conn: &rusqlite::Connection, stepped: rusqlite::Result<T>) -> Result<T, AccessError> {
+        self.policy.stepping.store(false, Ordering::Relaxed);
+        let result = stepped.map_err(|e| self.classify(e));
+        if matches!(result, Err(AccessError::Interrupted(Reason::TransactionTimeout(_)))) && !conn.is_autocommit() {
+            self.interrupt.end_transaction();
+            if let Err(e) = conn.execute_batch("ROLLBACK") {
+                tracing::warn!(error = %e, "rolling back a transaction past its time limit failed");
+            }
+        }
         if conn.is_autocommit() && self.permit.take().is_some() {
+            self.interrupt.end_transaction();
             self.shared.compact_if_wanted();
+        }
+        result
+    }
+
+    /// An engine error as the client should see it: an interrupt with its reason, a full
+    /// database as the namespace's quota when it has one.
+    fn classify(&self, e: rusqlite::Error) -> AccessError {
+        match e.sqlite_error_code() {
+            Some(ErrorCode::OperationInterrupted) => match self.interrupt.reason() {
+                Some(reason) => AccessError::Interrupted(reason),
+                None => AccessError::Sqlite(e),
+            },
+            Some(ErrorCode::DiskFull) => match self.shared.config().max_db_pages {
+                0 => AccessError::Sqlite(e),
+                max_pages => AccessError::QuotaExceeded { max_pages, source: e },
+            },
+            _ => AccessError::Sqlite(e),
+        }
+    }
+
+    /// How long a write transaction may hold the gate: the namespace's `txn_timeout_s`, else
+    /// the server's default; 0 means no limit.
+    fn transaction_timeout(&self, config: &super::DatabaseConfig) -> Option<Duration> {
+        match config.txn_timeout_s {
+            Some(0) => None,
+            Some(secs) => Some(Duration::from_secs(secs)),
+            None => self.shared.limits.transaction_timeout,
         }
     }
 
@@ -200,11 +259,11 @@ impl WriteAccess {
         let config = self.shared.config();
         // 0 pages means "no limit": SQLite's own maximum.
         let max_pages = if config.max_db_pages == 0 { u32::MAX as u64 - 1 } else { config.max_db_pages };
-        self.internal.store(true, Ordering::Relaxed);
+        self.policy.internal.store(true, Ordering::Relaxed);
         let applied = conn
             .pragma_update(None, "synchronous", synchronous_pragma(&config))
             .and_then(|()| conn.pragma_update(None, "max_page_count", max_pages));
-        self.internal.store(false, Ordering::Relaxed);
+        self.policy.internal.store(false, Ordering::Relaxed);
         applied?;
         self.config_seen = Some(version);
         Ok(())

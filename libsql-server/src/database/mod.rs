@@ -3,11 +3,13 @@
 //! Everything here blocks (SQLite calls, fsyncs) and is called from blocking threads only.
 
 mod connection;
+pub mod interrupt;
+mod policy;
 mod push;
 mod write_gate;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -45,6 +47,32 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+/// The time limits every connection of a database obeys.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// How long a writer queues for the write gate.
+    pub write_lock_timeout: Duration,
+    /// How long one statement may run (`None`: no limit).
+    pub statement_timeout: Option<Duration>,
+    /// How long a write transaction may hold the gate when the namespace sets no
+    /// `txn_timeout_s` (`None`: no limit).
+    pub transaction_timeout: Option<Duration>,
+    /// Raised when the server shuts down: every running statement stops.
+    pub halt: Arc<AtomicBool>,
+}
+
+impl Limits {
+    /// Limits for tools and tests: no time limits, a 5-second write-lock wait.
+    pub fn unlimited() -> Self {
+        Limits {
+            write_lock_timeout: Duration::from_secs(5),
+            statement_timeout: None,
+            transaction_timeout: None,
+            halt: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
 /// State shared by every connection of one database.
 pub struct Shared {
     pub gate: Arc<WriteGate>,
@@ -57,7 +85,7 @@ pub struct Shared {
     config: RwLock<Arc<DatabaseConfig>>,
     /// Bumped by every configuration change, so connections re-apply per-connection pragmas.
     config_version: AtomicU64,
-    write_lock_timeout: Duration,
+    limits: Limits,
 }
 
 impl Shared {
@@ -153,7 +181,7 @@ pub enum CheckpointMode {
 impl Database {
     /// Opens (creating if needed) the database file at `path` and checks it can be used.
     /// Every connection's committed transactions go to `logger`.
-    pub fn open(path: &Path, config: DatabaseConfig, write_lock_timeout: Duration, logger: Arc<ReplicationLogger>) -> Result<Self, Error> {
+    pub fn open(path: &Path, config: DatabaseConfig, limits: Limits, logger: Arc<ReplicationLogger>) -> Result<Self, Error> {
         let db = Database {
             shared: Arc::new(Shared {
                 gate: Arc::new(WriteGate::default()),
@@ -163,7 +191,7 @@ impl Database {
                 compaction_failed_at: Mutex::new(None),
                 config: RwLock::new(Arc::new(config)),
                 config_version: AtomicU64::new(0),
-                write_lock_timeout,
+                limits,
             }),
             idle: Mutex::new(Vec::new()),
         };
@@ -212,11 +240,14 @@ impl Database {
     }
 
     /// Gives a connection back. One still inside a transaction is dropped (which rolls the
-    /// transaction back) rather than handed to the next user.
+    /// transaction back) rather than handed to the next user, and so is one whose state client
+    /// SQL changed (a per-connection PRAGMA, a temporary table): the pool only holds
+    /// connections in the server's known state.
     pub fn recycle(&self, conn: Connection) {
-        if !conn.sqlite().is_autocommit() {
+        if !conn.sqlite().is_autocommit() || conn.is_tainted() {
             return;
         }
+        conn.interrupt().rearm();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE_CONNECTIONS {
             idle.push(conn);

@@ -113,7 +113,7 @@ impl Database {
         if config.max_db_pages > 0 && largest_commit(body) > config.max_db_pages {
             return Err(PushError::TooLarge { pages: largest_commit(body), max: config.max_db_pages });
         }
-        let _permit = self.shared.gate.acquire(self.shared.write_lock_timeout).ok_or(PushError::Busy)?;
+        let _permit = self.shared.gate.acquire(self.shared.limits.write_lock_timeout).ok_or(PushError::Busy)?;
         let current = self.push_target();
         if generation != current.generation || start != current.max_frame_no + 1 {
             return Ok(PushOutcome::Conflict(current));

@@ -5,6 +5,7 @@ use libsql_hrana::proto;
 use libsql_sys::rusqlite;
 
 use crate::blocking::Panicked;
+use crate::database::interrupt::Reason;
 use crate::database::AccessError;
 use crate::namespace;
 
@@ -52,6 +53,12 @@ impl StmtError {
             StmtError::StreamClosed => "STREAM_CLOSED".into(),
             StmtError::Access(AccessError::ReadsBlocked(_) | AccessError::WritesBlocked(_)) => "BLOCKED".into(),
             StmtError::Access(AccessError::WriteLockTimeout) => "SQLITE_BUSY".into(),
+            StmtError::Access(AccessError::Interrupted(reason)) => match reason {
+                Reason::StatementTimeout(_) => "STATEMENT_TIMEOUT".into(),
+                Reason::TransactionTimeout(_) => "TRANSACTION_TIMEOUT".into(),
+                Reason::ClientGone | Reason::ShuttingDown => "SQLITE_INTERRUPT".into(),
+            },
+            StmtError::Access(AccessError::QuotaExceeded { .. }) => "SQLITE_FULL".into(),
             StmtError::Access(AccessError::Sqlite(e)) | StmtError::Sqlite(e) => sqlite_code(e).into(),
             StmtError::Namespace(_) => "NAMESPACE_UNAVAILABLE".into(),
         }
@@ -108,6 +115,8 @@ pub enum RequestError {
     UnknownBaton,
     #[error("the stream of this baton expired after being idle; its transaction was rolled back")]
     ExpiredBaton,
+    #[error("the stream's transaction held the write lock past its time limit (txn_timeout_s) and was rolled back")]
+    TransactionTimedOut,
     #[error("the baton belongs to a stream of another namespace")]
     BatonNamespaceMismatch,
     #[error("too many open streams on this server; close streams or retry later")]

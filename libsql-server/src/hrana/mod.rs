@@ -16,6 +16,7 @@ pub use error::{RequestError, StmtError};
 pub use stream::{Stream, StreamRegistry};
 
 use crate::blocking;
+use crate::database::interrupt::CancelOnDrop;
 use crate::namespace::{NamespaceName, NamespaceStore};
 
 /// At most this many streams wait between requests at once, over all namespaces.
@@ -46,12 +47,15 @@ impl Hrana {
     pub async fn pipeline(&self, ns: &NamespaceName, body: PipelineReqBody) -> Result<PipelineRespBody, RequestError> {
         let stream = self.stream_for(ns, body.baton.as_deref()).await?;
         let requests = body.requests;
+        let cancel = CancelOnDrop::new();
+        stream.attach(&cancel.target());
         let (stream, results) = blocking::run(move || {
             let mut stream = stream;
             let results = requests.iter().map(|r| stream.handle(r)).collect();
             (stream, results)
         })
         .await?;
+        cancel.disarm();
         let baton = self.finish(stream)?;
         Ok(PipelineRespBody { baton, base_url: None, results })
     }
@@ -59,12 +63,15 @@ impl Hrana {
     /// Runs a batch on a stream for the cursor endpoint: the entries, and the baton.
     pub async fn cursor(&self, ns: &NamespaceName, baton: Option<&str>, batch: Batch) -> Result<(Option<String>, Vec<CursorEntry>), RequestError> {
         let stream = self.stream_for(ns, baton).await?;
+        let cancel = CancelOnDrop::new();
+        stream.attach(&cancel.target());
         let (stream, result) = blocking::run(move || {
             let mut stream = stream;
             let result = stream.run_batch(&batch);
             (stream, result)
         })
         .await?;
+        cancel.disarm();
         let baton = self.finish(stream)?;
         let entries = match result {
             Ok(result) => batch::cursor_entries(result),
@@ -90,13 +97,18 @@ impl Hrana {
         f: impl FnOnce(&mut Stream) -> R + Send + 'static,
     ) -> Result<R, RequestError> {
         let ns = self.store.get(ns).await?;
-        blocking::run(move || -> Result<R, RequestError> {
+        let cancel = CancelOnDrop::new();
+        let target = cancel.target();
+        let result = blocking::run(move || -> Result<R, RequestError> {
             let mut stream = Stream::open(ns)?;
+            stream.attach(&target);
             let result = f(&mut stream);
             stream.close();
             Ok(result)
         })
-        .await?
+        .await?;
+        cancel.disarm();
+        result
     }
 
     async fn stream_for(&self, ns: &NamespaceName, baton: Option<&str>) -> Result<Stream, RequestError> {
@@ -125,7 +137,8 @@ impl Hrana {
 
     /// Expires idle streams until `stop` resolves; run as a background task.
     pub async fn reap_idle_streams(self, stop: impl std::future::Future<Output = ()>) {
-        let period = (self.streams.expiry() / 4).max(Duration::from_millis(10));
+        // Often enough that a transaction past its time limit lets the next writer in soon.
+        let period = (self.streams.expiry() / 4).clamp(Duration::from_millis(10), Duration::from_millis(500));
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);

@@ -81,8 +81,7 @@ pub fn execute(conn: &mut Connection, sqls: &SqlStore, stmt: &Stmt) -> Result<St
         }
         Ok(())
     })();
-    access.settle(sqlite);
-    stepped?;
+    access.finish(sqlite, stepped)?;
 
     let cols = prepared
         .columns()

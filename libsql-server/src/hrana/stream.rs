@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::stmt::{self, SqlStore};
 use super::{batch, RequestError, StmtError};
+use crate::database::interrupt::CancelTarget;
 use crate::database::Connection;
 use crate::namespace::{Namespace, NamespaceName};
 
@@ -38,6 +39,18 @@ impl Stream {
 
     pub fn is_closed(&self) -> bool {
         self.conn.is_none()
+    }
+
+    /// Lets `target` stop this stream's statements if the request's client goes away.
+    pub fn attach(&self, target: &CancelTarget) {
+        if let Some(conn) = &self.conn {
+            target.attach(conn.interrupt());
+        }
+    }
+
+    /// True when the stream holds its namespace's write lock past the transaction time limit.
+    fn transaction_expired(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.transaction_expired())
     }
 
     pub fn namespace(&self) -> &NamespaceName {
@@ -131,7 +144,29 @@ pub struct StreamRegistry {
 struct Registry {
     parked: HashMap<String, Parked>,
     /// Batons of expired streams, kept a while so their clients get "expired", not "unknown".
-    expired: HashMap<String, Instant>,
+    expired: HashMap<String, Expired>,
+}
+
+/// Why a parked stream was dropped.
+#[derive(Clone, Copy)]
+enum Expiry {
+    Idle,
+    /// It held the write lock past the transaction time limit.
+    Transaction,
+}
+
+struct Expired {
+    why: Expiry,
+    at: Instant,
+}
+
+impl Expiry {
+    fn error(self) -> RequestError {
+        match self {
+            Expiry::Idle => RequestError::ExpiredBaton,
+            Expiry::Transaction => RequestError::TransactionTimedOut,
+        }
+    }
 }
 
 struct Parked {
@@ -155,13 +190,13 @@ impl StreamRegistry {
     pub fn take(&self, baton: &str, ns: &NamespaceName) -> Result<Stream, RequestError> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let Some(parked) = inner.parked.remove(baton) else {
-            return Err(if inner.expired.contains_key(baton) { RequestError::ExpiredBaton } else { RequestError::UnknownBaton });
+            return Err(inner.expired.get(baton).map_or(RequestError::UnknownBaton, |e| e.why.error()));
         };
-        if parked.parked_at.elapsed() > self.expiry {
-            inner.expired.insert(baton.to_owned(), Instant::now());
+        if let Some(why) = self.expiry_of(&parked) {
+            inner.expired.insert(baton.to_owned(), Expired { why, at: Instant::now() });
             drop(inner);
             drop_off_runtime(vec![parked.stream]);
-            return Err(RequestError::ExpiredBaton);
+            return Err(why.error());
         }
         if parked.stream.namespace() != ns {
             inner.parked.insert(baton.to_owned(), parked);
@@ -183,21 +218,38 @@ impl StreamRegistry {
         Ok(baton)
     }
 
-    /// Removes the streams idle past the expiry; the caller drops them off the runtime.
+    /// Whether a parked stream must go: idle past the expiry, or holding the write lock past
+    /// its transaction's time limit (so that other writers proceed).
+    fn expiry_of(&self, parked: &Parked) -> Option<Expiry> {
+        if parked.stream.transaction_expired() {
+            Some(Expiry::Transaction)
+        } else if parked.parked_at.elapsed() > self.expiry {
+            Some(Expiry::Idle)
+        } else {
+            None
+        }
+    }
+
+    /// Removes the streams that must go (see `expiry_of`); the caller drops them off the
+    /// runtime, which rolls their transactions back.
     pub fn reap(&self) -> Vec<Stream> {
         let now = Instant::now();
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let stale: Vec<String> =
-            inner.parked.iter().filter(|(_, p)| now.duration_since(p.parked_at) > self.expiry).map(|(b, _)| b.clone()).collect();
+        let stale: Vec<(String, Expiry)> = inner.parked.iter().filter_map(|(b, p)| Some((b.clone(), self.expiry_of(p)?))).collect();
         let mut reaped = Vec::with_capacity(stale.len());
-        for baton in stale {
+        for (baton, why) in stale {
             if let Some(parked) = inner.parked.remove(&baton) {
-                tracing::debug!(namespace = %parked.stream.namespace(), "idle stream expired");
+                match why {
+                    Expiry::Idle => tracing::debug!(namespace = %parked.stream.namespace(), "idle stream expired"),
+                    Expiry::Transaction => {
+                        tracing::info!(namespace = %parked.stream.namespace(), "transaction held the write lock past its time limit; rolled back")
+                    }
+                }
                 reaped.push(parked.stream);
-                inner.expired.insert(baton, now);
+                inner.expired.insert(baton, Expired { why, at: now });
             }
         }
-        inner.expired.retain(|_, at| now.duration_since(*at) < EXPIRED_MEMORY);
+        inner.expired.retain(|_, e| now.duration_since(e.at) < EXPIRED_MEMORY);
         reaped
     }
 

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::database::interrupt::Reason;
 use crate::database::AccessError;
 use crate::hrana::{RequestError, StmtError};
 use crate::namespace::{self, InvalidName};
@@ -70,6 +71,7 @@ impl From<RequestError> for ApiError {
         let (status, code) = match &e {
             RequestError::UnknownBaton => (StatusCode::BAD_REQUEST, "STREAM_UNKNOWN"),
             RequestError::ExpiredBaton => (StatusCode::BAD_REQUEST, "STREAM_EXPIRED"),
+            RequestError::TransactionTimedOut => (StatusCode::BAD_REQUEST, "TRANSACTION_TIMEOUT"),
             RequestError::BatonNamespaceMismatch => (StatusCode::BAD_REQUEST, "STREAM_NAMESPACE_MISMATCH"),
             RequestError::TooManyStreams => (StatusCode::SERVICE_UNAVAILABLE, "STREAMS_EXHAUSTED"),
             RequestError::Namespace(_) => {
@@ -94,6 +96,9 @@ impl From<StmtError> for ApiError {
                 return e.into();
             }
             StmtError::Access(AccessError::WriteLockTimeout) => StatusCode::SERVICE_UNAVAILABLE,
+            StmtError::Access(AccessError::Interrupted(Reason::ShuttingDown | Reason::ClientGone)) => StatusCode::SERVICE_UNAVAILABLE,
+            // A statement over its time limit and a database at its quota are the client's.
+            StmtError::Access(AccessError::Interrupted(_) | AccessError::QuotaExceeded { .. }) => StatusCode::BAD_REQUEST,
             StmtError::Sqlite(err) | StmtError::Access(AccessError::Sqlite(err)) => match err.sqlite_error_code() {
                 Some(ErrorCode::SystemIoFailure | ErrorCode::DiskFull | ErrorCode::DatabaseCorrupt | ErrorCode::CannotOpen) => {
                     StatusCode::INTERNAL_SERVER_ERROR

@@ -66,7 +66,7 @@ impl Namespace {
         let data = dir.join(Self::DATA_FILE);
         let (logger, _rebuild) = replication::recovery::open(&dir, &data, settings.log, settings.recovery)
             .map_err(|source| Error::Log { name: name.clone(), source })?;
-        let db = Database::open(&data, config, settings.write_lock_timeout, logger)
+        let db = Database::open(&data, config, settings.limits.clone(), logger)
             .map_err(|source| Error::Database { name: name.clone(), source })?;
         Ok(Namespace { name, dir, db, deleted: AtomicBool::new(false), recovery: settings.recovery })
     }

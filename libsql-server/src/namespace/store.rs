@@ -5,13 +5,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use serde::Serialize;
 
 use super::{DatabaseConfig, Error, MetaStore, Namespace, NamespaceName};
 use crate::blocking;
-use crate::database::CheckpointMode;
+use crate::database::{CheckpointMode, Limits};
 use crate::durable;
 use crate::replication::{LogSettings, LogStats, RecoveryOptions};
 
@@ -20,7 +19,7 @@ use crate::replication::{LogSettings, LogStats, RecoveryOptions};
 const DELETING_PREFIX: &str = ".deleting-";
 
 pub(super) struct Settings {
-    pub write_lock_timeout: Duration,
+    pub limits: Limits,
     pub log: LogSettings,
     pub recovery: RecoveryOptions,
     pub max_active: usize,
@@ -58,7 +57,7 @@ type SlotGuard<'a> = tokio::sync::MutexGuard<'a, Option<Arc<Namespace>>>;
 pub struct StoreOptions {
     pub namespaces_enabled: bool,
     pub max_active: usize,
-    pub write_lock_timeout: Duration,
+    pub limits: Limits,
     pub log: LogSettings,
     pub recovery: RecoveryOptions,
 }
@@ -77,7 +76,7 @@ impl NamespaceStore {
     /// Opens the store under `db_path`, creating the layout on a fresh directory and the
     /// `default` namespace if it is missing. Blocking work runs on the blocking pool.
     pub async fn open(db_path: &Path, options: StoreOptions) -> Result<Self, Error> {
-        let StoreOptions { namespaces_enabled, max_active, write_lock_timeout, log, recovery } = options;
+        let StoreOptions { namespaces_enabled, max_active, limits, log, recovery } = options;
         let db_path = db_path.to_owned();
         let (dbs_dir, meta) = blocking::run(move || -> Result<_, Error> {
             let dbs_dir = db_path.join("dbs");
@@ -96,7 +95,7 @@ impl NamespaceStore {
             inner: Arc::new(Inner {
                 dbs_dir,
                 meta: Arc::new(meta),
-                settings: Settings { write_lock_timeout, log, recovery, max_active: max_active.max(1), namespaces_enabled },
+                settings: Settings { limits, log, recovery, max_active: max_active.max(1), namespaces_enabled },
                 slots: Mutex::new(HashMap::new()),
                 clock: AtomicU64::new(0),
                 loaded: AtomicUsize::new(0),

@@ -1,0 +1,132 @@
+//! Runaway statements and transactions against a real `sqld`: each is stopped at its limit,
+//! when its client goes away, or at shutdown, and the namespace goes on serving writers.
+
+use hyper::StatusCode;
+use serde_json::{json, Value};
+
+use crate::common::process::Sqld;
+use crate::common::{close, execute};
+
+/// Counts forever: only an interrupt ends it.
+const ENDLESS: &str = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
+
+fn result(answer: &Value, i: usize) -> &Value {
+    &answer["results"][i]
+}
+
+fn code(answer: &Value, i: usize) -> String {
+    let r = result(answer, i);
+    assert_eq!(r["type"], "error", "result {i} succeeded: {answer}");
+    r["error"]["code"].as_str().unwrap().to_owned()
+}
+
+async fn values(sqld: &Sqld) -> Vec<String> {
+    let (status, answer) = sqld.pipeline(json!({"requests": [execute("SELECT v FROM t ORDER BY rowid"), close()]})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    result(&answer, 0)["response"]["result"]["rows"].as_array().unwrap().iter().map(|r| r[0]["value"].as_str().unwrap().to_owned()).collect()
+}
+
+async fn insert(sqld: &Sqld, v: &str) -> Value {
+    let (status, answer) = sqld.pipeline(json!({"requests": [execute(&format!("INSERT INTO t VALUES ('{v}')")), close()]})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    answer
+}
+
+async fn create_table(sqld: &Sqld) {
+    let (_, answer) = sqld.pipeline(json!({"requests": [execute("CREATE TABLE t (v)"), close()]})).await;
+    assert_eq!(result(&answer, 0)["type"], "ok", "{answer}");
+}
+
+/// Waits until another writer holds the write lock: with a short write-lock wait, a write
+/// then fails with SQLITE_BUSY.
+async fn wait_for_lock_holder(sqld: &Sqld) {
+    sqld.wait_until("the runaway statement holds the write lock", || async {
+        let (_, answer) = sqld.pipeline(json!({"requests": [execute("INSERT INTO probe VALUES (1)"), close()]})).await;
+        result(&answer, 0)["type"] == "error" && result(&answer, 0)["error"]["code"] == "SQLITE_BUSY"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runaway_read_stops_at_the_statement_limit() {
+    let sqld = Sqld::start(&["--statement-timeout-ms", "300"]);
+    let (status, answer) = sqld.pipeline(json!({"requests": [execute(ENDLESS), execute("SELECT 1"), close()]})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(code(&answer, 0), "STATEMENT_TIMEOUT", "{answer}");
+    assert_eq!(result(&answer, 1)["type"], "ok", "the stream goes on after a stopped statement: {answer}");
+
+    let (status, answer) = sqld.post("/v1/execute", json!({"stmt": {"sql": ENDLESS}}).to_string()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert_eq!(answer["code"], "STATEMENT_TIMEOUT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runaway_statement_in_a_write_transaction_is_rolled_back_at_the_transaction_limit() {
+    let sqld = Sqld::start(&["--statement-timeout-ms", "0", "--txn-timeout-s", "1"]);
+    create_table(&sqld).await;
+    let runaway = sqld.pipeline(json!({"requests": [
+        execute("BEGIN IMMEDIATE"),
+        execute("INSERT INTO t VALUES ('doomed')"),
+        execute(ENDLESS),
+        execute("COMMIT"),
+        close()
+    ]}));
+    let writer = async {
+        insert(&sqld, "other").await
+    };
+    let ((status, runaway), written) = tokio::join!(runaway, writer);
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(code(&runaway, 2), "TRANSACTION_TIMEOUT", "{runaway}");
+    assert_eq!(result(&written, 0)["type"], "ok", "a writer queued behind the runaway gets in: {written}");
+    assert_eq!(values(&sqld).await, vec!["other"], "the timed-out transaction was rolled back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_write_transaction_is_rolled_back_at_the_transaction_limit() {
+    let sqld = Sqld::start(&["--txn-timeout-s", "1"]);
+    create_table(&sqld).await;
+    let (_, open) = sqld.pipeline(json!({"requests": [execute("BEGIN IMMEDIATE"), execute("INSERT INTO t VALUES ('idle')")]})).await;
+    assert_eq!(result(&open, 1)["type"], "ok", "{open}");
+    let baton = open["baton"].as_str().unwrap().to_owned();
+
+    // Queues behind the idle transaction (the write-lock wait is 5 s) and gets in once it is
+    // rolled back.
+    let written = insert(&sqld, "other").await;
+    assert_eq!(result(&written, 0)["type"], "ok", "{written}");
+
+    let (status, answer) = sqld.pipeline(json!({"baton": baton, "requests": [execute("COMMIT")]})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert_eq!(answer["code"], "TRANSACTION_TIMEOUT");
+    assert_eq!(values(&sqld).await, vec!["other"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_stops_when_its_client_goes_away() {
+    let sqld = Sqld::start(&["--statement-timeout-ms", "0", "--txn-timeout-s", "0", "--write-lock-timeout-ms", "50"]);
+    create_table(&sqld).await;
+    let (_, answer) = sqld.pipeline(json!({"requests": [execute("CREATE TABLE probe (x)"), close()]})).await;
+    assert_eq!(result(&answer, 0)["type"], "ok");
+    let client = sqld.send_raw_pipeline(json!({"requests": [execute("BEGIN IMMEDIATE"), execute(ENDLESS), close()]})).await;
+    wait_for_lock_holder(&sqld).await;
+    drop(client);
+    sqld.wait_until("a writer gets the lock the vanished client's statement held", || async {
+        result(&insert(&sqld, "after").await, 0)["type"] == "ok"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_runaway_statement_and_exits_within_its_bound() {
+    let mut sqld = Sqld::start(&["--statement-timeout-ms", "0", "--txn-timeout-s", "0", "--write-lock-timeout-ms", "50", "--shutdown-timeout-s", "1"]);
+    create_table(&sqld).await;
+    insert(&sqld, "kept").await;
+    let (_, answer) = sqld.pipeline(json!({"requests": [execute("CREATE TABLE probe (x)"), close()]})).await;
+    assert_eq!(result(&answer, 0)["type"], "ok");
+    let _client = sqld.send_raw_pipeline(json!({"requests": [execute("BEGIN IMMEDIATE"), execute(ENDLESS), close()]})).await;
+    wait_for_lock_holder(&sqld).await;
+
+    let status = tokio::task::block_in_place(|| sqld.signal("TERM"));
+    assert!(status.success(), "sqld exited with {status}");
+    tokio::task::block_in_place(|| sqld.spawn(&[]));
+    assert_eq!(values(&sqld).await, vec!["kept"]);
+}
