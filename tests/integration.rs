@@ -6,6 +6,7 @@ mod common;
 
 mod crash;
 
+mod abuse;
 mod admin;
 mod bad_input;
 mod client;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use clap::Parser;
 
 use crate::database::Limits;
+use crate::hrana::StreamLimits;
 
 use crate::namespace::StoreOptions;
 use crate::replication::{LogSettings, RecoveryOptions};
@@ -62,10 +63,38 @@ pub struct Config {
     #[arg(long, env = "SQLD_MAX_BODY_SIZE", default_value_t = 16 * 1024 * 1024)]
     pub max_body_size: usize,
 
+    /// Requests served at once on the user API; one more waits up to 5 s, then gets 503.
+    #[arg(long, env = "SQLD_MAX_CONCURRENT_REQUESTS", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_concurrent_requests: u64,
+
+    /// Connections open at once on the user API; one more is answered 503 and closed.
+    #[arg(long, env = "SQLD_MAX_CONCURRENT_CONNECTIONS", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_concurrent_connections: u64,
+
+    /// Seconds a client may take to send a request's head once it started it.
+    #[arg(long, env = "SQLD_HEADER_READ_TIMEOUT_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_s: u64,
+
+    /// Seconds a connection with no request in flight stays open (idle keep-alive).
+    #[arg(long, env = "SQLD_IDLE_CONNECTION_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_connection_timeout_s: u64,
+
+    /// Seconds a client may take to send a request's body, once its head arrived.
+    #[arg(long, env = "SQLD_BODY_READ_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_read_timeout_s: u64,
+
     /// Seconds an idle Hrana stream (an interactive transaction's baton) lives before it is
     /// rolled back and its baton refused.
     #[arg(long, env = "SQLD_STREAM_EXPIRY_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub stream_expiry_s: u64,
+
+    /// How many Hrana streams (batons) may wait between requests, over all namespaces.
+    #[arg(long, env = "SQLD_MAX_STREAMS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_streams: u64,
+
+    /// How many Hrana streams may wait between requests for one namespace.
+    #[arg(long, env = "SQLD_MAX_STREAMS_PER_NAMESPACE", default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_streams_per_namespace: u64,
 
     /// Milliseconds a writer waits for its namespace's write lock before it gets SQLITE_BUSY.
     #[arg(long, env = "SQLD_WRITE_LOCK_TIMEOUT_MS", default_value_t = 5000)]
@@ -102,18 +131,35 @@ impl Config {
                 statement_timeout: nonzero(Duration::from_millis(self.statement_timeout_ms)),
                 transaction_timeout: nonzero(Duration::from_secs(self.txn_timeout_s)),
                 halt: Arc::new(AtomicBool::new(false)),
+                hits: Arc::default(),
             },
             log: LogSettings::from_flags(self.max_log_size, self.max_log_duration),
             recovery: RecoveryOptions::from_env(),
         }
     }
 
-    pub fn stream_expiry(&self) -> Duration {
-        Duration::from_secs(self.stream_expiry_s)
+    pub fn stream_limits(&self) -> StreamLimits {
+        StreamLimits {
+            expiry: Duration::from_secs(self.stream_expiry_s),
+            max_streams: self.max_streams as usize,
+            max_per_namespace: self.max_streams_per_namespace as usize,
+        }
     }
 
     pub fn write_lock_timeout(&self) -> Duration {
         Duration::from_millis(self.write_lock_timeout_ms)
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_s)
+    }
+
+    pub fn idle_connection_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_connection_timeout_s)
+    }
+
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.body_read_timeout_s)
     }
 
     pub fn shutdown_timeout(&self) -> Duration {

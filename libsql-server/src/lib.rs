@@ -30,6 +30,7 @@ pub mod database;
 pub mod durable;
 pub mod hrana;
 pub mod http;
+pub mod limit_hits;
 pub mod metrics;
 pub mod namespace;
 pub mod net;

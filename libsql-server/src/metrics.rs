@@ -2,8 +2,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use crate::limit_hits::LimitHits;
 
 /// Upper bounds (seconds) of the latency histogram's buckets.
 const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
@@ -12,6 +14,8 @@ const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 pub struct Metrics {
     routes: Mutex<BTreeMap<RouteKey, RouteStats>>,
     counters: Mutex<BTreeMap<&'static str, (&'static str, u64)>>,
+    /// Limits clients hit, counted by every layer.
+    pub hits: Arc<LimitHits>,
 }
 
 #[derive(PartialEq, Eq, PartialOrd, Ord, Clone)]
@@ -74,6 +78,11 @@ impl Metrics {
         for (name, (help, value)) in self.counters.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         }
+        out.push_str("# HELP sqld_limit_hits_total Requests and statements refused or stopped at a limit, by limit.\n");
+        out.push_str("# TYPE sqld_limit_hits_total counter\n");
+        for (limit, hits) in self.hits.all() {
+            let _ = writeln!(out, "sqld_limit_hits_total{{limit=\"{limit}\"}} {hits}");
+        }
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         }
@@ -82,13 +91,7 @@ impl Metrics {
 }
 
 fn labels(key: &RouteKey) -> String {
-    format!(
-        "api=\"{}\",method=\"{}\",route=\"{}\",status=\"{}\"",
-        key.api,
-        escape(&key.method),
-        escape(&key.route),
-        key.status
-    )
+    format!("api=\"{}\",method=\"{}\",route=\"{}\",status=\"{}\"", key.api, escape(&key.method), escape(&key.route), key.status)
 }
 
 fn escape(value: &str) -> String {

@@ -10,9 +10,16 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::hrana::Hrana;
+use crate::http::limits::RequestLimits;
 use crate::metrics::Metrics;
 use crate::namespace::{self, NamespaceStore};
-use crate::net::{self, Listener};
+use crate::net::{self, ConnectionLimits, Listener};
+
+/// Admin requests and connections served at once.
+const ADMIN_MAX_CONCURRENT: usize = 64;
+
+/// Largest admin request body (configurations are small).
+const ADMIN_MAX_BODY_SIZE: usize = 1 << 20;
 use crate::http;
 
 pub struct Server {
@@ -26,11 +33,13 @@ pub struct Server {
 impl Server {
     /// Opens the data directory (creating it and the `default` namespace on first start).
     pub async fn open(config: Config) -> Result<Self, namespace::Error> {
-        let options = config.store_options();
+        let metrics = Arc::new(Metrics::default());
+        let mut options = config.store_options();
+        options.limits.hits = metrics.hits.clone();
         let halt = options.limits.halt.clone();
         let store = NamespaceStore::open(&config.db_path, options).await?;
-        let hrana = Hrana::new(store, config.stream_expiry());
-        Ok(Server { config, hrana, metrics: Arc::new(Metrics::default()), halt })
+        let hrana = Hrana::new(store, config.stream_limits(), metrics.hits.clone());
+        Ok(Server { config, hrana, metrics, halt })
     }
 
     pub fn store(&self) -> &NamespaceStore {
@@ -38,11 +47,30 @@ impl Server {
     }
 
     pub fn user_router(&self) -> Router {
-        http::user::router(self.hrana.clone(), self.metrics.clone(), self.config.max_body_size)
+        let limits = RequestLimits::new(
+            self.config.max_body_size,
+            self.config.body_read_timeout(),
+            self.config.max_concurrent_requests as usize,
+            self.metrics.hits.clone(),
+        );
+        http::user::router(self.hrana.clone(), self.metrics.clone(), limits)
     }
 
+    /// The admin API has its own places, so a flood of user requests never locks the
+    /// operator out.
     pub fn admin_router(&self) -> Router {
-        http::admin::router(self.hrana.clone(), self.metrics.clone(), self.config.admin_auth_key.clone())
+        let limits =
+            RequestLimits::new(ADMIN_MAX_BODY_SIZE, self.config.body_read_timeout(), ADMIN_MAX_CONCURRENT, self.metrics.hits.clone());
+        http::admin::router(self.hrana.clone(), self.metrics.clone(), self.config.admin_auth_key.clone(), limits)
+    }
+
+    fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.config.max_concurrent_connections as usize,
+            header_read_timeout: self.config.header_read_timeout(),
+            idle_timeout: self.config.idle_connection_timeout(),
+            hits: self.metrics.hits.clone(),
+        }
     }
 
     /// Serves until `shutdown` resolves, then: stops accepting, lets in-flight requests finish
@@ -56,9 +84,11 @@ impl Server {
         let reaper = tokio::spawn(self.hrana.clone().reap_idle_streams(async move {
             let _ = reaper_stop.changed().await;
         }));
-        let mut tasks = vec![tokio::spawn(net::serve(user, self.user_router(), stop_rx.clone(), in_flight_tx.clone()))];
+        let mut tasks =
+            vec![tokio::spawn(net::serve(user, self.user_router(), self.connection_limits(), stop_rx.clone(), in_flight_tx.clone()))];
         if let Some(admin) = admin {
-            tasks.push(tokio::spawn(net::serve(admin, self.admin_router(), stop_rx.clone(), in_flight_tx.clone())));
+            let limits = ConnectionLimits { max_connections: ADMIN_MAX_CONCURRENT, ..self.connection_limits() };
+            tasks.push(tokio::spawn(net::serve(admin, self.admin_router(), limits, stop_rx.clone(), in_flight_tx.clone())));
         }
         drop(in_flight_tx);
         if let Some(secs) = self.config.checkpoint_interval_s {

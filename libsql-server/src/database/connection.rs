@@ -6,11 +6,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use libsql_sys::rusqlite::{self, config::DbConfig, limits::Limit, ErrorCode};
+use libsql_sys::rusqlite::{self, config::DbConfig, limits::Limit as SqliteLimit, ErrorCode};
 
 use super::interrupt::{self, Interrupt, Reason};
 use super::policy::{self, PolicyState};
 use super::{synchronous_pragma, EngineConnection, Shared, WritePermit};
+use crate::limit_hits::Limit;
 
 /// Prepared statements kept per connection: a client's working set of queries.
 const STATEMENT_CACHE_CAPACITY: usize = 128;
@@ -52,7 +53,9 @@ pub enum AccessError {
 
 fn interrupted_message(reason: &Reason) -> String {
     match reason {
-        Reason::StatementTimeout(limit) => format!("the statement was stopped after running for {limit:?} (the server's statement time limit)"),
+        Reason::StatementTimeout(limit) => {
+            format!("the statement was stopped after running for {limit:?} (the server's statement time limit)")
+        }
         Reason::TransactionTimeout(limit) => {
             format!("the transaction held the write lock for more than {limit:?} (txn_timeout_s) and was rolled back")
         }
@@ -129,8 +132,8 @@ impl Connection {
         // scratch copy VACUUM attaches (client ATTACH is refused by the authorizer). No
         // sorter threads: a client's sort runs on its own request's thread.
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
-        conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 1);
-        conn.set_limit(Limit::SQLITE_LIMIT_WORKER_THREADS, 0);
+        conn.set_limit(SqliteLimit::SQLITE_LIMIT_ATTACHED, 1);
+        conn.set_limit(SqliteLimit::SQLITE_LIMIT_WORKER_THREADS, 0);
         let mut conn = Connection {
             conn,
             access: WriteAccess { permit: None, shared, config_seen: None, policy, interrupt },
@@ -149,7 +152,9 @@ impl Connection {
     pub fn execute_script(&mut self, sql: &str) -> Result<(), AccessError> {
         let mut statements = rusqlite::Batch::new(&self.conn, sql);
         loop {
-            let Some(mut prepared) = statements.next()? else { return Ok(()) };
+            let Some(mut prepared) = statements.next()? else {
+                return Ok(());
+            };
             // `Batch` does not expose each statement's text; the expanded SQL classifies it.
             let text = prepared.expanded_sql().unwrap_or_default();
             self.access.admit(&self.conn, StmtKind::of(&prepared, &text))?;
@@ -228,14 +233,30 @@ impl WriteAccess {
     /// An engine error as the client should see it: an interrupt with its reason, a full
     /// database as the namespace's quota when it has one.
     fn classify(&self, e: rusqlite::Error) -> AccessError {
+        let hits = &self.shared.limits.hits;
+        let db = self.shared.path.display();
         match e.sqlite_error_code() {
             Some(ErrorCode::OperationInterrupted) => match self.interrupt.reason() {
-                Some(reason) => AccessError::Interrupted(reason),
+                Some(reason) => {
+                    match reason {
+                        Reason::StatementTimeout(limit) => {
+                            hits.hit(Limit::StatementTimeout, format_args!("{db}: statement ran past {limit:?}"))
+                        }
+                        Reason::TransactionTimeout(limit) => {
+                            hits.hit(Limit::TransactionTimeout, format_args!("{db}: transaction held the write lock past {limit:?}"))
+                        }
+                        Reason::ClientGone | Reason::ShuttingDown => {}
+                    }
+                    AccessError::Interrupted(reason)
+                }
                 None => AccessError::Sqlite(e),
             },
             Some(ErrorCode::DiskFull) => match self.shared.config().max_db_pages {
                 0 => AccessError::Sqlite(e),
-                max_pages => AccessError::QuotaExceeded { max_pages, source: e },
+                max_pages => {
+                    hits.hit(Limit::DatabaseSize, format_args!("{db}: {max_pages} pages"));
+                    AccessError::QuotaExceeded { max_pages, source: e }
+                }
             },
             _ => AccessError::Sqlite(e),
         }
@@ -309,7 +330,6 @@ impl<'a> Iterator for SqlWords<'a> {
         Some(word)
     }
 }
-
 
 #[cfg(test)]
 mod tests {

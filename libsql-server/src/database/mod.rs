@@ -25,6 +25,7 @@ pub use write_gate::{WriteGate, WritePermit};
 /// The connection type of the engine: SQLite's WAL wrapped by the replication log's capture.
 pub type EngineConnection = libsql_sys::Connection<WrappedWal<ReplicationWal, Sqlite3Wal>>;
 
+use crate::limit_hits::LimitHits;
 pub use crate::replication::format::PAGE_SIZE;
 use crate::replication::wal::ReplicationWal;
 use crate::replication::ReplicationLogger;
@@ -59,6 +60,8 @@ pub struct Limits {
     pub transaction_timeout: Option<Duration>,
     /// Raised when the server shuts down: every running statement stops.
     pub halt: Arc<AtomicBool>,
+    /// Where hits of these limits are counted.
+    pub hits: Arc<LimitHits>,
 }
 
 impl Limits {
@@ -69,6 +72,7 @@ impl Limits {
             statement_timeout: None,
             transaction_timeout: None,
             halt: Arc::new(AtomicBool::new(false)),
+            hits: Arc::default(),
         }
     }
 }
@@ -109,10 +113,7 @@ impl Shared {
         }
         let shared = self.clone();
         *running = Some(
-            std::thread::Builder::new()
-                .name("sqld-retire".into())
-                .spawn(move || shared.compact())
-                .expect("spawning a compaction thread"),
+            std::thread::Builder::new().name("sqld-retire".into()).spawn(move || shared.compact()).expect("spawning a compaction thread"),
         );
     }
 

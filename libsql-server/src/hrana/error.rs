@@ -121,6 +121,8 @@ pub enum RequestError {
     BatonNamespaceMismatch,
     #[error("too many open streams on this server; close streams or retry later")]
     TooManyStreams,
+    #[error("too many open streams on this namespace; close streams or retry later")]
+    TooManyNamespaceStreams,
     #[error(transparent)]
     Namespace(#[from] namespace::Error),
     #[error("internal error: {0}")]

@@ -13,25 +13,24 @@ use std::time::Duration;
 use libsql_hrana::proto::{Batch, BatchResult, CursorEntry, PipelineReqBody, PipelineRespBody, Stmt, StmtResult};
 
 pub use error::{RequestError, StmtError};
-pub use stream::{Stream, StreamRegistry};
+pub use stream::{Stream, StreamLimits, StreamRegistry};
 
 use crate::blocking;
 use crate::database::interrupt::CancelOnDrop;
+use crate::limit_hits::{Limit, LimitHits};
 use crate::namespace::{NamespaceName, NamespaceStore};
-
-/// At most this many streams wait between requests at once, over all namespaces.
-const MAX_PARKED_STREAMS: usize = 10_000;
 
 /// The Hrana service of one server: the namespace store plus the parked streams.
 #[derive(Clone)]
 pub struct Hrana {
     store: NamespaceStore,
     streams: Arc<StreamRegistry>,
+    hits: Arc<LimitHits>,
 }
 
 impl Hrana {
-    pub fn new(store: NamespaceStore, stream_expiry: Duration) -> Self {
-        Hrana { store, streams: Arc::new(StreamRegistry::new(stream_expiry, MAX_PARKED_STREAMS)) }
+    pub fn new(store: NamespaceStore, limits: StreamLimits, hits: Arc<LimitHits>) -> Self {
+        Hrana { store, streams: Arc::new(StreamRegistry::new(limits, hits.clone())), hits }
     }
 
     pub fn store(&self) -> &NamespaceStore {
@@ -61,7 +60,12 @@ impl Hrana {
     }
 
     /// Runs a batch on a stream for the cursor endpoint: the entries, and the baton.
-    pub async fn cursor(&self, ns: &NamespaceName, baton: Option<&str>, batch: Batch) -> Result<(Option<String>, Vec<CursorEntry>), RequestError> {
+    pub async fn cursor(
+        &self,
+        ns: &NamespaceName,
+        baton: Option<&str>,
+        batch: Batch,
+    ) -> Result<(Option<String>, Vec<CursorEntry>), RequestError> {
         let stream = self.stream_for(ns, baton).await?;
         let cancel = CancelOnDrop::new();
         stream.attach(&cancel.target());
@@ -126,11 +130,21 @@ impl Hrana {
         if stream.is_closed() {
             return Ok(None);
         }
+        let ns = stream.namespace().clone();
         match self.streams.park(stream) {
             Ok(baton) => Ok(Some(baton)),
-            Err(stream) => {
+            Err((stream, why)) => {
                 stream::drop_off_runtime(vec![stream]);
-                Err(RequestError::TooManyStreams)
+                Err(match why {
+                    stream::ParkRefused::ServerFull => {
+                        self.hits.hit(Limit::Streams, format_args!("namespace {ns}"));
+                        RequestError::TooManyStreams
+                    }
+                    stream::ParkRefused::NamespaceFull => {
+                        self.hits.hit(Limit::StreamsPerNamespace, format_args!("namespace {ns}"));
+                        RequestError::TooManyNamespaceStreams
+                    }
+                })
             }
         }
     }
@@ -144,7 +158,15 @@ impl Hrana {
         tokio::pin!(stop);
         loop {
             tokio::select! {
-                _ = ticker.tick() => stream::drop_off_runtime(self.streams.reap()),
+                _ = ticker.tick() => {
+                    let reaped = self.streams.reap();
+                    if reaped.is_empty() {
+                        continue;
+                    }
+                    // Once their connections are closed, the namespaces they held may close.
+                    let _ = blocking::run(move || drop(reaped)).await;
+                    self.store.trim().await;
+                }
                 _ = &mut stop => break,
             }
         }

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libsql_hrana::proto::{
-    Batch, BatchResult, BatchStreamResp, CloseSqlStreamResp, CloseStreamResp, DescribeStreamResp, ExecuteStreamResp, GetAutocommitStreamResp,
-    SequenceStreamResp, StoreSqlStreamResp, StreamRequest, StreamResponse, StreamResult,
+    Batch, BatchResult, BatchStreamResp, CloseSqlStreamResp, CloseStreamResp, DescribeStreamResp, ExecuteStreamResp,
+    GetAutocommitStreamResp, SequenceStreamResp, StoreSqlStreamResp, StreamRequest, StreamResponse, StreamResult,
 };
 use tokio::time::Instant;
 
@@ -20,6 +20,7 @@ use super::stmt::{self, SqlStore};
 use super::{batch, RequestError, StmtError};
 use crate::database::interrupt::CancelTarget;
 use crate::database::Connection;
+use crate::limit_hits::{Limit, LimitHits};
 use crate::namespace::{Namespace, NamespaceName};
 
 pub struct Stream {
@@ -133,16 +134,29 @@ pub fn drop_off_runtime(streams: Vec<Stream>) {
     }
 }
 
+/// How many streams may wait between requests, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// An idle stream is rolled back and dropped after this.
+    pub expiry: Duration,
+    /// Over all namespaces (each parked stream holds a SQLite connection: file descriptors).
+    pub max_streams: usize,
+    /// For one namespace, so one tenant cannot take every stream.
+    pub max_per_namespace: usize,
+}
+
 /// The streams parked between requests, by baton.
 pub struct StreamRegistry {
     inner: Mutex<Registry>,
-    expiry: Duration,
-    max_streams: usize,
+    limits: StreamLimits,
+    hits: Arc<LimitHits>,
 }
 
 #[derive(Default)]
 struct Registry {
     parked: HashMap<String, Parked>,
+    /// Parked streams per namespace.
+    per_namespace: HashMap<NamespaceName, usize>,
     /// Batons of expired streams, kept a while so their clients get "expired", not "unknown".
     expired: HashMap<String, Expired>,
 }
@@ -174,22 +188,48 @@ struct Parked {
     parked_at: Instant,
 }
 
+impl Registry {
+    fn insert(&mut self, baton: String, parked: Parked) {
+        *self.per_namespace.entry(parked.stream.namespace().clone()).or_default() += 1;
+        self.parked.insert(baton, parked);
+    }
+
+    fn remove(&mut self, baton: &str) -> Option<Parked> {
+        let parked = self.parked.remove(baton)?;
+        let ns = parked.stream.namespace();
+        if let Some(n) = self.per_namespace.get_mut(ns) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_namespace.remove(ns);
+            }
+        }
+        Some(parked)
+    }
+}
+
+/// Why a stream could not be parked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParkRefused {
+    ServerFull,
+    NamespaceFull,
+}
+
 /// How long the baton of an expired stream is remembered.
 const EXPIRED_MEMORY: Duration = Duration::from_secs(600);
 
 impl StreamRegistry {
-    pub fn new(expiry: Duration, max_streams: usize) -> Self {
-        StreamRegistry { inner: Mutex::default(), expiry, max_streams }
+    pub fn new(limits: StreamLimits, hits: Arc<LimitHits>) -> Self {
+        StreamRegistry { inner: Mutex::default(), limits, hits }
     }
 
     pub fn expiry(&self) -> Duration {
-        self.expiry
+        self.limits.expiry
     }
 
     /// Takes the stream of `baton` out of the registry for one request.
     pub fn take(&self, baton: &str, ns: &NamespaceName) -> Result<Stream, RequestError> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(parked) = inner.parked.remove(baton) else {
+        let Some(parked) = inner.remove(baton) else {
             return Err(inner.expired.get(baton).map_or(RequestError::UnknownBaton, |e| e.why.error()));
         };
         if let Some(why) = self.expiry_of(&parked) {
@@ -199,22 +239,25 @@ impl StreamRegistry {
             return Err(why.error());
         }
         if parked.stream.namespace() != ns {
-            inner.parked.insert(baton.to_owned(), parked);
+            inner.insert(baton.to_owned(), parked);
             return Err(RequestError::BatonNamespaceMismatch);
         }
         Ok(parked.stream)
     }
 
-    /// Parks a stream until its next request; returns its new baton, or the stream back when
-    /// the server holds too many.
+    /// Parks a stream until its next request; returns its new baton, or the stream back (with
+    /// the reason) when the server or its namespace holds too many.
     #[allow(clippy::result_large_err)] // the stream comes back to be dropped off the runtime
-    pub fn park(&self, stream: Stream) -> Result<String, Stream> {
+    pub fn park(&self, stream: Stream) -> Result<String, (Stream, ParkRefused)> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.parked.len() >= self.max_streams {
-            return Err(stream);
+        if inner.parked.len() >= self.limits.max_streams {
+            return Err((stream, ParkRefused::ServerFull));
+        }
+        if inner.per_namespace.get(stream.namespace()).is_some_and(|n| *n >= self.limits.max_per_namespace) {
+            return Err((stream, ParkRefused::NamespaceFull));
         }
         let baton = uuid::Uuid::new_v4().simple().to_string();
-        inner.parked.insert(baton.clone(), Parked { stream, parked_at: Instant::now() });
+        inner.insert(baton.clone(), Parked { stream, parked_at: Instant::now() });
         Ok(baton)
     }
 
@@ -223,7 +266,7 @@ impl StreamRegistry {
     fn expiry_of(&self, parked: &Parked) -> Option<Expiry> {
         if parked.stream.transaction_expired() {
             Some(Expiry::Transaction)
-        } else if parked.parked_at.elapsed() > self.expiry {
+        } else if parked.parked_at.elapsed() > self.limits.expiry {
             Some(Expiry::Idle)
         } else {
             None
@@ -238,12 +281,15 @@ impl StreamRegistry {
         let stale: Vec<(String, Expiry)> = inner.parked.iter().filter_map(|(b, p)| Some((b.clone(), self.expiry_of(p)?))).collect();
         let mut reaped = Vec::with_capacity(stale.len());
         for (baton, why) in stale {
-            if let Some(parked) = inner.parked.remove(&baton) {
+            if let Some(parked) = inner.remove(&baton) {
                 match why {
-                    Expiry::Idle => tracing::debug!(namespace = %parked.stream.namespace(), "idle stream expired"),
-                    Expiry::Transaction => {
-                        tracing::info!(namespace = %parked.stream.namespace(), "transaction held the write lock past its time limit; rolled back")
+                    Expiry::Idle => {
+                        tracing::debug!(namespace = %parked.stream.namespace(), "idle stream expired")
                     }
+                    Expiry::Transaction => self.hits.hit(
+                        Limit::TransactionTimeout,
+                        format_args!("namespace {}: an idle transaction held the write lock; rolled back", parked.stream.namespace()),
+                    ),
                 }
                 reaped.push(parked.stream);
                 inner.expired.insert(baton, Expired { why, at: now });
@@ -256,6 +302,7 @@ impl StreamRegistry {
     /// Removes every stream (shutdown).
     pub fn drain(&self) -> Vec<Stream> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.per_namespace.clear();
         inner.parked.drain().map(|(_, p)| p.stream).collect()
     }
 

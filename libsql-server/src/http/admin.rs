@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::error::{no_route, parse_json};
+use super::limits::{enforce, RequestLimits};
 use super::{track_requests, ApiError};
 use crate::database::PAGE_SIZE;
 use crate::hrana::Hrana;
@@ -29,7 +30,7 @@ struct AdminState {
     metrics: Arc<Metrics>,
 }
 
-pub fn router(hrana: Hrana, metrics: Arc<Metrics>, auth_key: Option<String>) -> Router {
+pub fn router(hrana: Hrana, metrics: Arc<Metrics>, auth_key: Option<String>, limits: RequestLimits) -> Router {
     let state = AdminState { store: hrana.store().clone(), hrana, metrics: metrics.clone() };
     Router::new()
         .route("/", get(|| async { "libsql-server admin API" }))
@@ -43,6 +44,7 @@ pub fn router(hrana: Hrana, metrics: Arc<Metrics>, auth_key: Option<String>) -> 
         .route_layer(axum::middleware::from_fn_with_state((metrics, "admin"), track_requests))
         .fallback(no_route)
         .layer(axum::middleware::from_fn_with_state(Arc::new(auth_key), require_auth))
+        .layer(axum::middleware::from_fn_with_state(limits, enforce))
         .with_state(state)
 }
 
@@ -107,7 +109,11 @@ async fn create_namespace(
     let name = name_of(path)?;
     let body: CreateBody = optional_body(&body?)?;
     if body.dump_url.is_some() {
-        return Err(ApiError::new(StatusCode::NOT_IMPLEMENTED, "NOT_IMPLEMENTED", "creating a namespace from dump_url is not supported yet"));
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "NOT_IMPLEMENTED",
+            "creating a namespace from dump_url is not supported yet",
+        ));
     }
     let config = DatabaseConfig {
         max_db_pages: body.max_db_size.map(|s| s.pages()).unwrap_or(0),
@@ -228,7 +234,10 @@ async fn stats(State(state): State<AdminState>, path: Result<Path<String>, PathR
     Ok(Json(state.store.stats(&name).await?).into_response())
 }
 
-async fn checkpoint(State(state): State<AdminState>, path: Result<Path<String>, PathRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn checkpoint(
+    State(state): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let name = name_of(path)?;
     state.store.checkpoint(&name).await?;
     Ok(Json(json!({})))

@@ -54,7 +54,9 @@ impl From<namespace::Error> for ApiError {
             E::NamespacesDisabled => (StatusCode::BAD_REQUEST, "NAMESPACES_DISABLED"),
             E::DefaultNamespace => (StatusCode::BAD_REQUEST, "NAMESPACE_DEFAULT"),
             E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN"),
-            E::Database { .. } | E::Meta(_) | E::Log { .. } | E::Io { .. } | E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+            E::Database { .. } | E::Meta(_) | E::Log { .. } | E::Io { .. } | E::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL")
+            }
         };
         ApiError::new(status, code, e.to_string())
     }
@@ -74,6 +76,7 @@ impl From<RequestError> for ApiError {
             RequestError::TransactionTimedOut => (StatusCode::BAD_REQUEST, "TRANSACTION_TIMEOUT"),
             RequestError::BatonNamespaceMismatch => (StatusCode::BAD_REQUEST, "STREAM_NAMESPACE_MISMATCH"),
             RequestError::TooManyStreams => (StatusCode::SERVICE_UNAVAILABLE, "STREAMS_EXHAUSTED"),
+            RequestError::TooManyNamespaceStreams => (StatusCode::TOO_MANY_REQUESTS, "STREAMS_EXHAUSTED"),
             RequestError::Namespace(_) => {
                 let RequestError::Namespace(e) = e else { unreachable!() };
                 return e.into();

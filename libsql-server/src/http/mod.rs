@@ -3,6 +3,7 @@
 pub mod admin;
 mod error;
 mod legacy;
+pub mod limits;
 mod namespace_header;
 mod sync;
 pub mod user;

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::error::{no_route, parse_json};
+use super::limits::{enforce, RequestLimits};
 use super::{legacy, namespace_of, sync, track_requests, ApiError};
 use crate::hrana::Hrana;
 use crate::metrics::Metrics;
@@ -31,7 +32,8 @@ impl UserState {
     }
 }
 
-pub fn router(hrana: Hrana, metrics: Arc<Metrics>, max_body_size: usize) -> Router {
+pub fn router(hrana: Hrana, metrics: Arc<Metrics>, limits: RequestLimits) -> Router {
+    let max_body_size = limits.max_body_size;
     Router::new()
         .route("/", post(legacy_query))
         .route("/health", get(|| async { StatusCode::OK }))
@@ -51,16 +53,13 @@ pub fn router(hrana: Hrana, metrics: Arc<Metrics>, max_body_size: usize) -> Rout
         .route_layer(axum::middleware::from_fn_with_state((metrics.clone(), "user"), track_requests))
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(max_body_size))
+        .layer(axum::middleware::from_fn_with_state(limits, enforce))
         .with_state(UserState { hrana, metrics })
 }
 
 /// Hrana clients send their bodies with or without `content-type` (the libSQL Rust crate sends
 /// none): bodies are read as bytes and parsed as JSON whatever the header says.
-async fn pipeline(
-    State(state): State<UserState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
+async fn pipeline(State(state): State<UserState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body?;
     let ns = state.namespace(&headers)?;
     let request: PipelineReqBody = parse_json(&body)?;
@@ -113,7 +112,11 @@ async fn batch_v1(State(state): State<UserState>, headers: HeaderMap, body: Resu
     }
 }
 
-async fn legacy_query(State(state): State<UserState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn legacy_query(
+    State(state): State<UserState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = body?;
     let ns = state.namespace(&headers)?;
     let request: legacy::QueryRequest = parse_json(&body)?;

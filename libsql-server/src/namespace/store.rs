@@ -121,7 +121,7 @@ impl NamespaceStore {
         let mut guard = slot.ns.lock().await;
         let ns = self.load_locked(name, &slot, &mut guard).await?;
         drop(guard);
-        self.evict_idle(name).await;
+        self.evict_idle(Some(name)).await;
         Ok(ns)
     }
 
@@ -143,7 +143,7 @@ impl NamespaceStore {
         self.inner.loaded.fetch_add(1, Ordering::AcqRel);
         drop(guard);
         tracing::info!(namespace = %name, "namespace created");
-        self.evict_idle(name).await;
+        self.evict_idle(Some(name)).await;
         Ok(())
     }
 
@@ -257,12 +257,18 @@ impl NamespaceStore {
     pub async fn checkpoint_loaded(&self) {
         let slots: Vec<_> = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
         for slot in slots {
-            let Some(ns) = slot.ns.try_lock().ok().and_then(|g| g.clone()) else { continue };
+            let Some(ns) = slot.ns.try_lock().ok().and_then(|g| g.clone()) else {
+                continue;
+            };
             let name = ns.name().clone();
             match blocking::run(move || ns.db().checkpoint(CheckpointMode::Passive)).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(namespace = %name, error = %e, "periodic checkpoint failed"),
-                Err(e) => tracing::warn!(namespace = %name, error = %e, "periodic checkpoint failed"),
+                Ok(Err(e)) => {
+                    tracing::warn!(namespace = %name, error = %e, "periodic checkpoint failed")
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %name, error = %e, "periodic checkpoint failed")
+                }
             }
         }
     }
@@ -271,7 +277,6 @@ impl NamespaceStore {
     pub fn loaded_count(&self) -> usize {
         self.inner.loaded.load(Ordering::Acquire)
     }
-
 
     /// Refuses new work and closes every namespace cleanly (checkpointed).
     pub async fn shutdown(&self) {
@@ -284,8 +289,12 @@ impl NamespaceStore {
                 let name = ns.name().clone();
                 match blocking::run(move || ns.close()).await {
                     Ok(Ok(())) => tracing::debug!(namespace = %name, "namespace closed"),
-                    Ok(Err(e)) => tracing::error!(namespace = %name, error = %e, "closing namespace failed"),
-                    Err(e) => tracing::error!(namespace = %name, error = %e, "closing namespace failed"),
+                    Ok(Err(e)) => {
+                        tracing::error!(namespace = %name, error = %e, "closing namespace failed")
+                    }
+                    Err(e) => {
+                        tracing::error!(namespace = %name, error = %e, "closing namespace failed")
+                    }
                 }
             }
         }
@@ -337,22 +346,30 @@ impl NamespaceStore {
         }
     }
 
+    /// Closes idle namespaces past `--max-active-namespaces` (after streams that held them
+    /// ended, say).
+    pub async fn trim(&self) {
+        self.evict_idle(None).await;
+    }
+
     /// Closes least recently used namespaces that nobody is using until at most
     /// `max_active` are open. Namespaces in use stay open, even past the limit.
-    async fn evict_idle(&self, keep: &NamespaceName) {
+    async fn evict_idle(&self, keep: Option<&NamespaceName>) {
         while self.inner.loaded.load(Ordering::Acquire) > self.inner.settings.max_active {
             let mut candidates: Vec<(u64, NamespaceName, Arc<Slot>)> = {
                 let slots = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner());
                 slots
                     .iter()
-                    .filter(|(name, _)| *name != keep)
+                    .filter(|(name, _)| Some(*name) != keep)
                     .map(|(name, slot)| (slot.last_used.load(Ordering::Relaxed), name.clone(), slot.clone()))
                     .collect()
             };
             candidates.sort_by_key(|(used, _, _)| *used);
             let mut evicted = false;
             for (_, name, slot) in candidates {
-                let Ok(mut guard) = slot.ns.try_lock() else { continue };
+                let Ok(mut guard) = slot.ns.try_lock() else {
+                    continue;
+                };
                 // One reference is the slot's own: anything more is a request or stream.
                 if guard.as_ref().is_none_or(|ns| Arc::strong_count(ns) != 1) {
                     continue;
@@ -361,8 +378,12 @@ impl NamespaceStore {
                 self.inner.loaded.fetch_sub(1, Ordering::AcqRel);
                 match blocking::run(move || ns.close()).await {
                     Ok(Ok(())) => tracing::debug!(namespace = %name, "idle namespace closed"),
-                    Ok(Err(e)) => tracing::warn!(namespace = %name, error = %e, "closing idle namespace failed"),
-                    Err(e) => tracing::warn!(namespace = %name, error = %e, "closing idle namespace failed"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(namespace = %name, error = %e, "closing idle namespace failed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(namespace = %name, error = %e, "closing idle namespace failed")
+                    }
                 }
                 drop(guard);
                 self.forget_slot_if_unused(&name, &slot);
@@ -432,7 +453,9 @@ impl Inner {
 
 /// Finishes deletions a crash interrupted.
 fn remove_interrupted_deletions(dbs_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dbs_dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dbs_dir) else {
+        return;
+    };
     for entry in entries.filter_map(|e| e.ok()) {
         if entry.file_name().to_string_lossy().starts_with(DELETING_PREFIX) {
             if let Err(e) = std::fs::remove_dir_all(entry.path()) {

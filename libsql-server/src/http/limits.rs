@@ -1,0 +1,107 @@
+//! Limits every request passes before its handler: how many run at once, how large and how
+//! slow a body may be. The body is read here, whole, under both bounds, so no handler ever
+//! waits on a client that declared more than it sends; a declared length over the limit is
+//! refused before a byte of it is read.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, Request, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hyper::body::HttpBody;
+use hyper::Body;
+use tokio::sync::Semaphore;
+
+use super::ApiError;
+use crate::limit_hits::{Limit, LimitHits};
+
+#[derive(Clone)]
+pub struct RequestLimits {
+    pub max_body_size: usize,
+    pub body_read_timeout: Duration,
+    /// Requests running at once; a request waits at most `queue_wait` for a place.
+    pub running: Arc<Semaphore>,
+    pub queue_wait: Duration,
+    pub hits: Arc<LimitHits>,
+}
+
+impl RequestLimits {
+    pub fn new(max_body_size: usize, body_read_timeout: Duration, max_concurrent: usize, hits: Arc<LimitHits>) -> Self {
+        RequestLimits { max_body_size, body_read_timeout, running: Arc::new(Semaphore::new(max_concurrent)), queue_wait: QUEUE_WAIT, hits }
+    }
+}
+
+/// How long a request waits for one of the `--max-concurrent-requests` places.
+const QUEUE_WAIT: Duration = Duration::from_secs(5);
+
+enum BodyError {
+    TooLarge,
+    Broken(hyper::Error),
+}
+
+/// The middleware: a place among the running requests, then the body, then the handler.
+pub async fn enforce(State(limits): State<RequestLimits>, request: Request<Body>, next: Next<Body>) -> Response {
+    let Ok(Ok(_running)) = tokio::time::timeout(limits.queue_wait, limits.running.clone().acquire_owned()).await else {
+        limits.hits.hit(Limit::Requests, format_args!("{} {}", request.method(), request.uri().path()));
+        let mut response =
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "REQUESTS_EXHAUSTED", "too many requests are running; retry later")
+                .into_response();
+        response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return response;
+    };
+    let (parts, body) = request.into_parts();
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_size as u64) {
+        limits.hits.hit(Limit::BodySize, format_args!("{} declared {} bytes", parts.uri.path(), declared.unwrap_or(0)));
+        return too_large(limits.max_body_size);
+    }
+    let body = match tokio::time::timeout(limits.body_read_timeout, read_body(body, limits.max_body_size)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(BodyError::TooLarge)) => {
+            limits.hits.hit(Limit::BodySize, format_args!("{} sent more than {} bytes", parts.uri.path(), limits.max_body_size));
+            return too_large(limits.max_body_size);
+        }
+        Ok(Err(BodyError::Broken(e))) => return ApiError::bad_request(format!("the request body could not be read: {e}")).into_response(),
+        Err(_) => {
+            limits
+                .hits
+                .hit(Limit::BodyTimeout, format_args!("{} body not complete after {:?}", parts.uri.path(), limits.body_read_timeout));
+            let message = format!("the request body did not arrive within {:?}", limits.body_read_timeout);
+            return ApiError::new(StatusCode::REQUEST_TIMEOUT, "BODY_TIMEOUT", message).into_response();
+        }
+    };
+    json_method_not_allowed(next.run(Request::from_parts(parts, Body::from(body))).await)
+}
+
+async fn read_body(mut body: Body, max: usize) -> Result<Vec<u8>, BodyError> {
+    let mut out = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(BodyError::Broken)?;
+        if out.len() + chunk.len() > max {
+            return Err(BodyError::TooLarge);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+fn too_large(max: usize) -> Response {
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "BODY_TOO_LARGE", format!("the request body is larger than {max} bytes")).into_response()
+}
+
+/// The router answers a known route with the wrong method with an empty 405: give it the
+/// JSON error body every other answer has (keeping its `allow` header).
+fn json_method_not_allowed(response: Response) -> Response {
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+        return response;
+    }
+    let (parts, _) = response.into_parts();
+    let mut answer =
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", "this route does not take that method").into_response();
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        answer.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    answer
+}

@@ -1,0 +1,233 @@
+//! Hostile HTTP clients: bodies that never arrive or are too large, slow and idle connections,
+//! too many connections, requests and streams. Each gets a bounded, clear answer (or its
+//! connection closed), is counted in `/metrics`, and the server goes on serving.
+
+use std::time::Duration;
+
+use hyper::{Method, StatusCode};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::*;
+
+/// Opens a raw connection to the user port and writes `bytes`.
+async fn raw(bytes: &[u8]) -> turmoil::net::TcpStream {
+    let mut stream = turmoil::net::TcpStream::connect(("primary", USER_PORT)).await.expect("connect");
+    stream.write_all(bytes).await.unwrap();
+    stream
+}
+
+/// Reads until the server closes the connection (bounded by simulated time): the status
+/// line's code and the body after the head, or `None` if it closed without an answer.
+async fn answer_then_close(stream: &mut turmoil::net::TcpStream) -> Option<(u16, serde_json::Value)> {
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(120), stream.read_to_end(&mut out)).await.expect("the server closed the connection").ok()?;
+    if out.is_empty() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).unwrap().parse().unwrap();
+    let (_, body) = text.split_once("\r\n\r\n").unwrap();
+    Some((status, json(body.as_bytes())))
+}
+
+async fn still_serving() {
+    let (status, answer) = pipeline("default", json!({"requests": [execute("SELECT 1"), close()]})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
+
+async fn limit_hits(limit: &str) -> u64 {
+    let (_, body) = call("primary", ADMIN_PORT, Method::GET, "/metrics", &[], "").await;
+    let text = String::from_utf8(body).unwrap();
+    let line = format!("sqld_limit_hits_total{{limit=\"{limit}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&line)).unwrap_or_else(|| panic!("no {line} in {text}")).parse().unwrap()
+}
+
+#[test]
+fn a_declared_body_over_the_limit_is_refused_before_it_is_sent() {
+    run_sim(|_| {}, async {
+        let mut stream = raw(b"POST /v2/pipeline HTTP/1.1\r\nhost: primary\r\ncontent-length: 100000000\r\n\r\n").await;
+        let (status, body) = answer_then_close(&mut stream).await.expect("an answer");
+        assert_eq!(status, 413, "{body}");
+        assert_eq!(body["code"], "BODY_TOO_LARGE");
+        assert_eq!(limit_hits("max_body_size").await, 1);
+        still_serving().await;
+        Ok(())
+    });
+}
+
+#[test]
+fn a_body_that_never_arrives_times_out_with_408() {
+    run_sim(|config| config.body_read_timeout_s = 5, async {
+        for head in [
+            &b"POST /v2/pipeline HTTP/1.1\r\nhost: primary\r\ncontent-length: 100\r\n\r\n{\"requests\":"[..],
+            b"POST /v2/pipeline HTTP/1.1\r\nhost: primary\r\ntransfer-encoding: chunked\r\n\r\n10\r\n{\"requests\":",
+        ] {
+            let mut stream = raw(head).await;
+            let (status, body) = answer_then_close(&mut stream).await.expect("an answer");
+            assert_eq!(status, 408, "{body}");
+            assert_eq!(body["code"], "BODY_TIMEOUT");
+        }
+        assert_eq!(limit_hits("body_read_timeout").await, 2);
+        still_serving().await;
+        Ok(())
+    });
+}
+
+#[test]
+fn a_malformed_chunk_size_is_a_4xx() {
+    run_sim(|_| {}, async {
+        let mut stream =
+            raw(b"POST /v2/pipeline HTTP/1.1\r\nhost: primary\r\ntransfer-encoding: chunked\r\n\r\nffffffffffffffff\r\nabc").await;
+        if let Some((status, body)) = answer_then_close(&mut stream).await {
+            assert!((400..500).contains(&status), "{status} {body}");
+        }
+        still_serving().await;
+        Ok(())
+    });
+}
+
+#[test]
+fn slow_headers_and_idle_keep_alive_connections_are_closed() {
+    run_sim(
+        |config| {
+            config.header_read_timeout_s = 3;
+            config.idle_connection_timeout_s = 5;
+        },
+        async {
+            // A head that never ends (slowloris): closed without an answer.
+            let mut slow = raw(b"POST /v2/pipeline HTTP/1.1\r\nhost: primary\r\nx-slow: 1").await;
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(60), slow.read_to_end(&mut rest)).await.expect("closed");
+            assert!(read.is_err() || rest.is_empty() || String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 408"), "{rest:?}");
+
+            // A complete request, then silence: the server closes the idle connection.
+            let body = json!({"requests": [execute("SELECT 1"), close()]}).to_string();
+            let request = format!(
+                "POST /v2/pipeline HTTP/1.1\r\nhost: primary\r\nx-namespace: default\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let mut idle = raw(request.as_bytes()).await;
+            let mut answer = vec![0u8; 4096];
+            let n = idle.read(&mut answer).await.unwrap();
+            assert!(
+                String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"),
+                "the request itself was answered: {}",
+                String::from_utf8_lossy(&answer[..n])
+            );
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(60), idle.read_to_end(&mut rest)).await;
+            assert!(read.is_ok(), "the idle connection was closed: {read:?} {rest:?}");
+            still_serving().await;
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn connections_over_the_limit_get_503_and_the_others_are_served() {
+    run_sim(
+        |config| {
+            config.max_concurrent_connections = 2;
+            config.header_read_timeout_s = 30;
+        },
+        async {
+            let _a = raw(b"").await;
+            let _b = raw(b"").await;
+            let mut third = raw(b"GET /health HTTP/1.1\r\nhost: primary\r\n\r\n").await;
+            let (status, body) = answer_then_close(&mut third).await.expect("an answer");
+            assert_eq!(status, 503, "{body}");
+            assert_eq!(body["code"], "CONNECTIONS_EXHAUSTED");
+            drop((_a, _b));
+            let mut served = false;
+            for _ in 0..100 {
+                let (status, _) = call("primary", USER_PORT, Method::GET, "/health", &[], "").await;
+                if status == StatusCode::OK {
+                    served = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(served, "closing connections frees their places");
+            assert!(limit_hits("max_concurrent_connections").await >= 1);
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn requests_over_the_limit_wait_then_get_503() {
+    run_sim(|config| config.max_concurrent_requests = 1, async {
+        // Holds the only place: its body never comes.
+        let _holder = raw(b"POST /v2/pipeline HTTP/1.1\r\nhost: primary\r\ncontent-length: 10\r\n\r\n").await;
+        // Until the holder's head is read, a request may still get the place.
+        let mut answer = json!(null);
+        for _ in 0..10 {
+            let (status, a) = pipeline("default", json!({"requests": [execute("SELECT 1"), close()]})).await;
+            answer = a;
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                break;
+            }
+        }
+        assert_eq!(answer["code"], "REQUESTS_EXHAUSTED");
+        assert_eq!(limit_hits("max_concurrent_requests").await, 1);
+        Ok(())
+    });
+}
+
+#[test]
+fn method_not_allowed_is_a_json_error() {
+    run_sim(|_| {}, async {
+        let (status, body) = call("primary", USER_PORT, Method::GET, "/v2/pipeline", &[], "").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(json(&body)["code"], "METHOD_NOT_ALLOWED");
+        let (status, body) = call("primary", ADMIN_PORT, Method::PUT, "/v1/namespaces", &[], "").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert!(json(&body)["error"].is_string());
+        Ok(())
+    });
+}
+
+#[test]
+fn streams_are_bounded_per_namespace_and_per_server_and_freed_when_they_end() {
+    run_sim(
+        |config| {
+            config.max_streams = 5;
+            config.max_streams_per_namespace = 3;
+            config.max_active_namespaces = 2;
+        },
+        async {
+            for ns in ["a", "b", "c", "d"] {
+                admin(Method::POST, &format!("/v1/namespaces/{ns}/create"), "").await;
+            }
+            let open = |ns: &'static str| async move { pipeline(ns, json!({"requests": [execute("SELECT 1")]})).await };
+            for _ in 0..3 {
+                assert_eq!(open("a").await.0, StatusCode::OK);
+            }
+            let (status, answer) = open("a").await;
+            assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+            assert_eq!(answer["code"], "STREAMS_EXHAUSTED");
+            assert_eq!(open("b").await.0, StatusCode::OK);
+            assert_eq!(open("c").await.0, StatusCode::OK);
+            let (status, answer) = open("d").await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+            // A pipeline that closes its stream needs no place.
+            let (status, _) = pipeline("d", json!({"requests": [execute("SELECT 1"), close()]})).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(limit_hits("max_streams_per_namespace").await, 1);
+            assert_eq!(limit_hits("max_streams").await, 1);
+
+            // Idle streams expire (10 s); their places and namespaces are freed.
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            let (_, metrics) = call("primary", ADMIN_PORT, Method::GET, "/metrics", &[], "").await;
+            let metrics = String::from_utf8(metrics).unwrap();
+            assert!(metrics.contains("sqld_hrana_streams_parked 0\n"), "{metrics}");
+            let loaded: f64 = metrics.lines().find_map(|l| l.strip_prefix("sqld_namespaces_loaded ")).unwrap().parse().unwrap();
+            assert!(loaded <= 2.0, "{loaded} namespaces stay loaded past --max-active-namespaces 2");
+            for _ in 0..3 {
+                assert_eq!(open("a").await.0, StatusCode::OK);
+            }
+            Ok(())
+        },
+    );
+}
