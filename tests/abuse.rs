@@ -231,3 +231,33 @@ fn streams_are_bounded_per_namespace_and_per_server_and_freed_when_they_end() {
         },
     );
 }
+
+#[test]
+fn writes_over_the_namespace_quota_are_a_client_error_and_others_go_on() {
+    run_sim(|_| {}, async {
+        let (status, _) = admin(Method::POST, "/v1/namespaces/small/create", r#"{"max_db_size": "64kb"}"#).await;
+        assert_eq!(status, StatusCode::OK);
+        admin(Method::POST, "/v1/namespaces/other/create", "").await;
+        let v1 = |sql: &str| {
+            let body = json!({"stmt": {"sql": sql}}).to_string();
+            async move {
+                let (status, body) = call("primary", USER_PORT, Method::POST, "/v1/execute", &[("x-namespace", "small")], body).await;
+                (status, json(&body))
+            }
+        };
+        assert_eq!(v1("CREATE TABLE t (v)").await.0, StatusCode::OK);
+        let (status, answer) = v1("INSERT INTO t SELECT randomblob(1000) FROM generate_series(1, 200)").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        assert_eq!(answer["code"], "SQLITE_FULL");
+        let (_, answer) =
+            pipeline("small", json!({"requests": [execute("INSERT INTO t SELECT randomblob(1000) FROM generate_series(1, 200)"), close()]}))
+                .await;
+        assert_eq!(error_code(&answer, 0), "SQLITE_FULL");
+        assert_eq!(limit_hits("max_db_size").await, 2);
+        // Small writes still fit; the other namespace never noticed.
+        assert_eq!(v1("INSERT INTO t VALUES (1)").await.0, StatusCode::OK);
+        let (_, answer) = pipeline("other", json!({"requests": [execute("CREATE TABLE t (v)"), close()]})).await;
+        assert_eq!(answer["results"][0]["type"], "ok");
+        Ok(())
+    });
+}

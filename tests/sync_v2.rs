@@ -294,6 +294,16 @@ async fn malformed_or_corrupting_pushes_are_refused_and_the_primary_is_intact() 
     assert_eq!((status, answer["status"].as_str()), (200, Some("conflict")), "{answer}");
     assert_eq!(answer["max_frame_no"].as_u64(), Some(max), "{answer}");
     let next = format!("/sync/{generation}/{}/{}", max + 1, max + 2);
+    // The server's own page 1, in a transaction committing `commit` pages, its header naming
+    // `header` pages.
+    let page_one = |commit: u32, header: u32| {
+        let mut f = all.chunks(4120).rfind(|f| u32::from_be_bytes(f[0..4].try_into().unwrap()) == 1).unwrap().to_vec();
+        f[4..8].copy_from_slice(&commit.to_be_bytes());
+        f[24 + 28..24 + 32].copy_from_slice(&header.to_be_bytes());
+        f
+    };
+    let data_file = sqld.db_path().join("dbs/default/data");
+    let size_before = std::fs::metadata(&data_file).unwrap().len() + std::fs::metadata(data_file.with_file_name("data-wal")).map(|m| m.len()).unwrap_or(0);
 
     let cases: Vec<(&str, Vec<u8>, u16)> = vec![
         ("not whole frames", vec![0u8; 100], 400),
@@ -303,6 +313,9 @@ async fn malformed_or_corrupting_pushes_are_refused_and_the_primary_is_intact() 
         ("a page past its transaction's database size", frame(db_pages + 5, db_pages, 0), 400),
         ("a database far larger than any allowed", frame(2, u32::MAX, 0), 413),
         ("garbage over the table's root page", frame(2, db_pages, 0xAB), 422),
+        ("one frame growing the database to 12,800 pages", page_one(12_800, db_pages), 400),
+        ("a database its frames do not define", page_one(12_800, 12_800), 400),
+        ("page 1 naming another size than its commit", page_one(db_pages, 12_800), 400),
     ];
     for (what, body, expected) in cases {
         let (status, answer) = http_post(&sqld, &next, body).await;
@@ -324,6 +337,10 @@ async fn malformed_or_corrupting_pushes_are_refused_and_the_primary_is_intact() 
     let (status, answer) = http_post(&sqld, &next, valid).await;
     assert_eq!(status, 403, "{answer}");
     assert_eq!(rows(&primary, ALL).await, before, "the primary is intact");
+    let size_after = std::fs::metadata(&data_file).unwrap().len() + std::fs::metadata(data_file.with_file_name("data-wal")).map(|m| m.len()).unwrap_or(0);
+    assert!(size_after <= size_before + 64 * 4120, "refused pushes grew the files from {size_before} to {size_after} bytes");
+    let checkpoint = hyper::Request::post(format!("http://{}/v1/namespaces/default/checkpoint", sqld.admin)).body(hyper::Body::empty()).unwrap();
+    assert!(hyper::Client::new().request(checkpoint).await.unwrap().status().is_success(), "checkpoint after refused pushes");
     let integrity = rows(&primary, "PRAGMA integrity_check").await;
     assert_eq!(integrity, vec![vec![Value::Text("ok".into())]]);
 }

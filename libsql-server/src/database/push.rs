@@ -96,6 +96,43 @@ pub fn check_frames(body: &[u8]) -> Result<usize, PushError> {
     Ok(body.len() / FRAME)
 }
 
+/// Checks that every transaction of a checked push body fully defines the database it
+/// commits, starting from a database of `size` pages: a page it adds past the current end
+/// must be written (by it or an earlier transaction of the push), and a page 1 it writes must
+/// name its commit size in its header. Otherwise the result would hold pages nobody wrote (a
+/// file grown with zeros that SQLite later finds malformed).
+fn check_defined(body: &[u8], mut size: u64) -> Result<(), PushError> {
+    let mut written_past_end = std::collections::HashSet::new();
+    let mut txn_start = 0;
+    for (i, frame) in body.chunks_exact(FRAME).enumerate() {
+        let page_no = u32::from_be_bytes(frame[0..4].try_into().unwrap()) as u64;
+        let commit = u32::from_be_bytes(frame[4..8].try_into().unwrap()) as u64;
+        if page_no > size {
+            written_past_end.insert(page_no);
+        }
+        if commit == 0 {
+            continue;
+        }
+        for f in body.chunks_exact(FRAME).take(i + 1).skip(txn_start) {
+            if u32::from_be_bytes(f[0..4].try_into().unwrap()) == 1 {
+                let in_header = u32::from_be_bytes(f[FRAME_HEADER_SIZE + 28..FRAME_HEADER_SIZE + 32].try_into().unwrap()) as u64;
+                if in_header != commit {
+                    return Err(PushError::Malformed(format!("page 1 names a database of {in_header} pages, its transaction commits {commit}")));
+                }
+            }
+        }
+        if let Some(missing) = (size + 1..=commit).find(|p| !written_past_end.contains(p)) {
+            return Err(PushError::Malformed(format!(
+                "a transaction grows the database to {commit} pages but page {missing} is not in the push"
+            )));
+        }
+        size = commit;
+        written_past_end.retain(|p| *p <= size);
+        txn_start = i + 1;
+    }
+    Ok(())
+}
+
 /// The largest commit size in a checked push body.
 fn largest_commit(body: &[u8]) -> u64 {
     body.chunks_exact(FRAME).map(|f| u32::from_be_bytes(f[4..8].try_into().unwrap()) as u64).max().unwrap_or(0)
@@ -144,7 +181,8 @@ impl Database {
             .tempdir_in(self.shared.path.parent().unwrap_or(Path::new(".")))
             .map_err(|e| apply(&e))?;
         let copy = scratch.path().join("data");
-        std::fs::copy(&self.shared.path, &copy).map_err(|e| apply(&e))?;
+        let size = std::fs::copy(&self.shared.path, &copy).map_err(|e| apply(&e))?;
+        check_defined(body, size / PAGE_SIZE as u64)?;
         let file = OpenOptions::new().write(true).open(&copy).map_err(|e| apply(&e))?;
         for frame in body.chunks_exact(FRAME) {
             let page_no = u32::from_be_bytes(frame[0..4].try_into().unwrap()) as u64;
