@@ -261,3 +261,46 @@ fn writes_over_the_namespace_quota_are_a_client_error_and_others_go_on() {
         Ok(())
     });
 }
+
+async fn v1_execute(sql: &str) -> (StatusCode, serde_json::Value) {
+    let body = json!({"stmt": {"sql": sql}}).to_string();
+    let (status, body) = call("primary", USER_PORT, Method::POST, "/v1/execute", &[("x-namespace", "default")], body).await;
+    (status, json(&body))
+}
+
+const ROWS_OF_1K: &str = "SELECT randomblob(1000) FROM generate_series(1, ?)";
+
+fn rows_of_1k(n: u32) -> String {
+    ROWS_OF_1K.replace('?', &n.to_string())
+}
+
+#[test]
+fn an_answer_over_the_response_limit_stops_with_a_clear_error() {
+    run_sim(|config| config.max_response_size = 200_000, async {
+        let (status, answer) = pipeline("default", json!({"requests": [execute(&rows_of_1k(5000)), execute("SELECT 1"), close()]})).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(error_code(&answer, 0), "RESPONSE_TOO_LARGE");
+        assert_eq!(answer["results"][1]["type"], "ok", "the stream goes on");
+        let (status, answer) = v1_execute(&rows_of_1k(5000)).await;
+        assert_eq!((status, answer["code"].as_str()), (StatusCode::BAD_REQUEST, Some("RESPONSE_TOO_LARGE")), "{answer}");
+        let (status, answer) = v1_execute(&rows_of_1k(100)).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(limit_hits("max_response_size").await, 2);
+        Ok(())
+    });
+}
+
+#[test]
+fn answers_in_flight_are_bounded_together_and_their_shares_given_back() {
+    run_sim(|config| config.max_total_response_size = 300_000, async {
+        let (status, answer) = v1_execute(&rows_of_1k(400)).await;
+        assert_eq!((status, answer["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("RESPONSES_EXHAUSTED")), "{answer}");
+        for _ in 0..5 {
+            let (status, answer) = v1_execute(&rows_of_1k(100)).await;
+            assert_eq!(status, StatusCode::OK, "{answer}");
+            assert_eq!(answer["result"]["rows"].as_array().unwrap().len(), 100);
+        }
+        assert_eq!(limit_hits("max_total_response_size").await, 1);
+        Ok(())
+    });
+}

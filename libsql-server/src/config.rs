@@ -83,6 +83,15 @@ pub struct Config {
     #[arg(long, env = "SQLD_BODY_READ_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub body_read_timeout_s: u64,
 
+    /// Largest answer to one request (`10MB`, or a number of bytes); a larger one stops with
+    /// `RESPONSE_TOO_LARGE`.
+    #[arg(long, env = "SQLD_MAX_RESPONSE_SIZE", default_value = "10MB", value_parser = size_arg)]
+    pub max_response_size: usize,
+
+    /// Largest total of the answers being built or sent at once; past it, `RESPONSES_EXHAUSTED`.
+    #[arg(long, env = "SQLD_MAX_TOTAL_RESPONSE_SIZE", default_value = "32MB", value_parser = size_arg)]
+    pub max_total_response_size: usize,
+
     /// Seconds an idle Hrana stream (an interactive transaction's baton) lives before it is
     /// rolled back and its baton refused.
     #[arg(long, env = "SQLD_STREAM_EXPIRY_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
@@ -170,4 +179,29 @@ impl Config {
 /// A limit of zero means no limit.
 fn nonzero(limit: Duration) -> Option<Duration> {
     (!limit.is_zero()).then_some(limit)
+}
+
+/// A size in bytes, given as a number or with a unit (`10MB`, `512kib`, `1G`).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "kib" | "k" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" | "m" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "gib" | "g" => 1 << 30,
+        "tb" => 1_000_000_000_000,
+        "tib" | "t" => 1 << 40,
+        _ => return None,
+    };
+    number.checked_mul(multiplier)
+}
+
+fn size_arg(text: &str) -> Result<usize, String> {
+    parse_size(text).and_then(|n| usize::try_from(n).ok()).ok_or_else(|| format!("{text:?} is not a size (a number of bytes, or with a unit: 10MB)"))
 }

@@ -17,10 +17,11 @@ pub enum Limit {
     Streams,
     StreamsPerNamespace,
     ResponseSize,
+    TotalResponseSize,
 }
 
 impl Limit {
-    const ALL: [Limit; 10] = [
+    const ALL: [Limit; 11] = [
         Limit::StatementTimeout,
         Limit::TransactionTimeout,
         Limit::DatabaseSize,
@@ -31,6 +32,7 @@ impl Limit {
         Limit::Streams,
         Limit::StreamsPerNamespace,
         Limit::ResponseSize,
+        Limit::TotalResponseSize,
     ];
 
     /// The label in `/metrics`.
@@ -46,6 +48,7 @@ impl Limit {
             Limit::Streams => "max_streams",
             Limit::StreamsPerNamespace => "max_streams_per_namespace",
             Limit::ResponseSize => "max_response_size",
+            Limit::TotalResponseSize => "max_total_response_size",
         }
     }
 }

@@ -9,6 +9,7 @@ use axum::Router;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
+use crate::hrana::budget::ResponseBudgets;
 use crate::hrana::Hrana;
 use crate::http::limits::RequestLimits;
 use crate::metrics::Metrics;
@@ -38,7 +39,8 @@ impl Server {
         options.limits.hits = metrics.hits.clone();
         let halt = options.limits.halt.clone();
         let store = NamespaceStore::open(&config.db_path, options).await?;
-        let hrana = Hrana::new(store, config.stream_limits(), metrics.hits.clone());
+        let budgets = ResponseBudgets::new(config.max_response_size, config.max_total_response_size, metrics.hits.clone());
+        let hrana = Hrana::new(store, config.stream_limits(), budgets, metrics.hits.clone());
         Ok(Server { config, hrana, metrics, halt })
     }
 

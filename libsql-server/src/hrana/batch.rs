@@ -4,10 +4,11 @@
 use libsql_hrana::proto::{Batch, BatchCond, BatchResult, CursorEntry, StepBeginEntry, StepEndEntry, StepErrorEntry};
 
 use super::stmt::{self, SqlStore};
+use super::budget::ResponseBudget;
 use super::StmtError;
 use crate::database::Connection;
 
-pub fn run(conn: &mut Connection, sqls: &SqlStore, batch: &Batch) -> BatchResult {
+pub fn run(conn: &mut Connection, sqls: &SqlStore, budget: &mut ResponseBudget, batch: &Batch) -> BatchResult {
     let n = batch.steps.len();
     let mut result = BatchResult { step_results: vec![None; n], step_errors: vec![None; n], replication_index: None };
     for (i, step) in batch.steps.iter().enumerate() {
@@ -15,7 +16,7 @@ pub fn run(conn: &mut Connection, sqls: &SqlStore, batch: &Batch) -> BatchResult
             None => Ok(true),
             Some(cond) => eval(cond, i, &result, conn),
         }
-        .and_then(|go| if go { stmt::execute(conn, sqls, &step.stmt).map(Some) } else { Ok(None) });
+        .and_then(|go| if go { stmt::execute(conn, sqls, budget, &step.stmt).map(Some) } else { Ok(None) });
         match outcome {
             Ok(res) => result.step_results[i] = res,
             Err(e) => result.step_errors[i] = Some(e.to_proto()),

@@ -4,6 +4,7 @@
 use libsql_hrana::proto;
 use libsql_sys::rusqlite;
 
+use super::budget::BudgetError;
 use crate::blocking::Panicked;
 use crate::database::interrupt::Reason;
 use crate::database::AccessError;
@@ -37,6 +38,8 @@ pub enum StmtError {
     Sqlite(#[from] rusqlite::Error),
     #[error("namespace: {0}")]
     Namespace(#[from] namespace::Error),
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
 }
 
 impl StmtError {
@@ -61,6 +64,8 @@ impl StmtError {
             StmtError::Access(AccessError::QuotaExceeded { .. }) => "SQLITE_FULL".into(),
             StmtError::Access(AccessError::Sqlite(e)) | StmtError::Sqlite(e) => sqlite_code(e).into(),
             StmtError::Namespace(_) => "NAMESPACE_UNAVAILABLE".into(),
+            StmtError::Budget(BudgetError::TooLarge(_)) => "RESPONSE_TOO_LARGE".into(),
+            StmtError::Budget(BudgetError::ServerFull) => "RESPONSES_EXHAUSTED".into(),
         }
     }
 

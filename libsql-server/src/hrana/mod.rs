@@ -3,6 +3,7 @@
 //! `http` module parses requests and maps [`RequestError`]s to statuses).
 
 mod batch;
+pub mod budget;
 mod error;
 pub mod stmt;
 mod stream;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use libsql_hrana::proto::{Batch, BatchResult, CursorEntry, PipelineReqBody, PipelineRespBody, Stmt, StmtResult};
 
+use budget::{ResponseBudget, ResponseBudgets};
 pub use error::{RequestError, StmtError};
 pub use stream::{Stream, StreamLimits, StreamRegistry};
 
@@ -25,12 +27,23 @@ use crate::namespace::{NamespaceName, NamespaceStore};
 pub struct Hrana {
     store: NamespaceStore,
     streams: Arc<StreamRegistry>,
+    budgets: Arc<ResponseBudgets>,
     hits: Arc<LimitHits>,
 }
 
+/// An answer, with the share of the response bound it holds until it has been sent.
+pub struct Answered<T> {
+    pub answer: T,
+    pub budget: ResponseBudget,
+}
+
 impl Hrana {
-    pub fn new(store: NamespaceStore, limits: StreamLimits, hits: Arc<LimitHits>) -> Self {
-        Hrana { store, streams: Arc::new(StreamRegistry::new(limits, hits.clone())), hits }
+    pub fn new(store: NamespaceStore, limits: StreamLimits, budgets: ResponseBudgets, hits: Arc<LimitHits>) -> Self {
+        Hrana { store, streams: Arc::new(StreamRegistry::new(limits, hits.clone())), budgets: Arc::new(budgets), hits }
+    }
+
+    pub fn budgets(&self) -> &ResponseBudgets {
+        &self.budgets
     }
 
     pub fn store(&self) -> &NamespaceStore {
@@ -43,20 +56,21 @@ impl Hrana {
 
     /// Runs a pipeline: every request in order on one stream, the stream's baton handed back
     /// unless the pipeline closed it.
-    pub async fn pipeline(&self, ns: &NamespaceName, body: PipelineReqBody) -> Result<PipelineRespBody, RequestError> {
+    pub async fn pipeline(&self, ns: &NamespaceName, body: PipelineReqBody) -> Result<Answered<PipelineRespBody>, RequestError> {
         let stream = self.stream_for(ns, body.baton.as_deref()).await?;
         let requests = body.requests;
         let cancel = CancelOnDrop::new();
         stream.attach(&cancel.target());
-        let (stream, results) = blocking::run(move || {
+        let mut budget = self.budgets.start();
+        let (stream, results, budget) = blocking::run(move || {
             let mut stream = stream;
-            let results = requests.iter().map(|r| stream.handle(r)).collect();
-            (stream, results)
+            let results = requests.iter().map(|r| stream.handle(r, &mut budget)).collect();
+            (stream, results, budget)
         })
         .await?;
         cancel.disarm();
         let baton = self.finish(stream)?;
-        Ok(PipelineRespBody { baton, base_url: None, results })
+        Ok(Answered { answer: PipelineRespBody { baton, base_url: None, results }, budget })
     }
 
     /// Runs a batch on a stream for the cursor endpoint: the entries, and the baton.
@@ -65,14 +79,15 @@ impl Hrana {
         ns: &NamespaceName,
         baton: Option<&str>,
         batch: Batch,
-    ) -> Result<(Option<String>, Vec<CursorEntry>), RequestError> {
+    ) -> Result<Answered<(Option<String>, Vec<CursorEntry>)>, RequestError> {
         let stream = self.stream_for(ns, baton).await?;
         let cancel = CancelOnDrop::new();
         stream.attach(&cancel.target());
-        let (stream, result) = blocking::run(move || {
+        let mut budget = self.budgets.start();
+        let (stream, result, budget) = blocking::run(move || {
             let mut stream = stream;
-            let result = stream.run_batch(&batch);
-            (stream, result)
+            let result = stream.run_batch(&batch, &mut budget);
+            (stream, result, budget)
         })
         .await?;
         cancel.disarm();
@@ -81,34 +96,35 @@ impl Hrana {
             Ok(result) => batch::cursor_entries(result),
             Err(e) => vec![CursorEntry::Error { error: e.to_proto() }],
         };
-        Ok((baton, entries))
+        Ok(Answered { answer: (baton, entries), budget })
     }
 
     /// Runs one statement on a fresh stream that is closed afterwards (Hrana v1 over HTTP).
-    pub async fn execute_once(&self, ns: &NamespaceName, stmt: Stmt) -> Result<Result<StmtResult, StmtError>, RequestError> {
-        self.once(ns, move |stream| stream.execute(&stmt)).await
+    pub async fn execute_once(&self, ns: &NamespaceName, stmt: Stmt) -> Result<Answered<Result<StmtResult, StmtError>>, RequestError> {
+        self.once(ns, move |stream, budget| stream.execute(&stmt, budget)).await
     }
 
     /// Runs one batch on a fresh stream that is closed afterwards (Hrana v1 over HTTP).
-    pub async fn batch_once(&self, ns: &NamespaceName, batch: Batch) -> Result<Result<BatchResult, StmtError>, RequestError> {
-        self.once(ns, move |stream| stream.run_batch(&batch)).await
+    pub async fn batch_once(&self, ns: &NamespaceName, batch: Batch) -> Result<Answered<Result<BatchResult, StmtError>>, RequestError> {
+        self.once(ns, move |stream, budget| stream.run_batch(&batch, budget)).await
     }
 
     /// Runs `f` on a fresh stream on the blocking pool, then closes the stream.
     pub async fn once<R: Send + 'static>(
         &self,
         ns: &NamespaceName,
-        f: impl FnOnce(&mut Stream) -> R + Send + 'static,
-    ) -> Result<R, RequestError> {
+        f: impl FnOnce(&mut Stream, &mut ResponseBudget) -> R + Send + 'static,
+    ) -> Result<Answered<R>, RequestError> {
         let ns = self.store.get(ns).await?;
         let cancel = CancelOnDrop::new();
         let target = cancel.target();
-        let result = blocking::run(move || -> Result<R, RequestError> {
+        let mut budget = self.budgets.start();
+        let result = blocking::run(move || -> Result<Answered<R>, RequestError> {
             let mut stream = Stream::open(ns)?;
             stream.attach(&target);
-            let result = f(&mut stream);
+            let answer = f(&mut stream, &mut budget);
             stream.close();
-            Ok(result)
+            Ok(Answered { answer, budget })
         })
         .await?;
         cancel.disarm();

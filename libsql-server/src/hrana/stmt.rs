@@ -9,6 +9,7 @@ use bytes::Bytes;
 use libsql_hrana::proto::{Col, DescribeCol, DescribeParam, DescribeResult, NamedArg, Row, Stmt, StmtResult, Value};
 use libsql_sys::rusqlite::{self, types::{ToSqlOutput, ValueRef}, CachedStatement};
 
+use super::budget::ResponseBudget;
 use super::StmtError;
 use crate::database::{Connection, ConnectionParts, SingleStatements, StmtKind};
 
@@ -59,7 +60,7 @@ fn prepare_one<'c>(conn: &'c rusqlite::Connection, single: &mut SingleStatements
 }
 
 /// Executes one statement and collects its result.
-pub fn execute(conn: &mut Connection, sqls: &SqlStore, stmt: &Stmt) -> Result<StmtResult, StmtError> {
+pub fn execute(conn: &mut Connection, sqls: &SqlStore, budget: &mut ResponseBudget, stmt: &Stmt) -> Result<StmtResult, StmtError> {
     let sql = sqls.resolve(stmt.sql.as_deref(), stmt.sql_id)?;
     let started = Instant::now();
     let ConnectionParts { sqlite, access, single_statements } = conn.parts();
@@ -71,17 +72,28 @@ pub fn execute(conn: &mut Connection, sqls: &SqlStore, stmt: &Stmt) -> Result<St
     let want_rows = stmt.want_rows.unwrap_or(true);
     let column_count = prepared.column_count();
     let mut rows = Vec::new();
+    let mut over_budget = None;
+    let budget_mark = budget.used();
     let stepped = (|| -> rusqlite::Result<()> {
         let mut cursor = prepared.raw_query();
         while let Some(row) = cursor.next()? {
             if want_rows {
-                let values = (0..column_count).map(|i| row.get_ref(i).map(value_from_sqlite)).collect::<Result<_, _>>()?;
+                let values: Vec<Value> = (0..column_count).map(|i| row.get_ref(i).map(value_from_sqlite)).collect::<Result<_, _>>()?;
+                if let Err(e) = budget.charge(values.iter().map(ResponseBudget::value_size).sum()) {
+                    over_budget = Some(e);
+                    break;
+                }
                 rows.push(Row { values });
             }
         }
         Ok(())
     })();
-    access.finish(sqlite, stepped)?;
+    // Rows of a statement that failed are not in the answer: their charge is given back.
+    let outcome = access.finish(sqlite, stepped).map_err(StmtError::from).and_then(|()| over_budget.map_or(Ok(()), |e| Err(e.into())));
+    if let Err(e) = outcome {
+        budget.rewind(budget_mark);
+        return Err(e);
+    }
 
     let cols = prepared
         .columns()

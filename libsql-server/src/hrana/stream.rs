@@ -16,6 +16,7 @@ use libsql_hrana::proto::{
 };
 use tokio::time::Instant;
 
+use super::budget::ResponseBudget;
 use super::stmt::{self, SqlStore};
 use super::{batch, RequestError, StmtError};
 use crate::database::interrupt::CancelTarget;
@@ -59,22 +60,22 @@ impl Stream {
     }
 
     /// Handles one request of a pipeline. Blocking.
-    pub fn handle(&mut self, request: &StreamRequest) -> StreamResult {
-        match self.respond(request) {
+    pub fn handle(&mut self, request: &StreamRequest, budget: &mut ResponseBudget) -> StreamResult {
+        match self.respond(request, budget) {
             Ok(response) => StreamResult::Ok { response },
             Err(e) => StreamResult::Error { error: e.to_proto() },
         }
     }
 
-    fn respond(&mut self, request: &StreamRequest) -> Result<StreamResponse, StmtError> {
+    fn respond(&mut self, request: &StreamRequest, budget: &mut ResponseBudget) -> Result<StreamResponse, StmtError> {
         if let StreamRequest::Close(_) = request {
             self.close();
             return Ok(StreamResponse::Close(CloseStreamResp {}));
         }
         let (conn, sqls) = self.parts()?;
         Ok(match request {
-            StreamRequest::Execute(req) => StreamResponse::Execute(ExecuteStreamResp { result: stmt::execute(conn, sqls, &req.stmt)? }),
-            StreamRequest::Batch(req) => StreamResponse::Batch(BatchStreamResp { result: batch::run(conn, sqls, &req.batch) }),
+            StreamRequest::Execute(req) => StreamResponse::Execute(ExecuteStreamResp { result: stmt::execute(conn, sqls, budget, &req.stmt)? }),
+            StreamRequest::Batch(req) => StreamResponse::Batch(BatchStreamResp { result: batch::run(conn, sqls, budget, &req.batch) }),
             StreamRequest::Sequence(req) => {
                 stmt::sequence(conn, sqls, req.sql.as_deref(), req.sql_id)?;
                 StreamResponse::Sequence(SequenceStreamResp {})
@@ -99,9 +100,9 @@ impl Stream {
     }
 
     /// Runs a batch (the cursor endpoint). Blocking.
-    pub fn run_batch(&mut self, batch: &Batch) -> Result<BatchResult, StmtError> {
+    pub fn run_batch(&mut self, batch: &Batch, budget: &mut ResponseBudget) -> Result<BatchResult, StmtError> {
         let (conn, sqls) = self.parts()?;
-        Ok(batch::run(conn, sqls, batch))
+        Ok(batch::run(conn, sqls, budget, batch))
     }
 
     fn parts(&mut self) -> Result<(&mut Connection, &mut SqlStore), StmtError> {
@@ -317,8 +318,12 @@ impl StreamRegistry {
 
 impl Stream {
     /// Executes one statement (Hrana v1 over HTTP). Blocking.
-    pub fn execute(&mut self, stmt: &libsql_hrana::proto::Stmt) -> Result<libsql_hrana::proto::StmtResult, StmtError> {
+    pub fn execute(
+        &mut self,
+        stmt: &libsql_hrana::proto::Stmt,
+        budget: &mut ResponseBudget,
+    ) -> Result<libsql_hrana::proto::StmtResult, StmtError> {
         let (conn, sqls) = self.parts()?;
-        stmt::execute(conn, sqls, stmt)
+        stmt::execute(conn, sqls, budget, stmt)
     }
 }

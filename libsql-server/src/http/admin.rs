@@ -261,23 +261,7 @@ impl ByteSize {
     }
 
     fn parse(text: &str) -> Option<u64> {
-        let text = text.trim();
-        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-        let (number, unit) = text.split_at(split);
-        let number: u64 = number.parse().ok()?;
-        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "kb" => 1_000,
-            "kib" | "k" => 1 << 10,
-            "mb" => 1_000_000,
-            "mib" | "m" => 1 << 20,
-            "gb" => 1_000_000_000,
-            "gib" | "g" => 1 << 30,
-            "tb" => 1_000_000_000_000,
-            "tib" | "t" => 1 << 40,
-            _ => return None,
-        };
-        number.checked_mul(multiplier)
+        crate::config::parse_size(text)
     }
 }
 

@@ -8,6 +8,7 @@ use serde_json::json;
 
 use crate::database::interrupt::Reason;
 use crate::database::AccessError;
+use crate::hrana::budget::BudgetError;
 use crate::hrana::{RequestError, StmtError};
 use crate::namespace::{self, InvalidName};
 
@@ -99,6 +100,7 @@ impl From<StmtError> for ApiError {
                 return e.into();
             }
             StmtError::Access(AccessError::WriteLockTimeout) => StatusCode::SERVICE_UNAVAILABLE,
+            StmtError::Budget(BudgetError::ServerFull) => StatusCode::SERVICE_UNAVAILABLE,
             StmtError::Access(AccessError::Interrupted(Reason::ShuttingDown | Reason::ClientGone)) => StatusCode::SERVICE_UNAVAILABLE,
             // A statement over its time limit and a database at its quota are the client's.
             StmtError::Access(AccessError::Interrupted(_) | AccessError::QuotaExceeded { .. }) => StatusCode::BAD_REQUEST,

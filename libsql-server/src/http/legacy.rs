@@ -50,10 +50,9 @@ pub async fn run(hrana: &Hrana, ns: &NamespaceName, request: QueryRequest) -> Re
         condition: Some(BatchCond::Not { cond: Box::new(BatchCond::IsAutocommit {}) }),
         stmt: Stmt::new("ROLLBACK", false),
     });
-    let result = hrana
-        .batch_once(ns, Batch { steps, replication_index: None })
-        .await?
-        .map_err(ApiError::from)?;
+    // The budget stays held until the answer is built.
+    let answered = hrana.batch_once(ns, Batch { steps, replication_index: None }).await?;
+    let result = answered.answer.map_err(ApiError::from)?;
 
     if let Some(error) = result.step_errors.iter().flatten().next() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, error.code.clone(), error.message.clone()));

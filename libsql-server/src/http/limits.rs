@@ -3,18 +3,23 @@
 //! waits on a client that declared more than it sends; a declared length over the limit is
 //! refused before a byte of it is read.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, Request, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use hyper::body::HttpBody;
+use axum::body::Bytes;
+use axum::http::HeaderMap;
+use hyper::body::{HttpBody, SizeHint};
 use hyper::Body;
 use tokio::sync::Semaphore;
 
 use super::ApiError;
+use crate::hrana::budget::ResponseBudget;
 use crate::limit_hits::{Limit, LimitHits};
 
 #[derive(Clone)]
@@ -104,4 +109,48 @@ fn json_method_not_allowed(response: Response) -> Response {
         answer.headers_mut().insert(header::ALLOW, allow.clone());
     }
     answer
+}
+
+/// An answer body that holds its share of the response bound until hyper has taken its last
+/// piece: it is handed out in pieces as the connection drains, so a client that does not read
+/// keeps at most a socket buffer's worth in hyper, and the rest counted here.
+struct Budgeted {
+    rest: Bytes,
+    _budget: ResponseBudget,
+}
+
+/// Piece size: what hyper buffers of an answer at a time.
+const PIECE: usize = 64 * 1024;
+
+impl HttpBody for Budgeted {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_data(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        if self.rest.is_empty() {
+            return Poll::Ready(None);
+        }
+        let n = self.rest.len().min(PIECE);
+        Poll::Ready(Some(Ok(self.rest.split_to(n))))
+    }
+
+    fn poll_trailers(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, Self::Error>> {
+        Poll::Ready(Ok(None))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.rest.len() as u64)
+    }
+}
+
+/// A 200 answer of `content_type` whose bytes stay counted against the response bounds until
+/// sent.
+pub fn budgeted(content_type: &'static str, bytes: Vec<u8>, budget: ResponseBudget) -> Response {
+    let mut response = Response::new(axum::body::boxed(Budgeted { rest: Bytes::from(bytes), _budget: budget }));
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response
 }

@@ -5,18 +5,20 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use libsql_hrana::proto::{Batch, CursorReqBody, CursorRespBody, PipelineReqBody, Stmt};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::error::{no_route, parse_json};
-use super::limits::{enforce, RequestLimits};
+use super::limits::{budgeted, enforce, RequestLimits};
 use super::{legacy, namespace_of, sync, track_requests, ApiError};
-use crate::hrana::Hrana;
+use crate::hrana::{Answered, Hrana};
+
+const JSON: &str = "application/json";
 use crate::metrics::Metrics;
 use crate::namespace::NamespaceName;
 
@@ -63,8 +65,8 @@ async fn pipeline(State(state): State<UserState>, headers: HeaderMap, body: Resu
     let body = body?;
     let ns = state.namespace(&headers)?;
     let request: PipelineReqBody = parse_json(&body)?;
-    let response = state.hrana.pipeline(&ns, request).await?;
-    Ok(Json(response).into_response())
+    let Answered { answer, budget } = state.hrana.pipeline(&ns, request).await?;
+    Ok(budgeted(JSON, serde_json::to_vec(&answer).map_err(internal_json)?, budget))
 }
 
 /// A cursor answers with newline-separated JSON: the cursor header, then one entry a line.
@@ -72,14 +74,14 @@ async fn cursor(State(state): State<UserState>, headers: HeaderMap, body: Result
     let body = body?;
     let ns = state.namespace(&headers)?;
     let request: CursorReqBody = parse_json(&body)?;
-    let (baton, entries) = state.hrana.cursor(&ns, request.baton.as_deref(), request.batch).await?;
+    let Answered { answer: (baton, entries), budget } = state.hrana.cursor(&ns, request.baton.as_deref(), request.batch).await?;
     let mut out = serde_json::to_vec(&CursorRespBody { baton, base_url: None }).map_err(internal_json)?;
     for entry in entries {
         out.push(b'\n');
         serde_json::to_writer(&mut out, &entry).map_err(internal_json)?;
     }
     out.push(b'\n');
-    Ok(([(header::CONTENT_TYPE, "text/plain")], out).into_response())
+    Ok(budgeted("text/plain", out, budget))
 }
 
 #[derive(Deserialize)]
@@ -96,20 +98,18 @@ async fn execute_v1(State(state): State<UserState>, headers: HeaderMap, body: Re
     let body = body?;
     let ns = state.namespace(&headers)?;
     let request: ExecuteV1 = parse_json(&body)?;
-    match state.hrana.execute_once(&ns, request.stmt).await? {
-        Ok(result) => Ok(Json(json!({ "result": result })).into_response()),
-        Err(e) => Err(e.into()),
-    }
+    let Answered { answer, budget } = state.hrana.execute_once(&ns, request.stmt).await?;
+    let result = answer?;
+    Ok(budgeted(JSON, serde_json::to_vec(&json!({ "result": result })).map_err(internal_json)?, budget))
 }
 
 async fn batch_v1(State(state): State<UserState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body?;
     let ns = state.namespace(&headers)?;
     let request: BatchV1 = parse_json(&body)?;
-    match state.hrana.batch_once(&ns, request.batch).await? {
-        Ok(result) => Ok(Json(json!({ "result": result })).into_response()),
-        Err(e) => Err(e.into()),
-    }
+    let Answered { answer, budget } = state.hrana.batch_once(&ns, request.batch).await?;
+    let result = answer?;
+    Ok(budgeted(JSON, serde_json::to_vec(&json!({ "result": result })).map_err(internal_json)?, budget))
 }
 
 async fn legacy_query(
