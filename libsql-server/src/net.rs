@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use tokio::time::Instant;
-use tower::ServiceExt;
+use tower::Service;
 
 use crate::limit_hits::{Limit, LimitHits};
 
@@ -81,16 +81,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let _place = place;
             let activity = Arc::new(Activity::new());
-            let tracked = activity.clone();
-            let service = tower::service_fn(move |request| {
-                let started = tracked.begin();
-                let router = router.clone();
-                async move {
-                    let response = router.oneshot(request).await;
-                    drop(started);
-                    response
-                }
-            });
+            let service = Tracked { router, activity: activity.clone() };
             let conn = hyper::server::conn::Http::new()
                 .http1_header_read_timeout(header_read_timeout)
                 .serve_connection(io, service)
@@ -139,6 +130,32 @@ async fn refuse(mut io: impl AsyncRead + AsyncWrite + Unpin) {
 
 /// How long a refused connection may take to accept its 503.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The router of one connection, marking each request in flight until its answer is ready.
+struct Tracked {
+    router: Router,
+    activity: Arc<Activity>,
+}
+
+impl Service<hyper::Request<hyper::Body>> for Tracked {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.router.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: hyper::Request<hyper::Body>) -> Self::Future {
+        let in_flight = self.activity.begin();
+        let answer = self.router.call(request);
+        Box::pin(async move {
+            let answer = answer.await;
+            drop(in_flight);
+            answer
+        })
+    }
+}
 
 /// Whether a connection has a request in flight, and since when it has had none.
 struct Activity {

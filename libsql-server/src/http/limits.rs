@@ -48,7 +48,12 @@ enum BodyError {
 
 /// The middleware: a place among the running requests, then the body, then the handler.
 pub async fn enforce(State(limits): State<RequestLimits>, request: Request<Body>, next: Next<Body>) -> Response {
-    let Ok(Ok(_running)) = tokio::time::timeout(limits.queue_wait, limits.running.clone().acquire_owned()).await else {
+    // A timer only when the request must wait (most do not).
+    let place = match limits.running.clone().try_acquire_owned() {
+        Ok(place) => Ok(Ok(place)),
+        Err(_) => tokio::time::timeout(limits.queue_wait, limits.running.clone().acquire_owned()).await,
+    };
+    let Ok(Ok(_running)) = place else {
         limits.hits.hit(Limit::Requests, format_args!("{} {}", request.method(), request.uri().path()));
         let mut response =
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "REQUESTS_EXHAUSTED", "too many requests are running; retry later")
@@ -62,7 +67,14 @@ pub async fn enforce(State(limits): State<RequestLimits>, request: Request<Body>
         limits.hits.hit(Limit::BodySize, format_args!("{} declared {} bytes", parts.uri.path(), declared.unwrap_or(0)));
         return too_large(limits.max_body_size);
     }
-    let body = match tokio::time::timeout(limits.body_read_timeout, read_body(body, limits.max_body_size)).await {
+    // A small body has usually arrived with its head: a timer only when it has not.
+    let read = read_body(body, limits.max_body_size);
+    tokio::pin!(read);
+    let read = match futures::poll!(read.as_mut()) {
+        Poll::Ready(read) => Ok(read),
+        Poll::Pending => tokio::time::timeout(limits.body_read_timeout, read).await,
+    };
+    let body = match read {
         Ok(Ok(body)) => body,
         Ok(Err(BodyError::TooLarge)) => {
             limits.hits.hit(Limit::BodySize, format_args!("{} sent more than {} bytes", parts.uri.path(), limits.max_body_size));

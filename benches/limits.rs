@@ -1,0 +1,225 @@
+//! What the isolation and limits cost: point reads and single-row inserts over HTTP against
+//! this build's `sqld`, beside a baseline `sqld` binary in the same run (a build from before
+//! the limits, given as `SQLD_BASELINE_BIN`; without it, this build again with every limit
+//! flag at its loosest, which leaves the authorizer and the progress handler in place).
+//!
+//! `cargo bench --bench limits` prints a table and writes `bench-results/limits.json`.
+//! The two servers run in alternating rounds, each on a fresh data directory; the table shows
+//! each side's median round, as throughput and as the server process's CPU time per request
+//! (user + system, from `/proc`), which the machine's other load disturbs far less.
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::{Body, Client, Method, Request};
+use serde_json::{json, Value};
+
+const ROUNDS: usize = 5;
+const INSERTS: usize = 2_000;
+const READ_CLIENTS: usize = 8;
+const READS_PER_CLIENT: usize = 2_000;
+const KEYS: i64 = 2_000;
+
+/// Every limit flag at its loosest.
+const LOOSE: &[&str] = &[
+    "--statement-timeout-ms",
+    "0",
+    "--txn-timeout-s",
+    "0",
+    "--max-concurrent-requests",
+    "100000",
+    "--max-concurrent-connections",
+    "100000",
+    "--max-response-size",
+    "1GB",
+    "--max-total-response-size",
+    "100GB",
+];
+
+struct Side {
+    name: String,
+    bin: String,
+    args: Vec<&'static str>,
+    inserts: Vec<f64>,
+    reads: Vec<f64>,
+    insert_cpu_us: Vec<f64>,
+    read_cpu_us: Vec<f64>,
+}
+
+impl Side {
+    fn new(name: String, bin: String, args: Vec<&'static str>) -> Self {
+        Side { name, bin, args, inserts: vec![], reads: vec![], insert_cpu_us: vec![], read_cpu_us: vec![] }
+    }
+}
+
+/// What one round measured.
+struct Round {
+    inserts: f64,
+    reads: f64,
+    insert_cpu_us: f64,
+    read_cpu_us: f64,
+}
+
+fn main() {
+    let this = env!("CARGO_BIN_EXE_sqld").to_owned();
+    let baseline = match std::env::var("SQLD_BASELINE_BIN") {
+        Ok(bin) => Side::new(format!("baseline ({bin})"), bin, vec![]),
+        Err(_) => Side::new("this build, limits loosest".into(), this.clone(), LOOSE.to_vec()),
+    };
+    let mut sides = [baseline, Side::new("this build, defaults".into(), this, vec![])];
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    for round in 0..ROUNDS {
+        for side in sides.iter_mut() {
+            let r = rt.block_on(measure(&side.bin, &side.args));
+            eprintln!(
+                "round {round}: {}: {:.0} inserts/s ({:.1} us CPU each), {:.0} reads/s ({:.1} us CPU each)",
+                side.name, r.inserts, r.insert_cpu_us, r.reads, r.read_cpu_us
+            );
+            side.inserts.push(r.inserts);
+            side.reads.push(r.reads);
+            side.insert_cpu_us.push(r.insert_cpu_us);
+            side.read_cpu_us.push(r.read_cpu_us);
+        }
+    }
+    let [base, this] = &sides;
+    println!("\n{:<40} {:>16} {:>16} {:>8}", "workload (2 cores, median of rounds)", "baseline", "this build", "ratio");
+    let rows = [
+        ("single-row inserts, sequential", "tx/s", median(&base.inserts), median(&this.inserts)),
+        ("  server CPU per insert", "us", median(&base.insert_cpu_us), median(&this.insert_cpu_us)),
+        ("point reads, 8 clients", "q/s", median(&base.reads), median(&this.reads)),
+        ("  server CPU per read", "us", median(&base.read_cpu_us), median(&this.read_cpu_us)),
+    ];
+    for (workload, unit, b, t) in rows {
+        println!("{workload:<40} {b:>12.1} {unit:<3} {t:>12.1} {unit:<3} {:>7.1}%", 100.0 * t / b);
+    }
+    println!("baseline: {}", base.name);
+    let json = json!({
+        "baseline": base.name,
+        "rounds": ROUNDS,
+        "workloads": rows.iter().map(|(w, u, b, t)| json!({"workload": w, "unit": u, "baseline": b, "this": t, "ratio": t / b})).collect::<Vec<_>>(),
+        "all_rounds": sides
+            .iter()
+            .map(|s| json!({"side": s.name, "inserts": s.inserts, "reads": s.reads, "insert_cpu_us": s.insert_cpu_us, "read_cpu_us": s.read_cpu_us}))
+            .collect::<Vec<_>>(),
+    });
+    std::fs::create_dir_all("bench-results").unwrap();
+    let path = std::path::Path::new("bench-results/limits.json");
+    std::fs::write(path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    println!("\nwritten to {}", path.canonicalize().unwrap().display());
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// CPU time (user + system) the process `pid` has used so far, in microseconds.
+fn cpu_us(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): utime and stime are 14th and 15th.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / per_second * 1e6
+}
+
+/// Starts `bin` on a fresh directory, runs both workloads, stops it.
+async fn measure(bin: &str, args: &[&str]) -> Round {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: SocketAddr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let server = Server(
+        Command::new(bin)
+            .arg("--db-path")
+            .arg(dir.path().join("data"))
+            .args(["--http-listen-addr", &addr.to_string()])
+            .args(args)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting sqld"),
+    );
+    let http = Arc::new(Http { client: Client::new(), url: format!("http://{addr}/v2/pipeline") });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http.try_pipeline(vec![stmt("SELECT 1", vec![]), close()]).await.is_none() {
+        assert!(Instant::now() < deadline, "sqld did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    http.pipeline(vec![stmt("CREATE TABLE kv (k INTEGER PRIMARY KEY, v BLOB)", vec![]), close()]).await;
+
+    let pid = server.0.id();
+    let cpu_before = cpu_us(pid);
+    let started = Instant::now();
+    for i in 0..INSERTS as i64 {
+        http.pipeline(vec![stmt("INSERT INTO kv VALUES (?, randomblob(100))", vec![int(i)]), close()]).await;
+    }
+    let inserts = INSERTS as f64 / started.elapsed().as_secs_f64();
+    let insert_cpu_us = (cpu_us(pid) - cpu_before) / INSERTS as f64;
+
+    let cpu_before = cpu_us(pid);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..READ_CLIENTS {
+        let http = http.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut key = c as i64;
+            for _ in 0..READS_PER_CLIENT {
+                key = (key * 7919 + 13) % KEYS;
+                let answer = http.pipeline(vec![stmt("SELECT v FROM kv WHERE k = ?", vec![int(key)]), close()]).await;
+                assert_eq!(answer["results"][0]["type"], "ok");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let reads = (READ_CLIENTS * READS_PER_CLIENT) as f64 / started.elapsed().as_secs_f64();
+    let read_cpu_us = (cpu_us(pid) - cpu_before) / (READ_CLIENTS * READS_PER_CLIENT) as f64;
+    drop(server);
+    Round { inserts, reads, insert_cpu_us, read_cpu_us }
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Http {
+    client: Client<hyper::client::HttpConnector>,
+    url: String,
+}
+
+impl Http {
+    async fn try_pipeline(&self, requests: Vec<Value>) -> Option<Value> {
+        let body = json!({ "requests": requests }).to_string();
+        let request = Request::builder().method(Method::POST).uri(&self.url).body(Body::from(body)).unwrap();
+        let response = self.client.request(request).await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        serde_json::from_slice(&hyper::body::to_bytes(response.into_body()).await.ok()?).ok()
+    }
+
+    async fn pipeline(&self, requests: Vec<Value>) -> Value {
+        self.try_pipeline(requests).await.expect("a successful pipeline")
+    }
+}
+
+fn stmt(sql: &str, args: Vec<Value>) -> Value {
+    json!({"type": "execute", "stmt": {"sql": sql, "args": args}})
+}
+
+fn close() -> Value {
+    json!({"type": "close"})
+}
+
+fn int(i: i64) -> Value {
+    json!({"type": "integer", "value": i.to_string()})
+}
