@@ -156,26 +156,6 @@ fn connections_over_the_limit_get_503_and_the_others_are_served() {
 }
 
 #[test]
-fn requests_over_the_limit_wait_then_get_503() {
-    run_sim(|config| config.max_concurrent_requests = 1, async {
-        // Holds the only place: its body never comes.
-        let _holder = raw(b"POST /v2/pipeline HTTP/1.1\r\nhost: primary\r\ncontent-length: 10\r\n\r\n").await;
-        // Until the holder's head is read, a request may still get the place.
-        let mut answer = json!(null);
-        for _ in 0..10 {
-            let (status, a) = pipeline("default", json!({"requests": [execute("SELECT 1"), close()]})).await;
-            answer = a;
-            if status == StatusCode::SERVICE_UNAVAILABLE {
-                break;
-            }
-        }
-        assert_eq!(answer["code"], "REQUESTS_EXHAUSTED");
-        assert_eq!(limit_hits("max_concurrent_requests").await, 1);
-        Ok(())
-    });
-}
-
-#[test]
 fn method_not_allowed_is_a_json_error() {
     run_sim(|_| {}, async {
         let (status, body) = call("primary", USER_PORT, Method::GET, "/v2/pipeline", &[], "").await;
@@ -301,6 +281,46 @@ fn answers_in_flight_are_bounded_together_and_their_shares_given_back() {
             assert_eq!(answer["result"]["rows"].as_array().unwrap().len(), 100);
         }
         assert_eq!(limit_hits("max_total_response_size").await, 1);
+        Ok(())
+    });
+}
+
+#[test]
+fn a_write_whose_returned_rows_overflow_the_answer_is_rolled_back_with_them() {
+    run_sim(|config| config.max_response_size = 200_000, async {
+        let (_, answer) = pipeline("default", json!({"requests": [execute("CREATE TABLE t (v)"), close()]})).await;
+        assert_eq!(answer["results"][0]["type"], "ok");
+        let insert = "INSERT INTO t SELECT randomblob(1000) FROM generate_series(1, 5000) RETURNING v";
+        let (status, answer) = v1_execute(insert).await;
+        assert_eq!((status, answer["code"].as_str()), (StatusCode::BAD_REQUEST, Some("RESPONSE_TOO_LARGE")), "{answer}");
+        // Inside a transaction too: the statement is undone, the transaction goes on.
+        let (_, answer) = pipeline("default", json!({"requests": [
+            execute("BEGIN"),
+            execute("INSERT INTO t VALUES (1)"),
+            execute(insert),
+            execute("COMMIT"),
+            execute("SELECT count(*) FROM t"),
+            close()
+        ]}))
+        .await;
+        assert_eq!(error_code(&answer, 2), "RESPONSE_TOO_LARGE");
+        assert_eq!(answer["results"][3]["type"], "ok", "{answer}");
+        assert_eq!(rows(&answer, 4), vec![json!([{"type": "integer", "value": "1"}])], "an error never hides a committed write");
+        Ok(())
+    });
+}
+
+#[test]
+fn a_stream_refused_for_lack_of_room_runs_nothing() {
+    run_sim(|config| config.max_streams_per_namespace = 1, async {
+        let (_, answer) = pipeline("default", json!({"requests": [execute("CREATE TABLE t (v)"), close()]})).await;
+        assert_eq!(answer["results"][0]["type"], "ok");
+        let (status, _) = pipeline("default", json!({"requests": [execute("SELECT 1")]})).await;
+        assert_eq!(status, StatusCode::OK, "the one place is taken");
+        let (status, answer) = pipeline("default", json!({"requests": [execute("INSERT INTO t VALUES (1)")]})).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+        let (_, answer) = pipeline("default", json!({"requests": [execute("SELECT count(*) FROM t"), close()]})).await;
+        assert_eq!(rows(&answer, 0), vec![json!([{"type": "integer", "value": "0"}])], "the refused request wrote nothing");
         Ok(())
     });
 }

@@ -150,3 +150,53 @@ fn connection_state_a_client_changes_does_not_reach_the_next_request() {
         Ok(())
     });
 }
+
+#[test]
+fn statements_that_write_behind_a_read_only_face_take_the_write_lock() {
+    run_sim(|config| config.write_lock_timeout_ms = 300, async {
+        setup_two_tenants().await;
+        let (_, answer) = pipeline("a", json!({"requests": [
+            execute("CREATE INDEX t_owner ON t (owner)"),
+            execute("INSERT INTO t SELECT 'x' || value FROM generate_series(1, 2000)"),
+            execute("SELECT count(*) FROM t WHERE owner = 'x5'"),
+            close()
+        ]}))
+        .await;
+        assert_eq!(answer["results"][2]["type"], "ok", "{answer}");
+        // PRAGMA optimize runs an ANALYZE inside a statement SQLite calls read-only: it commits
+        // (so it held the write gate: a commit without it is rolled back).
+        let answer = one("a", execute("PRAGMA optimize")).await;
+        assert_eq!(answer["results"][0]["type"], "ok", "{answer}");
+        let stats = rows(&one("a", execute("SELECT count(*) FROM sqlite_stat1")).await, 0);
+        assert_ne!(stats, vec![json!([{"type": "integer", "value": "0"}])], "ANALYZE's results were committed");
+
+        // A write transaction opened by a text that does not start with BEGIN holds the gate:
+        // the next writer queues on it (and times out on it), not on SQLite's lock.
+        let (_, held) = pipeline("a", json!({"requests": [execute(";BEGIN IMMEDIATE")]})).await;
+        assert_eq!(held["results"][0]["type"], "ok", "{held}");
+        let answer = one("a", execute("INSERT INTO t VALUES ('queued')")).await;
+        assert_eq!(error_code(&answer, 0), "SQLITE_BUSY");
+        let message = answer["results"][0]["error"]["message"].as_str().unwrap();
+        assert!(message.contains("write lock"), "the writer waited on the gate: {message}");
+        let (_, closed) = pipeline("a", json!({"baton": held["baton"], "requests": [execute("ROLLBACK"), close()]})).await;
+        assert_eq!(closed["results"][0]["type"], "ok", "{closed}");
+        Ok(())
+    });
+}
+
+#[test]
+fn values_temporary_tables_and_costly_functions_are_bounded() {
+    run_sim(|_| {}, async {
+        setup_two_tenants().await;
+        let answer = one("a", execute("SELECT length(randomblob(100000000))")).await;
+        assert_eq!(error_code(&answer, 0), "SQLITE_TOOBIG");
+        for sql in ["SELECT osa_distance('kitten', 'sitting')", "SELECT dlevenshtein('a', 'b')", "SELECT levenshtein('a', 'b')"] {
+            assert_eq!(one("a", execute(sql)).await["results"][0]["type"], "error", "{sql}");
+        }
+        assert_eq!(error_code(&one("a", execute("PRAGMA temp_store = MEMORY")).await, 0), "SQLITE_AUTH");
+        let answer = one("a", execute("CREATE TEMP TABLE big AS SELECT randomblob(1000000) AS v FROM generate_series(1, 40)")).await;
+        assert_eq!(error_code(&answer, 0), "SQLITE_FULL", "{answer}");
+        assert_eq!(owners("a").await, vec![json!([text("a")])]);
+        Ok(())
+    });
+}

@@ -71,7 +71,8 @@ pub struct Config {
     #[arg(long, env = "SQLD_MAX_CONCURRENT_CONNECTIONS", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_concurrent_connections: u64,
 
-    /// Seconds a client may take to send a request's head once it started it.
+    /// Seconds a client may take to send a request's head once it started it; also how long
+    /// a client may leave its answer unread before it is disconnected.
     #[arg(long, env = "SQLD_HEADER_READ_TIMEOUT_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub header_read_timeout_s: u64,
 
@@ -139,6 +140,7 @@ impl Config {
                 write_lock_timeout: self.write_lock_timeout(),
                 statement_timeout: nonzero(Duration::from_millis(self.statement_timeout_ms)),
                 transaction_timeout: nonzero(Duration::from_secs(self.txn_timeout_s)),
+                max_value_size: self.max_body_size.max(self.max_response_size),
                 halt: Arc::new(AtomicBool::new(false)),
                 hits: Arc::default(),
             },

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use tokio::time::Instant;
@@ -82,7 +85,11 @@ pub async fn serve(
             let _place = place;
             let activity = Arc::new(Activity::new());
             let service = Tracked { router, activity: activity.clone() };
+            let io = Watched { io, activity: activity.clone() };
+            // HTTP/1 only: no client speaks HTTP/2 to this port, and its streams would slip
+            // past the per-connection limits.
             let conn = hyper::server::conn::Http::new()
+                .http1_only(true)
                 .http1_header_read_timeout(header_read_timeout)
                 .serve_connection(io, service)
                 .with_upgrades();
@@ -93,10 +100,11 @@ pub async fn serve(
                     conn.as_mut().graceful_shutdown();
                     Some(conn.await)
                 }
-                _ = activity.idle(idle_timeout) => {
-                    // Lets an answer still being written go out, but not forever.
+                _ = activity.should_close(idle_timeout, header_read_timeout) => {
+                    // An idle connection closes at once; one stuck on a client that does not
+                    // read gets a moment, then is dropped (its answer's budget with it).
                     conn.as_mut().graceful_shutdown();
-                    tokio::time::timeout(idle_timeout, conn.as_mut()).await.ok()
+                    tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await.ok()
                 }
             };
             let result = result.unwrap_or(Ok(()));
@@ -107,6 +115,9 @@ pub async fn serve(
         });
     }
 }
+
+/// How long a connection being closed may take to finish what it was writing.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Answers a connection over the limit with a 503 JSON error and closes it.
 async fn refuse(mut io: impl AsyncRead + AsyncWrite + Unpin) {
@@ -159,7 +170,15 @@ impl Service<hyper::Request<hyper::Body>> for Tracked {
 
 /// Whether a connection has a request in flight, and since when it has had none.
 struct Activity {
-    state: std::sync::Mutex<(usize, Instant)>,
+    state: std::sync::Mutex<ActivityState>,
+}
+
+struct ActivityState {
+    /// Requests in flight, and since when there has been none.
+    running: usize,
+    idle_since: Instant,
+    /// Since when a write to the client has been waiting for it to read.
+    write_blocked_since: Option<Instant>,
 }
 
 /// Marks a request in flight until dropped.
@@ -167,31 +186,96 @@ struct InFlight(Arc<Activity>);
 
 impl Activity {
     fn new() -> Self {
-        Activity { state: std::sync::Mutex::new((0, Instant::now())) }
+        Activity { state: std::sync::Mutex::new(ActivityState { running: 0, idle_since: Instant::now(), write_blocked_since: None }) }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ActivityState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+        self.state().running += 1;
         InFlight(self.clone())
     }
 
-    /// Resolves once the connection has had no request in flight for `timeout`.
-    async fn idle(&self, timeout: Duration) {
+    fn write_blocked(&self) {
+        self.state().write_blocked_since.get_or_insert_with(Instant::now);
+    }
+
+    fn write_moved(&self) {
+        self.state().write_blocked_since = None;
+    }
+
+    /// Resolves once the connection should close: no request in flight for `idle`, or an
+    /// answer the client has not read for `stall` (checked at least every `stall`).
+    async fn should_close(&self, idle: Duration, stall: Duration) {
         loop {
-            let (running, since) = *self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let until = if running > 0 { Instant::now() + timeout } else { since + timeout };
-            if running == 0 && Instant::now() >= until {
+            let now = Instant::now();
+            let (idle_until, stall_until) = {
+                let state = self.state();
+                let idle_until = if state.running > 0 { now + idle } else { state.idle_since + idle };
+                (idle_until, state.write_blocked_since.map(|since| since + stall))
+            };
+            if now >= idle_until || stall_until.is_some_and(|t| now >= t) {
                 return;
             }
-            tokio::time::sleep_until(until).await;
+            tokio::time::sleep_until(idle_until.min(stall_until.unwrap_or(idle_until)).min(now + stall)).await;
         }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut state = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.0 -= 1;
-        state.1 = Instant::now();
+        let mut state = self.0.state();
+        state.running -= 1;
+        state.idle_since = Instant::now();
+    }
+}
+
+/// A client connection whose writes are watched: a write that waits on the client (it does
+/// not read its answer) is noted in the connection's activity.
+struct Watched<T> {
+    io: T,
+    activity: Arc<Activity>,
+}
+
+impl<T> Watched<T> {
+    fn note<R>(&self, poll: Poll<R>) -> Poll<R> {
+        match poll {
+            Poll::Pending => self.activity.write_blocked(),
+            Poll::Ready(_) => self.activity.write_moved(),
+        }
+        poll
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.note(poll)
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.note(poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.io).poll_flush(cx);
+        self.note(poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

@@ -26,14 +26,18 @@ pub enum StmtKind {
 impl StmtKind {
     /// `BEGIN IMMEDIATE` and `BEGIN EXCLUSIVE` count as writes: SQLite reports every
     /// transaction-control statement as read-only, yet these take its write lock at once.
-    pub fn of(stmt: &rusqlite::Statement<'_>, sql: &str) -> Self {
-        if !stmt.readonly() || begins_write_transaction(sql) {
+    /// `marked` is the authorizer's word for a write behind a read-only face.
+    fn of(stmt: &rusqlite::Statement<'_>, sql: &str, marked: bool) -> Self {
+        if marked || !stmt.readonly() || begins_write_transaction(sql) {
             StmtKind::Write
         } else {
             StmtKind::Read
         }
     }
 }
+
+/// Pages the temporary database of a connection may hold (temporary tables and indexes).
+const TEMP_MAX_PAGES: u32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
@@ -134,6 +138,16 @@ impl Connection {
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
         conn.set_limit(SqliteLimit::SQLITE_LIMIT_ATTACHED, 1);
         conn.set_limit(SqliteLimit::SQLITE_LIMIT_WORKER_THREADS, 0);
+        // One value (and so one function call's input) is bounded: memory per statement.
+        conn.set_limit(SqliteLimit::SQLITE_LIMIT_LENGTH, i32::try_from(shared.limits.max_value_size).unwrap_or(i32::MAX));
+        // No write commits without the write gate, whichever path it took.
+        let gate = policy.clone();
+        conn.commit_hook(Some(move || !gate.holds_gate.load(Ordering::Relaxed)));
+        // Temporary tables are bounded like the database (they are not its quota).
+        policy.internal.store(true, Ordering::Relaxed);
+        let temp = conn.pragma_update(Some(rusqlite::DatabaseName::Temp), "max_page_count", TEMP_MAX_PAGES);
+        policy.internal.store(false, Ordering::Relaxed);
+        temp?;
         let mut conn = Connection {
             conn,
             access: WriteAccess { permit: None, shared, config_seen: None, policy, interrupt },
@@ -157,7 +171,8 @@ impl Connection {
             };
             // `Batch` does not expose each statement's text; the expanded SQL classifies it.
             let text = prepared.expanded_sql().unwrap_or_default();
-            self.access.admit(&self.conn, StmtKind::of(&prepared, &text))?;
+            let kind = self.access.kind_of(&prepared, &text);
+            self.access.admit(&self.conn, kind)?;
             let stepped = (|| -> rusqlite::Result<()> {
                 let mut cursor = prepared.raw_query();
                 while cursor.next()?.is_some() {}
@@ -182,16 +197,40 @@ impl Connection {
         self.access.permit.is_some() && self.access.interrupt.transaction_expired()
     }
 
+    /// The push path holds the gate itself while it inserts frames on this connection.
+    pub(super) fn set_gate_held(&self, held: bool) {
+        self.access.policy.holds_gate.store(held, Ordering::Relaxed);
+    }
+
     pub fn parts(&mut self) -> ConnectionParts<'_> {
         ConnectionParts { sqlite: &self.conn, access: &mut self.access, single_statements: &mut self.single_statements }
     }
 }
 
 impl WriteAccess {
+    /// Whether a statement just prepared needs the write gate. Takes the authorizer's mark,
+    /// so call it once per preparation.
+    pub fn kind_of(&self, stmt: &rusqlite::Statement<'_>, sql: &str) -> StmtKind {
+        StmtKind::of(stmt, sql, self.policy.wants_gate.swap(false, Ordering::Relaxed))
+    }
+
+    /// True when the statement last prepared was marked as a write SQLite calls read-only:
+    /// it must be prepared (and so marked) again each time, never served from a cache.
+    pub fn marked_write(&self) -> bool {
+        self.policy.wants_gate.load(Ordering::Relaxed)
+    }
+
     /// Lets a statement of `kind` run, or says why not. A write waits (bounded) for the write
     /// gate unless this connection already holds it.
     pub fn admit(&mut self, conn: &rusqlite::Connection, kind: StmtKind) -> Result<(), AccessError> {
         self.apply_config(conn)?;
+        if self.permit.is_some() && self.interrupt.transaction_expired() {
+            // A transaction past its limit goes no further, however short its statements.
+            let limit = self.interrupt.transaction_limit();
+            self.roll_back(conn);
+            self.hit(Reason::TransactionTimeout(limit));
+            return Err(AccessError::Interrupted(Reason::TransactionTimeout(limit)));
+        }
         let config = self.shared.config();
         if config.block_reads {
             return Err(AccessError::ReadsBlocked(config.block_reason.clone()));
@@ -201,14 +240,41 @@ impl WriteAccess {
                 return Err(AccessError::WritesBlocked(config.block_reason.clone()));
             }
             if self.permit.is_none() {
-                let permit = self.shared.gate.acquire(self.shared.limits.write_lock_timeout);
-                self.permit = Some(permit.ok_or(AccessError::WriteLockTimeout)?);
-                self.interrupt.start_transaction(self.transaction_timeout(&config));
+                self.take_gate(&config)?;
             }
         }
         self.interrupt.start_statement(self.shared.limits.statement_timeout);
         self.policy.stepping.store(true, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn take_gate(&mut self, config: &super::DatabaseConfig) -> Result<(), AccessError> {
+        let permit = self.shared.gate.acquire(self.shared.limits.write_lock_timeout);
+        self.permit = Some(permit.ok_or(AccessError::WriteLockTimeout)?);
+        self.policy.holds_gate.store(true, Ordering::Relaxed);
+        self.interrupt.start_transaction(self.transaction_timeout(config));
+        Ok(())
+    }
+
+    /// Rolls back the open transaction and releases the gate.
+    fn roll_back(&mut self, conn: &rusqlite::Connection) {
+        self.interrupt.end_transaction();
+        if !conn.is_autocommit() {
+            if let Err(e) = conn.execute_batch("ROLLBACK") {
+                tracing::warn!(error = %e, "rolling back a transaction past its time limit failed");
+            }
+        }
+        self.release_if_done(conn);
+    }
+
+    /// Once the transaction has ended: releases the gate, and a compaction the log asked for
+    /// may start.
+    fn release_if_done(&mut self, conn: &rusqlite::Connection) {
+        if conn.is_autocommit() && self.permit.take().is_some() {
+            self.policy.holds_gate.store(false, Ordering::Relaxed);
+            self.interrupt.end_transaction();
+            self.shared.compact_if_wanted();
+        }
     }
 
     /// Called after every admitted statement with the outcome of stepping it: says why an
@@ -217,46 +283,56 @@ impl WriteAccess {
     pub fn finish<T>(&mut self, conn: &rusqlite::Connection, stepped: rusqlite::Result<T>) -> Result<T, AccessError> {
         self.policy.stepping.store(false, Ordering::Relaxed);
         let result = stepped.map_err(|e| self.classify(e));
-        if matches!(result, Err(AccessError::Interrupted(Reason::TransactionTimeout(_)))) && !conn.is_autocommit() {
-            self.interrupt.end_transaction();
-            if let Err(e) = conn.execute_batch("ROLLBACK") {
-                tracing::warn!(error = %e, "rolling back a transaction past its time limit failed");
+        self.interrupt.end_statement();
+        if matches!(result, Err(AccessError::Interrupted(Reason::TransactionTimeout(_)))) {
+            self.roll_back(conn);
+            return result;
+        }
+        // A statement classified as a read that left a write transaction open (SQLite's own
+        // word, whatever the text looked like) holds SQLite's write lock: it takes the gate
+        // too, or gives the lock back.
+        if self.permit.is_none() && write_transaction_open(conn) {
+            let config = self.shared.config();
+            if let Err(e) = self.take_gate(&config) {
+                self.roll_back(conn);
+                return Err(e);
             }
         }
-        if conn.is_autocommit() && self.permit.take().is_some() {
-            self.interrupt.end_transaction();
-            self.shared.compact_if_wanted();
-        }
+        self.release_if_done(conn);
         result
+    }
+
+    fn hit(&self, reason: Reason) {
+        let hits = &self.shared.limits.hits;
+        let db = self.shared.path.display();
+        match reason {
+            Reason::StatementTimeout(limit) => hits.hit(Limit::StatementTimeout, format_args!("{db}: statement ran past {limit:?}")),
+            Reason::TransactionTimeout(limit) => {
+                hits.hit(Limit::TransactionTimeout, format_args!("{db}: transaction held the write lock past {limit:?}"))
+            }
+            Reason::ClientGone | Reason::ShuttingDown => {}
+        }
     }
 
     /// An engine error as the client should see it: an interrupt with its reason, a full
     /// database as the namespace's quota when it has one.
     fn classify(&self, e: rusqlite::Error) -> AccessError {
-        let hits = &self.shared.limits.hits;
-        let db = self.shared.path.display();
         match e.sqlite_error_code() {
             Some(ErrorCode::OperationInterrupted) => match self.interrupt.reason() {
                 Some(reason) => {
-                    match reason {
-                        Reason::StatementTimeout(limit) => {
-                            hits.hit(Limit::StatementTimeout, format_args!("{db}: statement ran past {limit:?}"))
-                        }
-                        Reason::TransactionTimeout(limit) => {
-                            hits.hit(Limit::TransactionTimeout, format_args!("{db}: transaction held the write lock past {limit:?}"))
-                        }
-                        Reason::ClientGone | Reason::ShuttingDown => {}
-                    }
+                    self.hit(reason);
                     AccessError::Interrupted(reason)
                 }
                 None => AccessError::Sqlite(e),
             },
+            // SQLITE_FULL is the namespace's quota unless the disk itself is (nearly) full.
             Some(ErrorCode::DiskFull) => match self.shared.config().max_db_pages {
-                0 => AccessError::Sqlite(e),
-                max_pages => {
-                    hits.hit(Limit::DatabaseSize, format_args!("{db}: {max_pages} pages"));
+                max_pages if max_pages > 0 && !disk_nearly_full(&self.shared.path) => {
+                    let db = self.shared.path.display();
+                    self.shared.limits.hits.hit(Limit::DatabaseSize, format_args!("{db}: {max_pages} pages"));
                     AccessError::QuotaExceeded { max_pages, source: e }
                 }
+                _ => AccessError::Sqlite(e),
             },
             _ => AccessError::Sqlite(e),
         }
@@ -291,6 +367,28 @@ impl WriteAccess {
     }
 }
 
+/// Whether the connection has a write transaction open on any of its databases.
+fn write_transaction_open(conn: &rusqlite::Connection) -> bool {
+    // SAFETY: the handle is valid while `conn` lives; a null schema asks about all of them.
+    unsafe { rusqlite::ffi::sqlite3_txn_state(conn.handle(), std::ptr::null()) == rusqlite::ffi::SQLITE_TXN_WRITE }
+}
+
+/// Free space below which a full database is blamed on the disk, not the quota.
+const DISK_FULL_MARGIN: u64 = 64 << 20;
+
+/// Whether the filesystem holding `path` has less than [`DISK_FULL_MARGIN`] free.
+fn disk_nearly_full(path: &std::path::Path) -> bool {
+    let Some(dir) = path.parent().and_then(|d| std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).ok()) else {
+        return false;
+    };
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a zeroed struct the call fills.
+    if unsafe { libc::statvfs(dir.as_ptr(), &mut stat) } != 0 {
+        return false;
+    }
+    (stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64) < DISK_FULL_MARGIN
+}
+
 /// True when `sql` starts (after blanks and comments) with `BEGIN IMMEDIATE` or
 /// `BEGIN EXCLUSIVE`.
 fn begins_write_transaction(sql: &str) -> bool {
@@ -312,7 +410,8 @@ impl<'a> Iterator for SqlWords<'a> {
 
     fn next(&mut self) -> Option<&'a str> {
         loop {
-            self.rest = self.rest.trim_start();
+            // Empty statements (`;`) before the first one do not count.
+            self.rest = self.rest.trim_start_matches(|c: char| c.is_whitespace() || c == ';');
             if let Some(after) = self.rest.strip_prefix("--") {
                 self.rest = after.split_once('\n').map_or("", |(_, r)| r);
             } else if let Some(after) = self.rest.strip_prefix("/*") {
@@ -337,7 +436,7 @@ mod tests {
 
     #[test]
     fn recognises_transactions_that_take_the_write_lock_at_once() {
-        for sql in ["BEGIN IMMEDIATE", "begin exclusive;", "  -- c\n /* x */ Begin  Immediate Transaction"] {
+        for sql in ["BEGIN IMMEDIATE", "begin exclusive;", "  -- c\n /* x */ Begin  Immediate Transaction", ";;BEGIN IMMEDIATE"] {
             assert!(begins_write_transaction(sql), "{sql}");
         }
         for sql in ["BEGIN", "BEGIN DEFERRED", "BEGIN TRANSACTION", "SELECT 1", "", "immediate"] {

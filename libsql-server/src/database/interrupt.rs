@@ -1,11 +1,17 @@
-//! Stopping a statement that must not go on: past its time limit, past its transaction's
-//! limit while it holds the write lock, when its client went away, or when the server shuts
-//! down. SQLite calls a progress handler every few thousand virtual-machine steps; the
-//! handler checks these conditions and, when one holds, SQLite stops the statement with
-//! `SQLITE_INTERRUPT`. The reason is kept so the error says which limit was hit.
+//! Stopping a client statement that must not go on: past its time limit, past its
+//! transaction's limit while it holds the write lock, when its client went away, or when the
+//! server shuts down. SQLite calls a progress handler every few thousand virtual-machine
+//! steps; the handler checks these conditions and, when one holds, SQLite stops the statement
+//! with `SQLITE_INTERRUPT`. The reason is kept so the error says which limit was hit.
+//!
+//! The conditions apply only while a client statement runs: the server's own statements on
+//! the same connection (a checkpoint, a close) are never stopped, and a cancellation meant
+//! for an earlier request never reaches a later user of a pooled connection (each use has its
+//! own epoch). A single call of a function (a huge `instr`, say) runs between two checks;
+//! values are bounded (`SQLITE_LIMIT_LENGTH`) so such a call is bounded too.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Virtual-machine steps between two checks: a check costs a clock read, a step a few
@@ -31,7 +37,11 @@ fn now_ms() -> u64 {
 pub struct Interrupt {
     /// The server's shutdown flag, shared by every connection of the server.
     halt: Arc<AtomicBool>,
-    /// The client of the request running on this connection went away.
+    /// A client statement is running (admitted and not yet finished).
+    client_running: AtomicBool,
+    /// Bumped by every new use of the connection; a cancellation names the use it is for.
+    epoch: AtomicU64,
+    /// The client of the current use went away.
     cancelled: AtomicBool,
     /// When the running statement must stop (0: no limit), and its limit.
     statement_deadline: AtomicU64,
@@ -45,6 +55,8 @@ impl Interrupt {
     pub fn new(halt: Arc<AtomicBool>) -> Self {
         Interrupt {
             halt,
+            client_running: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
             cancelled: AtomicBool::new(false),
             statement_deadline: AtomicU64::new(0),
             statement_limit_ms: AtomicU64::new(0),
@@ -53,9 +65,15 @@ impl Interrupt {
         }
     }
 
-    /// A statement starts: it may run for `limit` (`None`: as long as it takes).
+    /// A client statement starts: it may run for `limit` (`None`: as long as it takes).
     pub fn start_statement(&self, limit: Option<Duration>) {
         set_deadline(&self.statement_deadline, &self.statement_limit_ms, limit);
+        self.client_running.store(true, Ordering::Relaxed);
+    }
+
+    /// The client statement ended: nothing stops the server's own statements.
+    pub fn end_statement(&self) {
+        self.client_running.store(false, Ordering::Relaxed);
     }
 
     /// The connection took the write lock: its transaction may hold it for `limit`.
@@ -67,27 +85,35 @@ impl Interrupt {
         self.transaction_deadline.store(0, Ordering::Relaxed);
     }
 
-    /// True once the write transaction held past its limit (checked by the stream reaper
-    /// for transactions left idle).
+    /// True once the write transaction held past its limit.
     pub fn transaction_expired(&self) -> bool {
         let deadline = self.transaction_deadline.load(Ordering::Relaxed);
         deadline != 0 && now_ms() >= deadline
     }
 
-    /// The client of the current request is gone: stop what runs for it.
-    pub fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
+    pub fn transaction_limit(&self) -> Duration {
+        Duration::from_millis(self.transaction_limit_ms.load(Ordering::Relaxed))
     }
 
-    /// A new request uses the connection, or it goes back to the pool: no earlier request's
-    /// cancellation or statement deadline applies any more.
-    pub fn rearm(&self) {
-        self.cancelled.store(false, Ordering::Relaxed);
-        self.statement_deadline.store(0, Ordering::Relaxed);
+    /// A new use of the connection (a request, or its return to the pool): earlier
+    /// cancellations are void. Returns the new use's epoch.
+    pub fn rearm(&self) -> u64 {
+        self.cancelled.store(false, Ordering::SeqCst);
+        self.epoch.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    /// The reason to stop now, if any.
+    /// The client of use `epoch` went away: stop what runs for it, if it is still the use.
+    fn cancel(&self, epoch: u64) {
+        if self.epoch.load(Ordering::SeqCst) == epoch {
+            self.cancelled.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The reason to stop the running client statement now, if any.
     pub fn reason(&self) -> Option<Reason> {
+        if !self.client_running.load(Ordering::Relaxed) {
+            return None;
+        }
         if self.halt.load(Ordering::Relaxed) {
             return Some(Reason::ShuttingDown);
         }
@@ -97,7 +123,7 @@ impl Interrupt {
         let now = now_ms();
         let txn = self.transaction_deadline.load(Ordering::Relaxed);
         if txn != 0 && now >= txn {
-            return Some(Reason::TransactionTimeout(Duration::from_millis(self.transaction_limit_ms.load(Ordering::Relaxed))));
+            return Some(Reason::TransactionTimeout(self.transaction_limit()));
         }
         let stmt = self.statement_deadline.load(Ordering::Relaxed);
         if stmt != 0 && now >= stmt {
@@ -120,7 +146,8 @@ fn set_deadline(deadline: &AtomicU64, limit_ms: &AtomicU64, limit: Option<Durati
 
 /// Stops the blocking work of a request whose future is dropped (its client went away)
 /// unless disarmed first. The connection may be attached after the guard exists (it is often
-/// opened on the blocking thread itself); a drop before the attach still cancels it.
+/// opened on the blocking thread itself); a drop before the attach still cancels it, and a
+/// drop after the connection went on to another use does nothing.
 pub struct CancelOnDrop {
     target: Arc<CancelTarget>,
     armed: bool,
@@ -129,15 +156,16 @@ pub struct CancelOnDrop {
 #[derive(Default)]
 pub struct CancelTarget {
     gone: AtomicBool,
-    interrupt: OnceLock<Arc<Interrupt>>,
+    attached: Mutex<Option<(Arc<Interrupt>, u64)>>,
 }
 
 impl CancelTarget {
-    /// The connection the request runs on; attached once.
+    /// The connection this request runs on, as a new use of it.
     pub fn attach(&self, interrupt: &Arc<Interrupt>) {
-        interrupt.rearm();
-        if self.interrupt.set(interrupt.clone()).is_ok() && self.gone.load(Ordering::SeqCst) {
-            interrupt.cancel();
+        let epoch = interrupt.rearm();
+        *self.attached.lock().unwrap_or_else(|e| e.into_inner()) = Some((interrupt.clone(), epoch));
+        if self.gone.load(Ordering::SeqCst) {
+            interrupt.cancel(epoch);
         }
     }
 }
@@ -166,8 +194,8 @@ impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if self.armed {
             self.target.gone.store(true, Ordering::SeqCst);
-            if let Some(interrupt) = self.target.interrupt.get() {
-                interrupt.cancel();
+            if let Some((interrupt, epoch)) = self.target.attached.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                interrupt.cancel(*epoch);
             }
         }
     }
@@ -178,12 +206,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reasons_in_order() {
+    fn reasons_apply_only_to_a_running_client_statement() {
         let halt = Arc::new(AtomicBool::new(false));
         let i = Interrupt::new(halt.clone());
-        assert_eq!(i.reason(), None);
         i.start_statement(Some(Duration::ZERO));
         assert_eq!(i.reason(), Some(Reason::StatementTimeout(Duration::ZERO)));
+        i.end_statement();
+        assert_eq!(i.reason(), None, "the server's own statements are never stopped");
         i.start_statement(Some(Duration::from_secs(60)));
         assert_eq!(i.reason(), None);
         i.start_statement(None);
@@ -193,25 +222,39 @@ mod tests {
         assert_eq!(i.reason(), Some(Reason::TransactionTimeout(Duration::ZERO)));
         i.end_transaction();
         assert_eq!(i.reason(), None);
-        // The request's future is dropped before and after its connection is attached.
+        halt.store(true, Ordering::Relaxed);
+        assert_eq!(i.reason(), Some(Reason::ShuttingDown));
+        i.end_statement();
+        assert_eq!(i.reason(), None);
+    }
+
+    #[test]
+    fn a_vanished_client_stops_its_own_use_only() {
+        let halt = Arc::new(AtomicBool::new(false));
+        // Dropped before the connection is attached.
         let early = CancelOnDrop::new();
         let target = early.target();
         drop(early);
         let shared = Arc::new(Interrupt::new(halt.clone()));
         target.attach(&shared);
+        shared.start_statement(None);
         assert_eq!(shared.reason(), Some(Reason::ClientGone));
-        shared.rearm();
+        // Dropped while its use runs.
         let late = CancelOnDrop::new();
         late.target().attach(&shared);
         assert_eq!(shared.reason(), None);
         drop(late);
         assert_eq!(shared.reason(), Some(Reason::ClientGone));
+        // Dropped after the connection went on to another use: that use is not touched.
+        let stale = CancelOnDrop::new();
+        stale.target().attach(&shared);
+        shared.rearm();
+        drop(stale);
+        assert_eq!(shared.reason(), None);
+        // Disarmed: nothing.
         let done = CancelOnDrop::new();
-        let other = Arc::new(Interrupt::new(halt.clone()));
-        done.target().attach(&other);
+        done.target().attach(&shared);
         done.disarm();
-        assert_eq!(other.reason(), None);
-        halt.store(true, Ordering::Relaxed);
-        assert_eq!(shared.reason(), Some(Reason::ShuttingDown));
+        assert_eq!(shared.reason(), None);
     }
 }

@@ -58,6 +58,9 @@ pub struct Limits {
     /// How long a write transaction may hold the gate when the namespace sets no
     /// `txn_timeout_s` (`None`: no limit).
     pub transaction_timeout: Option<Duration>,
+    /// The largest string or blob a statement may make (`SQLITE_LIMIT_LENGTH`): what one
+    /// value, and one function call's input, may cost in memory.
+    pub max_value_size: usize,
     /// Raised when the server shuts down: every running statement stops.
     pub halt: Arc<AtomicBool>,
     /// Where hits of these limits are counted.
@@ -71,6 +74,7 @@ impl Limits {
             write_lock_timeout: Duration::from_secs(5),
             statement_timeout: None,
             transaction_timeout: None,
+            max_value_size: 1_000_000_000,
             halt: Arc::new(AtomicBool::new(false)),
             hits: Arc::default(),
         }

@@ -8,6 +8,9 @@
 //! - No statement changes process-wide state or the server's settings: a PRAGMA is allowed
 //!   only from the list below; setting one that is not a plain query, a setting stored in the
 //!   database file, or a per-connection preference is refused.
+//! - No write commits without the namespace's write gate (a commit hook turns it into a
+//!   rollback), and a statement that writes behind a read-only face (`PRAGMA optimize`) is
+//!   marked so that it takes the gate first.
 //! - A statement that changes the connection's own state (a per-connection PRAGMA, a
 //!   temporary table, trigger or view) *taints* the connection: it is closed when its stream
 //!   ends instead of going back to the pool, so the next user gets a connection in the
@@ -27,6 +30,12 @@ pub struct PolicyState {
     pub stepping: AtomicBool,
     /// Set once client SQL changed this connection's state; never lowered.
     pub tainted: AtomicBool,
+    /// Set when a statement being prepared writes although SQLite reports it read-only
+    /// (`PRAGMA optimize` runs an `ANALYZE` inside): it must take the write gate.
+    pub wants_gate: AtomicBool,
+    /// Whether the connection holds its namespace's write gate: a commit without it is
+    /// turned into a rollback (the commit hook), whatever path the write took.
+    pub holds_gate: AtomicBool,
 }
 
 /// How a PRAGMA may be used by client SQL.
@@ -111,7 +120,7 @@ const PRAGMAS: &[(&str, PragmaUse)] = {
         ("table_info", Query),
         ("table_list", Query),
         ("table_xinfo", Query),
-        ("temp_store", Connection),
+        ("temp_store", ReadOnly),
         ("temp_store_directory", ReadOnly),
         ("threads", ReadOnly),
         ("trusted_schema", ReadOnly),
@@ -139,8 +148,23 @@ fn pragma_use(name: &str) -> Option<PragmaUse> {
     PRAGMAS.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, u)| *u)
 }
 
-/// Functions client SQL may not call even if the engine has them.
-const DENIED_FUNCTIONS: &[&str] = &["load_extension", "fts3_tokenizer"];
+/// Functions client SQL may not call even if the engine has them: extension loading, and
+/// sqlean's edit distances, whose one call is quadratic in time (no time limit can stop it
+/// midway) and, for two of them, in memory (allocated outside SQLite, unchecked).
+const DENIED_FUNCTIONS: &[&str] = &[
+    "load_extension",
+    "fts3_tokenizer",
+    "dlevenshtein",
+    "fuzzy_damlev",
+    "osa_distance",
+    "fuzzy_osadist",
+    "levenshtein",
+    "fuzzy_leven",
+    "edit_distance",
+    "fuzzy_editdist",
+    "jaro_winkler",
+    "fuzzy_jarowin",
+];
 
 /// The authorizer's decision for one action.
 pub fn authorize(state: &PolicyState, ctx: &AuthContext<'_>) -> Authorization {
@@ -173,6 +197,9 @@ pub fn authorize(state: &PolicyState, ctx: &AuthContext<'_>) -> Authorization {
         A::Pragma { pragma_name, pragma_value } => {
             if state.internal.load(Ordering::Relaxed) {
                 return Authorization::Allow;
+            }
+            if pragma_name.eq_ignore_ascii_case("optimize") {
+                state.wants_gate.store(true, Ordering::Relaxed);
             }
             match (pragma_use(pragma_name), pragma_value) {
                 (None, _) => Authorization::Deny,

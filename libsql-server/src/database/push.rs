@@ -157,7 +157,10 @@ impl Database {
         }
         self.quick_check_with(body)?;
         let conn = self.connection().map_err(|e| PushError::Apply(e.to_string()))?;
+        // This path holds the gate itself (above), not through the connection's admission.
+        conn.set_gate_held(true);
         let applied = insert_frames(conn.sqlite(), body);
+        conn.set_gate_held(false);
         self.recycle(conn);
         applied?;
         Ok(PushOutcome::Applied(self.push_target()))

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use libsql_hrana::proto::Value;
+use libsql_sys::rusqlite::types::ValueRef;
 
 use crate::limit_hits::{Limit, LimitHits};
 
@@ -88,17 +88,27 @@ impl ResponseBudget {
         self.used = self.used.min(mark);
     }
 
-    /// What one value costs in an answer (its JSON form, roughly: blobs grow by a third in
-    /// base64, every value carries its type).
-    pub fn value_size(value: &Value) -> usize {
+    /// What one value costs in an answer, before it is copied out of SQLite: its JSON form,
+    /// roughly (blobs grow by a third in base64, a control character in text takes six bytes,
+    /// a quote or backslash two, every value carries its type).
+    pub fn value_size(value: ValueRef<'_>) -> usize {
         const OVERHEAD: usize = 24;
         OVERHEAD
             + match value {
-                Value::Text { value } => value.len(),
-                Value::Blob { value } => value.len() / 3 * 4 + 4,
-                Value::Integer { .. } | Value::Float { .. } => 20,
-                Value::Null | Value::None => 0,
+                ValueRef::Text(text) => text.len() + text.iter().map(|b| escape_cost(*b)).sum::<usize>(),
+                ValueRef::Blob(blob) => blob.len() / 3 * 4 + 4,
+                ValueRef::Integer(_) | ValueRef::Real(_) => 20,
+                ValueRef::Null => 0,
             }
+    }
+}
+
+/// Bytes a text byte adds when escaped in JSON.
+fn escape_cost(byte: u8) -> usize {
+    match byte {
+        b'"' | b'\\' => 1,
+        0..=0x1f => 5,
+        _ => 0,
     }
 }
 

@@ -11,7 +11,7 @@ mod stream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use libsql_hrana::proto::{Batch, BatchResult, CursorEntry, PipelineReqBody, PipelineRespBody, Stmt, StmtResult};
+use libsql_hrana::proto::{Batch, BatchResult, CursorEntry, PipelineReqBody, PipelineRespBody, Stmt, StmtResult, StreamRequest};
 
 use budget::{ResponseBudget, ResponseBudgets};
 pub use error::{RequestError, StmtError};
@@ -29,6 +29,8 @@ pub struct Hrana {
     streams: Arc<StreamRegistry>,
     budgets: Arc<ResponseBudgets>,
     hits: Arc<LimitHits>,
+    /// A trim of idle namespaces is running.
+    trimming: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// An answer, with the share of the response bound it holds until it has been sent.
@@ -39,7 +41,7 @@ pub struct Answered<T> {
 
 impl Hrana {
     pub fn new(store: NamespaceStore, limits: StreamLimits, budgets: ResponseBudgets, hits: Arc<LimitHits>) -> Self {
-        Hrana { store, streams: Arc::new(StreamRegistry::new(limits, hits.clone())), budgets: Arc::new(budgets), hits }
+        Hrana { store, streams: Arc::new(StreamRegistry::new(limits, hits.clone())), budgets: Arc::new(budgets), hits, trimming: Arc::default() }
     }
 
     pub fn budgets(&self) -> &ResponseBudgets {
@@ -57,7 +59,8 @@ impl Hrana {
     /// Runs a pipeline: every request in order on one stream, the stream's baton handed back
     /// unless the pipeline closed it.
     pub async fn pipeline(&self, ns: &NamespaceName, body: PipelineReqBody) -> Result<Answered<PipelineRespBody>, RequestError> {
-        let stream = self.stream_for(ns, body.baton.as_deref()).await?;
+        let parks = !matches!(body.requests.last(), Some(StreamRequest::Close(_)));
+        let stream = self.stream_for(ns, body.baton.as_deref(), parks).await?;
         let requests = body.requests;
         let cancel = CancelOnDrop::new();
         stream.attach(&cancel.target());
@@ -69,7 +72,7 @@ impl Hrana {
         })
         .await?;
         cancel.disarm();
-        let baton = self.finish(stream)?;
+        let baton = self.finish(stream);
         Ok(Answered { answer: PipelineRespBody { baton, base_url: None, results }, budget })
     }
 
@@ -80,7 +83,7 @@ impl Hrana {
         baton: Option<&str>,
         batch: Batch,
     ) -> Result<Answered<(Option<String>, Vec<CursorEntry>)>, RequestError> {
-        let stream = self.stream_for(ns, baton).await?;
+        let stream = self.stream_for(ns, baton, true).await?;
         let cancel = CancelOnDrop::new();
         stream.attach(&cancel.target());
         let mut budget = self.budgets.start();
@@ -91,7 +94,7 @@ impl Hrana {
         })
         .await?;
         cancel.disarm();
-        let baton = self.finish(stream)?;
+        let baton = self.finish(stream);
         let entries = match result {
             Ok(result) => batch::cursor_entries(result),
             Err(e) => vec![CursorEntry::Error { error: e.to_proto() }],
@@ -131,38 +134,37 @@ impl Hrana {
         result
     }
 
-    async fn stream_for(&self, ns: &NamespaceName, baton: Option<&str>) -> Result<Stream, RequestError> {
+    /// The stream of `baton`, or a new one. A new stream that will stay open (`parks`) must
+    /// find room among the parked streams first, before it runs anything.
+    async fn stream_for(&self, ns: &NamespaceName, baton: Option<&str>, parks: bool) -> Result<Stream, RequestError> {
         match baton {
             Some(baton) => self.streams.take(baton, ns),
             None => {
+                if parks {
+                    self.check_room(ns)?;
+                }
                 let ns = self.store.get(ns).await?;
                 Ok(blocking::run(move || Stream::open(ns)).await??)
             }
         }
     }
 
-    /// Parks a stream that is still open and returns its baton; a closed one is done.
-    fn finish(&self, stream: Stream) -> Result<Option<String>, RequestError> {
-        if stream.is_closed() {
-            return Ok(None);
-        }
-        let ns = stream.namespace().clone();
-        match self.streams.park(stream) {
-            Ok(baton) => Ok(Some(baton)),
-            Err((stream, why)) => {
-                stream::drop_off_runtime(vec![stream]);
-                Err(match why {
-                    stream::ParkRefused::ServerFull => {
-                        self.hits.hit(Limit::Streams, format_args!("namespace {ns}"));
-                        RequestError::TooManyStreams
-                    }
-                    stream::ParkRefused::NamespaceFull => {
-                        self.hits.hit(Limit::StreamsPerNamespace, format_args!("namespace {ns}"));
-                        RequestError::TooManyNamespaceStreams
-                    }
-                })
+    fn check_room(&self, ns: &NamespaceName) -> Result<(), RequestError> {
+        self.streams.check_room(ns).map_err(|why| match why {
+            stream::ParkRefused::ServerFull => {
+                self.hits.hit(Limit::Streams, format_args!("namespace {ns}"));
+                RequestError::TooManyStreams
             }
-        }
+            stream::ParkRefused::NamespaceFull => {
+                self.hits.hit(Limit::StreamsPerNamespace, format_args!("namespace {ns}"));
+                RequestError::TooManyNamespaceStreams
+            }
+        })
+    }
+
+    /// Parks a stream that is still open and returns its baton; a closed one is done.
+    fn finish(&self, stream: Stream) -> Option<String> {
+        (!stream.is_closed()).then(|| self.streams.park(stream))
     }
 
     /// Expires idle streams until `stop` resolves; run as a background task.
@@ -179,9 +181,16 @@ impl Hrana {
                     if reaped.is_empty() {
                         continue;
                     }
-                    // Once their connections are closed, the namespaces they held may close.
+                    // Once their connections are closed, the namespaces they held may close:
+                    // in a task of its own, so a slow close never holds up the reaping.
                     let _ = blocking::run(move || drop(reaped)).await;
-                    self.store.trim().await;
+                    if !self.trimming.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                        let (store, trimming) = (self.store.clone(), self.trimming.clone());
+                        tokio::spawn(async move {
+                            store.trim().await;
+                            trimming.store(false, std::sync::atomic::Ordering::Release);
+                        });
+                    }
                 }
                 _ = &mut stop => break,
             }

@@ -11,7 +11,7 @@ use libsql_sys::rusqlite::{self, types::{ToSqlOutput, ValueRef}, CachedStatement
 
 use super::budget::ResponseBudget;
 use super::StmtError;
-use crate::database::{Connection, ConnectionParts, SingleStatements, StmtKind};
+use crate::database::{Connection, ConnectionParts, SingleStatements, WriteAccess};
 
 /// SQL texts stored on a stream by `store_sql`, referred to by `sql_id`.
 #[derive(Default)]
@@ -47,47 +47,75 @@ impl SqlStore {
 
 /// Prepares the single statement of `sql`: none or more than one is an error. A text seen to
 /// hold one statement before comes from the prepared-statement cache.
-fn prepare_one<'c>(conn: &'c rusqlite::Connection, single: &mut SingleStatements, sql: &str) -> Result<CachedStatement<'c>, StmtError> {
+fn prepare_one<'c>(
+    conn: &'c rusqlite::Connection,
+    access: &WriteAccess,
+    single: &mut SingleStatements,
+    sql: &str,
+) -> Result<CachedStatement<'c>, StmtError> {
     if !single.contains(sql) {
         let mut statements = rusqlite::Batch::new(conn, sql);
         statements.next()?.ok_or(StmtError::NoStatement)?;
         match statements.next() {
-            Ok(None) => single.insert(sql),
+            // A text the authorizer marked as a hidden write is prepared (and marked) anew
+            // each time: a cached statement would skip the authorizer.
+            Ok(None) if !access.marked_write() => single.insert(sql),
+            Ok(None) => {}
             Ok(Some(_)) | Err(_) => return Err(StmtError::ManyStatements),
         }
     }
     Ok(conn.prepare_cached(sql)?)
 }
 
+/// The savepoint around a writing statement that returns rows (`RETURNING`): if its rows
+/// overflow the answer, its changes are rolled back with them, so an error never hides a
+/// committed write.
+const ANSWER_SAVEPOINT: &str = "sqld_answer";
+
 /// Executes one statement and collects its result.
 pub fn execute(conn: &mut Connection, sqls: &SqlStore, budget: &mut ResponseBudget, stmt: &Stmt) -> Result<StmtResult, StmtError> {
     let sql = sqls.resolve(stmt.sql.as_deref(), stmt.sql_id)?;
     let started = Instant::now();
     let ConnectionParts { sqlite, access, single_statements } = conn.parts();
-    let mut prepared = prepare_one(sqlite, single_statements, sql)?;
+    let mut prepared = prepare_one(sqlite, access, single_statements, sql)?;
     bind_args(&mut prepared, &stmt.args, &stmt.named_args)?;
 
-    let kind = StmtKind::of(&prepared, sql);
+    let kind = access.kind_of(&prepared, sql);
     access.admit(sqlite, kind)?;
     let want_rows = stmt.want_rows.unwrap_or(true);
     let column_count = prepared.column_count();
+    let guarded = want_rows && column_count > 0 && !prepared.readonly();
     let mut rows = Vec::new();
     let mut over_budget = None;
     let budget_mark = budget.used();
     let stepped = (|| -> rusqlite::Result<()> {
+        if guarded {
+            sqlite.execute_batch(&format!("SAVEPOINT {ANSWER_SAVEPOINT}"))?;
+        }
         let mut cursor = prepared.raw_query();
         while let Some(row) = cursor.next()? {
             if want_rows {
-                let values: Vec<Value> = (0..column_count).map(|i| row.get_ref(i).map(value_from_sqlite)).collect::<Result<_, _>>()?;
-                if let Err(e) = budget.charge(values.iter().map(ResponseBudget::value_size).sum()) {
+                // Charged before anything is copied out of SQLite.
+                let size = (0..column_count).map(|i| row.get_ref(i).map(ResponseBudget::value_size)).sum::<Result<usize, _>>()?;
+                if let Err(e) = budget.charge(size) {
                     over_budget = Some(e);
                     break;
                 }
+                let values = (0..column_count).map(|i| row.get_ref(i).map(value_from_sqlite)).collect::<Result<_, _>>()?;
                 rows.push(Row { values });
             }
         }
         Ok(())
     })();
+    if guarded {
+        let end = if over_budget.is_some() || stepped.is_err() {
+            format!("ROLLBACK TO {ANSWER_SAVEPOINT}; RELEASE {ANSWER_SAVEPOINT}")
+        } else {
+            format!("RELEASE {ANSWER_SAVEPOINT}")
+        };
+        // Fails only when the transaction is already gone (an interrupt rolled it back).
+        let _ = sqlite.execute_batch(&end);
+    }
     // Rows of a statement that failed are not in the answer: their charge is given back.
     let outcome = access.finish(sqlite, stepped).map_err(StmtError::from).and_then(|()| over_budget.map_or(Ok(()), |e| Err(e.into())));
     if let Err(e) = outcome {
@@ -116,8 +144,8 @@ pub fn execute(conn: &mut Connection, sqls: &SqlStore, budget: &mut ResponseBudg
 /// Describes a statement without running it: its parameters and result columns.
 pub fn describe(conn: &mut Connection, sqls: &SqlStore, sql: Option<&str>, sql_id: Option<i32>) -> Result<DescribeResult, StmtError> {
     let sql = sqls.resolve(sql, sql_id)?;
-    let ConnectionParts { sqlite, single_statements, .. } = conn.parts();
-    let prepared = prepare_one(sqlite, single_statements, sql)?;
+    let ConnectionParts { sqlite, access, single_statements } = conn.parts();
+    let prepared = prepare_one(sqlite, access, single_statements, sql)?;
     let params = (1..=prepared.parameter_count())
         .map(|i| DescribeParam { name: prepared.parameter_name(i).map(str::to_owned) })
         .collect();

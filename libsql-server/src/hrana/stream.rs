@@ -246,20 +246,27 @@ impl StreamRegistry {
         Ok(parked.stream)
     }
 
-    /// Parks a stream until its next request; returns its new baton, or the stream back (with
-    /// the reason) when the server or its namespace holds too many.
-    #[allow(clippy::result_large_err)] // the stream comes back to be dropped off the runtime
-    pub fn park(&self, stream: Stream) -> Result<String, (Stream, ParkRefused)> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+    /// Whether a new stream of `ns` may open and park: checked before it runs anything, so
+    /// a refusal never hides work done. (Streams running at once may pass the bound by at
+    /// most their number: bounded by the request limit.)
+    pub fn check_room(&self, ns: &NamespaceName) -> Result<(), ParkRefused> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if inner.parked.len() >= self.limits.max_streams {
-            return Err((stream, ParkRefused::ServerFull));
+            return Err(ParkRefused::ServerFull);
         }
-        if inner.per_namespace.get(stream.namespace()).is_some_and(|n| *n >= self.limits.max_per_namespace) {
-            return Err((stream, ParkRefused::NamespaceFull));
+        if inner.per_namespace.get(ns).is_some_and(|n| *n >= self.limits.max_per_namespace) {
+            return Err(ParkRefused::NamespaceFull);
         }
+        Ok(())
+    }
+
+    /// Parks a stream until its next request; returns its new baton. A new stream was let in
+    /// by `check_room`; a continuing one had its place.
+    pub fn park(&self, stream: Stream) -> String {
         let baton = uuid::Uuid::new_v4().simple().to_string();
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.insert(baton.clone(), Parked { stream, parked_at: Instant::now() });
-        Ok(baton)
+        baton
     }
 
     /// Whether a parked stream must go: idle past the expiry, or holding the write lock past

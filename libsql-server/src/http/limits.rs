@@ -46,53 +46,64 @@ enum BodyError {
     Broken(hyper::Error),
 }
 
-/// The middleware: a place among the running requests, then the body, then the handler.
+/// The middleware: the body (bounded in size and time), then a place among the running
+/// requests, then the handler. The body comes first so that a slow sender holds a connection
+/// but no place.
 pub async fn enforce(State(limits): State<RequestLimits>, request: Request<Body>, next: Next<Body>) -> Response {
+    let (parts, mut body) = request.into_parts();
+    let path = parts.uri.path();
+    let max = limits.max_body_size;
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let read = match declared {
+        Some(n) if n > max as u64 => Ok(Err(BodyError::TooLarge)),
+        // A small body has usually arrived with its head: a timer only when it has not.
+        _ => {
+            let read = read_body(&mut body, max);
+            tokio::pin!(read);
+            match futures::poll!(read.as_mut()) {
+                Poll::Ready(read) => Ok(read),
+                Poll::Pending => tokio::time::timeout(limits.body_read_timeout, read).await,
+            }
+        }
+    };
+    let bytes = match read {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(BodyError::TooLarge)) => {
+            limits.hits.hit(Limit::BodySize, format_args!("{path}: a body over {max} bytes (declared: {declared:?})"));
+            // A body not far over the limit is read to its end (and dropped), so the client
+            // gets the 413 rather than a reset connection; a larger one is not waited for.
+            if declared.is_none_or(|n| n <= DRAIN_FACTOR * max as u64) {
+                let _ = tokio::time::timeout(limits.body_read_timeout, drain(&mut body, DRAIN_FACTOR as usize * max)).await;
+            }
+            return too_large(max);
+        }
+        Ok(Err(BodyError::Broken(e))) => return ApiError::bad_request(format!("the request body could not be read: {e}")).into_response(),
+        Err(_) => {
+            limits.hits.hit(Limit::BodyTimeout, format_args!("{path}: body not complete after {:?}", limits.body_read_timeout));
+            let message = format!("the request body did not arrive within {:?}", limits.body_read_timeout);
+            return ApiError::new(StatusCode::REQUEST_TIMEOUT, "BODY_TIMEOUT", message).into_response();
+        }
+    };
     // A timer only when the request must wait (most do not).
     let place = match limits.running.clone().try_acquire_owned() {
         Ok(place) => Ok(Ok(place)),
         Err(_) => tokio::time::timeout(limits.queue_wait, limits.running.clone().acquire_owned()).await,
     };
     let Ok(Ok(_running)) = place else {
-        limits.hits.hit(Limit::Requests, format_args!("{} {}", request.method(), request.uri().path()));
+        limits.hits.hit(Limit::Requests, format_args!("{} {path}", parts.method));
         let mut response =
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "REQUESTS_EXHAUSTED", "too many requests are running; retry later")
                 .into_response();
         response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         return response;
     };
-    let (parts, body) = request.into_parts();
-    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limits.max_body_size as u64) {
-        limits.hits.hit(Limit::BodySize, format_args!("{} declared {} bytes", parts.uri.path(), declared.unwrap_or(0)));
-        return too_large(limits.max_body_size);
-    }
-    // A small body has usually arrived with its head: a timer only when it has not.
-    let read = read_body(body, limits.max_body_size);
-    tokio::pin!(read);
-    let read = match futures::poll!(read.as_mut()) {
-        Poll::Ready(read) => Ok(read),
-        Poll::Pending => tokio::time::timeout(limits.body_read_timeout, read).await,
-    };
-    let body = match read {
-        Ok(Ok(body)) => body,
-        Ok(Err(BodyError::TooLarge)) => {
-            limits.hits.hit(Limit::BodySize, format_args!("{} sent more than {} bytes", parts.uri.path(), limits.max_body_size));
-            return too_large(limits.max_body_size);
-        }
-        Ok(Err(BodyError::Broken(e))) => return ApiError::bad_request(format!("the request body could not be read: {e}")).into_response(),
-        Err(_) => {
-            limits
-                .hits
-                .hit(Limit::BodyTimeout, format_args!("{} body not complete after {:?}", parts.uri.path(), limits.body_read_timeout));
-            let message = format!("the request body did not arrive within {:?}", limits.body_read_timeout);
-            return ApiError::new(StatusCode::REQUEST_TIMEOUT, "BODY_TIMEOUT", message).into_response();
-        }
-    };
-    json_method_not_allowed(next.run(Request::from_parts(parts, Body::from(body))).await)
+    json_method_not_allowed(next.run(Request::from_parts(parts, Body::from(bytes))).await)
 }
 
-async fn read_body(mut body: Body, max: usize) -> Result<Vec<u8>, BodyError> {
+/// How far over the limit a body is still read to its end before the 413.
+const DRAIN_FACTOR: u64 = 4;
+
+async fn read_body(body: &mut Body, max: usize) -> Result<Vec<u8>, BodyError> {
     let mut out = Vec::new();
     while let Some(chunk) = body.data().await {
         let chunk = chunk.map_err(BodyError::Broken)?;
@@ -102,6 +113,17 @@ async fn read_body(mut body: Body, max: usize) -> Result<Vec<u8>, BodyError> {
         out.extend_from_slice(&chunk);
     }
     Ok(out)
+}
+
+/// Reads and drops up to `cap` more bytes of a body.
+async fn drain(body: &mut Body, cap: usize) {
+    let mut seen = 0;
+    while let Some(Ok(chunk)) = body.data().await {
+        seen += chunk.len();
+        if seen > cap {
+            return;
+        }
+    }
 }
 
 fn too_large(max: usize) -> Response {
