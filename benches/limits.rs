@@ -4,7 +4,8 @@
 //! flag at its loosest, which leaves the authorizer and the progress handler in place).
 //!
 //! `cargo bench --bench limits` prints a table and writes `bench-results/limits.json`.
-//! The two servers run in alternating rounds, each on a fresh data directory; the table shows
+//! The two servers run in alternating rounds (each first in every other one), each on a fresh
+//! data directory; the table shows
 //! each side's median round, as throughput and as the server process's CPU time per request
 //! (user + system, from `/proc`), which the machine's other load disturbs far less.
 
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use hyper::{Body, Client, Method, Request};
 use serde_json::{json, Value};
 
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 6;
 const INSERTS: usize = 2_000;
 const READ_CLIENTS: usize = 8;
 const READS_PER_CLIENT: usize = 2_000;
@@ -71,7 +72,10 @@ fn main() {
     let mut sides = [baseline, Side::new("this build, defaults".into(), this, vec![])];
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     for round in 0..ROUNDS {
-        for side in sides.iter_mut() {
+        // Each side goes first in every other round, so neither gains from the order.
+        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let side = &mut sides[i];
             let r = rt.block_on(measure(&side.bin, &side.args));
             eprintln!(
                 "round {round}: {}: {:.0} inserts/s ({:.1} us CPU each), {:.0} reads/s ({:.1} us CPU each)",

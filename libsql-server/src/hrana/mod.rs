@@ -22,15 +22,26 @@ use crate::database::interrupt::CancelOnDrop;
 use crate::limit_hits::{Limit, LimitHits};
 use crate::namespace::{NamespaceName, NamespaceStore};
 
-/// The Hrana service of one server: the namespace store plus the parked streams.
+/// The Hrana service of one server: the namespace store plus the parked streams. Cloned for
+/// every request (axum's state), so it is one shared pointer.
 #[derive(Clone)]
-pub struct Hrana {
+pub struct Hrana(Arc<Service>);
+
+pub struct Service {
     store: NamespaceStore,
     streams: Arc<StreamRegistry>,
     budgets: Arc<ResponseBudgets>,
     hits: Arc<LimitHits>,
     /// A trim of idle namespaces is running.
     trimming: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::ops::Deref for Hrana {
+    type Target = Service;
+
+    fn deref(&self) -> &Service {
+        &self.0
+    }
 }
 
 /// An answer, with the share of the response bound it holds until it has been sent.
@@ -41,7 +52,8 @@ pub struct Answered<T> {
 
 impl Hrana {
     pub fn new(store: NamespaceStore, limits: StreamLimits, budgets: ResponseBudgets, hits: Arc<LimitHits>) -> Self {
-        Hrana { store, streams: Arc::new(StreamRegistry::new(limits, hits.clone())), budgets: Arc::new(budgets), hits, trimming: Arc::default() }
+        let streams = Arc::new(StreamRegistry::new(limits, hits.clone()));
+        Hrana(Arc::new(Service { store, streams, budgets: Arc::new(budgets), hits, trimming: Arc::default() }))
     }
 
     pub fn budgets(&self) -> &ResponseBudgets {
