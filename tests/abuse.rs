@@ -324,3 +324,29 @@ fn a_stream_refused_for_lack_of_room_runs_nothing() {
         Ok(())
     });
 }
+
+#[test]
+fn streams_opened_over_one_connection_are_bounded() {
+    run_sim(|config| config.max_streams_per_connection = 2, async {
+        let stream = turmoil::net::TcpStream::connect(("primary", USER_PORT)).await.expect("connect");
+        let (mut one_connection, conn) = hyper::client::conn::handshake(stream).await.expect("handshake");
+        tokio::spawn(conn);
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let request = hyper::Request::post("/v2/pipeline")
+                .header("host", "primary")
+                .header("x-namespace", "default")
+                .body(hyper::Body::from(json!({"requests": [execute("SELECT 1")]}).to_string()))
+                .unwrap();
+            let response = one_connection.send_request(request).await.expect("request");
+            statuses.push(response.status());
+            hyper::body::to_bytes(response.into_body()).await.unwrap();
+        }
+        assert_eq!(statuses, [StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]);
+        // Another connection has its own bound.
+        let (status, _) = pipeline("default", json!({"requests": [execute("SELECT 1")]})).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(limit_hits("max_streams_per_connection").await, 1);
+        Ok(())
+    });
+}

@@ -149,10 +149,22 @@ async fn a_client_that_does_not_read_its_answer_is_dropped_and_its_share_given_b
     let big = json!({"requests": [execute("SELECT randomblob(3000000) FROM generate_series(1, 10)"), close()]});
     // Never reads: its answer (about 40 MB as JSON, more than socket buffers take; two of them
     // do not fit together) waits in the server.
-    let _stuck = sqld.send_raw_pipeline(big.clone()).await;
+    let mut stuck = sqld.send_raw_pipeline(big.clone()).await;
+    // Its answer has started (so it holds its share) before anything else runs.
+    let mut head = vec![0u8; 1024];
+    let n = tokio::io::AsyncReadExt::read(&mut stuck, &mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head[..n]));
+    sqld.wait_until("the unread answer holds its share", || async {
+        let (_, answer) = sqld.pipeline(big.clone()).await;
+        result(&answer, 0)["type"] == "error" && result(&answer, 0)["error"]["code"] == "RESPONSES_EXHAUSTED"
+    })
+    .await;
     sqld.wait_until("the server drops the stalled client and another large answer fits", || async {
         let (status, answer) = sqld.pipeline(big.clone()).await;
         status == StatusCode::OK && result(&answer, 0)["type"] == "ok"
     })
     .await;
+    let metrics = hyper::Client::new().get(format!("http://{}/metrics", sqld.admin).parse().unwrap()).await.unwrap();
+    let metrics = String::from_utf8(hyper::body::to_bytes(metrics.into_body()).await.unwrap().to_vec()).unwrap();
+    assert!(metrics.contains("sqld_limit_hits_total{limit=\"unread_answer_timeout\"} 1\n"), "{metrics}");
 }

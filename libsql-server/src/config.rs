@@ -106,6 +106,10 @@ pub struct Config {
     #[arg(long, env = "SQLD_MAX_STREAMS_PER_NAMESPACE", default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_streams_per_namespace: u64,
 
+    /// How many Hrana streams opened over one client connection may wait between requests.
+    #[arg(long, env = "SQLD_MAX_STREAMS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_streams_per_connection: u64,
+
     /// Milliseconds a writer waits for its namespace's write lock before it gets SQLITE_BUSY.
     #[arg(long, env = "SQLD_WRITE_LOCK_TIMEOUT_MS", default_value_t = 5000)]
     pub write_lock_timeout_ms: u64,
@@ -154,6 +158,7 @@ impl Config {
             expiry: Duration::from_secs(self.stream_expiry_s),
             max_streams: self.max_streams as usize,
             max_per_namespace: self.max_streams_per_namespace as usize,
+            max_per_connection: self.max_streams_per_connection as usize,
         }
     }
 

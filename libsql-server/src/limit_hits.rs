@@ -16,12 +16,14 @@ pub enum Limit {
     Requests,
     Streams,
     StreamsPerNamespace,
+    StreamsPerConnection,
     ResponseSize,
     TotalResponseSize,
+    StalledReader,
 }
 
 impl Limit {
-    const ALL: [Limit; 11] = [
+    const ALL: [Limit; 13] = [
         Limit::StatementTimeout,
         Limit::TransactionTimeout,
         Limit::DatabaseSize,
@@ -31,8 +33,10 @@ impl Limit {
         Limit::Requests,
         Limit::Streams,
         Limit::StreamsPerNamespace,
+        Limit::StreamsPerConnection,
         Limit::ResponseSize,
         Limit::TotalResponseSize,
+        Limit::StalledReader,
     ];
 
     /// The label in `/metrics`.
@@ -47,8 +51,10 @@ impl Limit {
             Limit::Requests => "max_concurrent_requests",
             Limit::Streams => "max_streams",
             Limit::StreamsPerNamespace => "max_streams_per_namespace",
+            Limit::StreamsPerConnection => "max_streams_per_connection",
             Limit::ResponseSize => "max_response_size",
             Limit::TotalResponseSize => "max_total_response_size",
+            Limit::StalledReader => "unread_answer_timeout",
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,11 +81,11 @@ pub async fn serve(
         let router = router.clone();
         let mut shutdown = shutdown.clone();
         let in_flight = in_flight.clone();
-        let (header_read_timeout, idle_timeout) = (limits.header_read_timeout, limits.idle_timeout);
+        let (header_read_timeout, idle_timeout, hits) = (limits.header_read_timeout, limits.idle_timeout, limits.hits.clone());
         tokio::spawn(async move {
             let _place = place;
             let activity = Arc::new(Activity::new());
-            let service = Tracked { router, activity: activity.clone() };
+            let service = Tracked { router, activity: activity.clone(), id: ConnectionId(NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed)) };
             let io = Watched { io, activity: activity.clone() };
             // HTTP/1 only: no client speaks HTTP/2 to this port, and its streams would slip
             // past the per-connection limits.
@@ -100,7 +101,10 @@ pub async fn serve(
                     conn.as_mut().graceful_shutdown();
                     Some(conn.await)
                 }
-                _ = activity.should_close(idle_timeout, header_read_timeout) => {
+                stalled = activity.should_close(idle_timeout, header_read_timeout) => {
+                    if stalled {
+                        hits.hit(Limit::StalledReader, format_args!("a client left its answer unread for {header_read_timeout:?}"));
+                    }
                     // An idle connection closes at once; one stuck on a client that does not
                     // read gets a moment, then is dropped (its answer's budget with it).
                     conn.as_mut().graceful_shutdown();
@@ -115,6 +119,9 @@ pub async fn serve(
         });
     }
 }
+
+/// Numbers client connections, for `ConnectionId`.
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(0);
 
 /// How long a connection being closed may take to finish what it was writing.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -142,10 +149,16 @@ async fn refuse(mut io: impl AsyncRead + AsyncWrite + Unpin) {
 /// How long a refused connection may take to accept its 503.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Which client connection a request came over (a request extension), so what it opens can
+/// count against that connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionId(pub u64);
+
 /// The router of one connection, marking each request in flight until its answer is ready.
 struct Tracked {
     router: Router,
     activity: Arc<Activity>,
+    id: ConnectionId,
 }
 
 impl Service<hyper::Request<hyper::Body>> for Tracked {
@@ -157,7 +170,8 @@ impl Service<hyper::Request<hyper::Body>> for Tracked {
         self.router.poll_ready(cx)
     }
 
-    fn call(&mut self, request: hyper::Request<hyper::Body>) -> Self::Future {
+    fn call(&mut self, mut request: hyper::Request<hyper::Body>) -> Self::Future {
+        request.extensions_mut().insert(self.id);
         let in_flight = self.activity.begin();
         let answer = self.router.call(request);
         Box::pin(async move {
@@ -207,8 +221,9 @@ impl Activity {
     }
 
     /// Resolves once the connection should close: no request in flight for `idle`, or an
-    /// answer the client has not read for `stall` (checked at least every `stall`).
-    async fn should_close(&self, idle: Duration, stall: Duration) {
+    /// answer the client has not read for `stall` (checked at least every `stall`). True for
+    /// the second.
+    async fn should_close(&self, idle: Duration, stall: Duration) -> bool {
         loop {
             let now = Instant::now();
             let (idle_until, stall_until) = {
@@ -216,8 +231,11 @@ impl Activity {
                 let idle_until = if state.running > 0 { now + idle } else { state.idle_since + idle };
                 (idle_until, state.write_blocked_since.map(|since| since + stall))
             };
-            if now >= idle_until || stall_until.is_some_and(|t| now >= t) {
-                return;
+            if stall_until.is_some_and(|t| now >= t) {
+                return true;
+            }
+            if now >= idle_until {
+                return false;
             }
             tokio::time::sleep_until(idle_until.min(stall_until.unwrap_or(idle_until)).min(now + stall)).await;
         }

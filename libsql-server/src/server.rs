@@ -15,13 +15,13 @@ use crate::http::limits::RequestLimits;
 use crate::metrics::Metrics;
 use crate::namespace::{self, NamespaceStore};
 use crate::net::{self, ConnectionLimits, Listener};
+use crate::http;
 
 /// Admin requests and connections served at once.
 const ADMIN_MAX_CONCURRENT: usize = 64;
 
 /// Largest admin request body (configurations are small).
 const ADMIN_MAX_BODY_SIZE: usize = 1 << 20;
-use crate::http;
 
 pub struct Server {
     config: Config,

@@ -261,7 +261,7 @@ impl WriteAccess {
         self.interrupt.end_transaction();
         if !conn.is_autocommit() {
             if let Err(e) = conn.execute_batch("ROLLBACK") {
-                tracing::warn!(error = %e, "rolling back a transaction past its time limit failed");
+                tracing::warn!(error = %e, "rolling back a transaction (past its time limit, or without the write lock) failed");
             }
         }
         self.release_if_done(conn);

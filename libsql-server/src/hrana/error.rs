@@ -128,6 +128,8 @@ pub enum RequestError {
     TooManyStreams,
     #[error("too many open streams on this namespace; close streams or retry later")]
     TooManyNamespaceStreams,
+    #[error("too many open streams opened over this connection; close streams or retry later")]
+    TooManyConnectionStreams,
     #[error(transparent)]
     Namespace(#[from] namespace::Error),
     #[error("internal error: {0}")]

@@ -70,9 +70,15 @@ impl Hrana {
 
     /// Runs a pipeline: every request in order on one stream, the stream's baton handed back
     /// unless the pipeline closed it.
-    pub async fn pipeline(&self, ns: &NamespaceName, body: PipelineReqBody) -> Result<Answered<PipelineRespBody>, RequestError> {
+    /// `origin` is the client connection the request came over, when the transport has one.
+    pub async fn pipeline(
+        &self,
+        ns: &NamespaceName,
+        body: PipelineReqBody,
+        origin: Option<u64>,
+    ) -> Result<Answered<PipelineRespBody>, RequestError> {
         let parks = !matches!(body.requests.last(), Some(StreamRequest::Close(_)));
-        let stream = self.stream_for(ns, body.baton.as_deref(), parks).await?;
+        let stream = self.stream_for(ns, body.baton.as_deref(), parks, origin).await?;
         let requests = body.requests;
         let cancel = CancelOnDrop::new();
         stream.attach(&cancel.target());
@@ -94,8 +100,9 @@ impl Hrana {
         ns: &NamespaceName,
         baton: Option<&str>,
         batch: Batch,
+        origin: Option<u64>,
     ) -> Result<Answered<(Option<String>, Vec<CursorEntry>)>, RequestError> {
-        let stream = self.stream_for(ns, baton, true).await?;
+        let stream = self.stream_for(ns, baton, true, origin).await?;
         let cancel = CancelOnDrop::new();
         stream.attach(&cancel.target());
         let mut budget = self.budgets.start();
@@ -135,7 +142,7 @@ impl Hrana {
         let target = cancel.target();
         let mut budget = self.budgets.start();
         let result = blocking::run(move || -> Result<Answered<R>, RequestError> {
-            let mut stream = Stream::open(ns)?;
+            let mut stream = Stream::open(ns, None)?;
             stream.attach(&target);
             let answer = f(&mut stream, &mut budget);
             stream.close();
@@ -148,21 +155,21 @@ impl Hrana {
 
     /// The stream of `baton`, or a new one. A new stream that will stay open (`parks`) must
     /// find room among the parked streams first, before it runs anything.
-    async fn stream_for(&self, ns: &NamespaceName, baton: Option<&str>, parks: bool) -> Result<Stream, RequestError> {
+    async fn stream_for(&self, ns: &NamespaceName, baton: Option<&str>, parks: bool, origin: Option<u64>) -> Result<Stream, RequestError> {
         match baton {
             Some(baton) => self.streams.take(baton, ns),
             None => {
                 if parks {
-                    self.check_room(ns)?;
+                    self.check_room(ns, origin)?;
                 }
                 let ns = self.store.get(ns).await?;
-                Ok(blocking::run(move || Stream::open(ns)).await??)
+                Ok(blocking::run(move || Stream::open(ns, origin)).await??)
             }
         }
     }
 
-    fn check_room(&self, ns: &NamespaceName) -> Result<(), RequestError> {
-        self.streams.check_room(ns).map_err(|why| match why {
+    fn check_room(&self, ns: &NamespaceName, origin: Option<u64>) -> Result<(), RequestError> {
+        self.streams.check_room(ns, origin).map_err(|why| match why {
             stream::ParkRefused::ServerFull => {
                 self.hits.hit(Limit::Streams, format_args!("namespace {ns}"));
                 RequestError::TooManyStreams
@@ -170,6 +177,10 @@ impl Hrana {
             stream::ParkRefused::NamespaceFull => {
                 self.hits.hit(Limit::StreamsPerNamespace, format_args!("namespace {ns}"));
                 RequestError::TooManyNamespaceStreams
+            }
+            stream::ParkRefused::ConnectionFull => {
+                self.hits.hit(Limit::StreamsPerConnection, format_args!("namespace {ns}"));
+                RequestError::TooManyConnectionStreams
             }
         })
     }

@@ -29,14 +29,17 @@ pub struct Stream {
     /// `None` once the stream is closed.
     conn: Option<Connection>,
     sqls: SqlStore,
+    /// The client connection that opened it, when the transport has one: its streams count
+    /// against its own bound.
+    origin: Option<u64>,
 }
 
 impl Stream {
-    /// Opens a stream on a connection of `ns`. Blocking.
-    pub fn open(ns: Arc<Namespace>) -> Result<Self, RequestError> {
+    /// Opens a stream on a connection of `ns` for the client connection `origin`. Blocking.
+    pub fn open(ns: Arc<Namespace>, origin: Option<u64>) -> Result<Self, RequestError> {
         ns.check_live()?;
         let conn = ns.db().connection().map_err(|e| ns.database_error(e))?;
-        Ok(Stream { ns, conn: Some(conn), sqls: SqlStore::default() })
+        Ok(Stream { ns, conn: Some(conn), sqls: SqlStore::default(), origin })
     }
 
     pub fn is_closed(&self) -> bool {
@@ -144,6 +147,9 @@ pub struct StreamLimits {
     pub max_streams: usize,
     /// For one namespace, so one tenant cannot take every stream.
     pub max_per_namespace: usize,
+    /// Opened over one client connection (over HTTP a stream outlives the connection that
+    /// opened it, and counts against it until it ends).
+    pub max_per_connection: usize,
 }
 
 /// The streams parked between requests, by baton.
@@ -156,8 +162,9 @@ pub struct StreamRegistry {
 #[derive(Default)]
 struct Registry {
     parked: HashMap<String, Parked>,
-    /// Parked streams per namespace.
+    /// Parked streams per namespace and per client connection that opened them.
     per_namespace: HashMap<NamespaceName, usize>,
+    per_origin: HashMap<u64, usize>,
     /// Batons of expired streams, kept a while so their clients get "expired", not "unknown".
     expired: HashMap<String, Expired>,
 }
@@ -192,27 +199,38 @@ struct Parked {
 impl Registry {
     fn insert(&mut self, baton: String, parked: Parked) {
         *self.per_namespace.entry(parked.stream.namespace().clone()).or_default() += 1;
+        if let Some(origin) = parked.stream.origin {
+            *self.per_origin.entry(origin).or_default() += 1;
+        }
         self.parked.insert(baton, parked);
     }
 
     fn remove(&mut self, baton: &str) -> Option<Parked> {
         let parked = self.parked.remove(baton)?;
-        let ns = parked.stream.namespace();
-        if let Some(n) = self.per_namespace.get_mut(ns) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_namespace.remove(ns);
-            }
+        decrement(&mut self.per_namespace, parked.stream.namespace());
+        if let Some(origin) = &parked.stream.origin {
+            decrement(&mut self.per_origin, origin);
         }
         Some(parked)
     }
 }
 
-/// Why a stream could not be parked.
+fn decrement<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = counts.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(key);
+        }
+    }
+}
+
+/// Why a stream could not be parked: which bound is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)]
 pub enum ParkRefused {
     ServerFull,
     NamespaceFull,
+    ConnectionFull,
 }
 
 /// How long the baton of an expired stream is remembered.
@@ -249,13 +267,16 @@ impl StreamRegistry {
     /// Whether a new stream of `ns` may open and park: checked before it runs anything, so
     /// a refusal never hides work done. (Streams running at once may pass the bound by at
     /// most their number: bounded by the request limit.)
-    pub fn check_room(&self, ns: &NamespaceName) -> Result<(), ParkRefused> {
+    pub fn check_room(&self, ns: &NamespaceName, origin: Option<u64>) -> Result<(), ParkRefused> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if inner.parked.len() >= self.limits.max_streams {
             return Err(ParkRefused::ServerFull);
         }
         if inner.per_namespace.get(ns).is_some_and(|n| *n >= self.limits.max_per_namespace) {
             return Err(ParkRefused::NamespaceFull);
+        }
+        if origin.and_then(|o| inner.per_origin.get(&o)).is_some_and(|n| *n >= self.limits.max_per_connection) {
+            return Err(ParkRefused::ConnectionFull);
         }
         Ok(())
     }
@@ -311,6 +332,7 @@ impl StreamRegistry {
     pub fn drain(&self) -> Vec<Stream> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.per_namespace.clear();
+        inner.per_origin.clear();
         inner.parked.drain().map(|(_, p)| p.stream).collect()
     }
 

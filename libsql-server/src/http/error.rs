@@ -77,7 +77,9 @@ impl From<RequestError> for ApiError {
             RequestError::TransactionTimedOut => (StatusCode::BAD_REQUEST, "TRANSACTION_TIMEOUT"),
             RequestError::BatonNamespaceMismatch => (StatusCode::BAD_REQUEST, "STREAM_NAMESPACE_MISMATCH"),
             RequestError::TooManyStreams => (StatusCode::SERVICE_UNAVAILABLE, "STREAMS_EXHAUSTED"),
-            RequestError::TooManyNamespaceStreams => (StatusCode::TOO_MANY_REQUESTS, "STREAMS_EXHAUSTED"),
+            RequestError::TooManyNamespaceStreams | RequestError::TooManyConnectionStreams => {
+                (StatusCode::TOO_MANY_REQUESTS, "STREAMS_EXHAUSTED")
+            }
             RequestError::Namespace(_) => {
                 let RequestError::Namespace(e) = e else { unreachable!() };
                 return e.into();

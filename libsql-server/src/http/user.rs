@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Extension, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -17,10 +17,11 @@ use super::error::{no_route, parse_json};
 use super::limits::{budgeted, enforce, RequestLimits};
 use super::{legacy, namespace_of, sync, track_requests, ApiError};
 use crate::hrana::{Answered, Hrana};
-
-const JSON: &str = "application/json";
 use crate::metrics::Metrics;
 use crate::namespace::NamespaceName;
+use crate::net::ConnectionId;
+
+const JSON: &str = "application/json";
 
 #[derive(Clone)]
 pub struct UserState {
@@ -61,20 +62,31 @@ pub fn router(hrana: Hrana, metrics: Arc<Metrics>, limits: RequestLimits) -> Rou
 
 /// Hrana clients send their bodies with or without `content-type` (the libSQL Rust crate sends
 /// none): bodies are read as bytes and parsed as JSON whatever the header says.
-async fn pipeline(State(state): State<UserState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn pipeline(
+    State(state): State<UserState>,
+    origin: Option<Extension<ConnectionId>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = body?;
     let ns = state.namespace(&headers)?;
     let request: PipelineReqBody = parse_json(&body)?;
-    let Answered { answer, budget } = state.hrana.pipeline(&ns, request).await?;
+    let Answered { answer, budget } = state.hrana.pipeline(&ns, request, origin.map(|o| o.0 .0)).await?;
     Ok(budgeted(JSON, serde_json::to_vec(&answer).map_err(internal_json)?, budget))
 }
 
 /// A cursor answers with newline-separated JSON: the cursor header, then one entry a line.
-async fn cursor(State(state): State<UserState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn cursor(
+    State(state): State<UserState>,
+    origin: Option<Extension<ConnectionId>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = body?;
     let ns = state.namespace(&headers)?;
     let request: CursorReqBody = parse_json(&body)?;
-    let Answered { answer: (baton, entries), budget } = state.hrana.cursor(&ns, request.baton.as_deref(), request.batch).await?;
+    let origin = origin.map(|o| o.0 .0);
+    let Answered { answer: (baton, entries), budget } = state.hrana.cursor(&ns, request.baton.as_deref(), request.batch, origin).await?;
     let mut out = serde_json::to_vec(&CursorRespBody { baton, base_url: None }).map_err(internal_json)?;
     for entry in entries {
         out.push(b'\n');
