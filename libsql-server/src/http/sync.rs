@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use super::limits::{LimitedBody, Place};
 use super::user::UserState;
 use super::ApiError;
 use crate::blocking;
@@ -50,6 +51,7 @@ pub async fn export(State(state): State<UserState>, headers: HeaderMap, path: Re
 
 pub async fn pull(
     State(state): State<UserState>,
+    _place: Place,
     headers: HeaderMap,
     path: Result<Path<(String, String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
@@ -95,9 +97,9 @@ pub async fn push(
     state: State<UserState>,
     headers: HeaderMap,
     path: Result<Path<PushPath>, PathRejection>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: LimitedBody,
 ) -> Result<Response, ApiError> {
-    push_frames(state, headers, path.map(|Path(p)| p)?, body?).await
+    push_frames(state, headers, path.map(|Path(p)| p)?, body.bytes).await
 }
 
 /// The same push with a baton: batons tie the requests of one push together for the client;
@@ -106,10 +108,10 @@ pub async fn push_with_baton(
     state: State<UserState>,
     headers: HeaderMap,
     path: Result<Path<(String, String, String, String)>, PathRejection>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: LimitedBody,
 ) -> Result<Response, ApiError> {
     let Path((generation, start, end, _baton)) = path?;
-    push_frames(state, headers, (generation, start, end), body?).await
+    push_frames(state, headers, (generation, start, end), body.bytes).await
 }
 
 async fn push_frames(State(state): State<UserState>, headers: HeaderMap, path: PushPath, body: Bytes) -> Result<Response, ApiError> {

@@ -2,9 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Extension, State};
+use axum::extract::{Extension, FromRef, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -14,8 +12,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::error::{no_route, parse_json};
-use super::limits::{budgeted, enforce, RequestLimits};
+use super::limits::{answer_buffer, budgeted, method_not_allowed, LimitedBody, RequestLimits};
 use super::{legacy, namespace_of, sync, track_requests, ApiError};
+use crate::hrana::budget::ResponseBudget;
 use crate::hrana::{Answered, Hrana};
 use crate::metrics::Metrics;
 use crate::namespace::NamespaceName;
@@ -27,6 +26,13 @@ const JSON: &str = "application/json";
 pub struct UserState {
     pub hrana: Hrana,
     pub metrics: Arc<Metrics>,
+    pub limits: Arc<RequestLimits>,
+}
+
+impl FromRef<UserState> for Arc<RequestLimits> {
+    fn from_ref(state: &UserState) -> Self {
+        state.limits.clone()
+    }
 }
 
 impl UserState {
@@ -35,29 +41,29 @@ impl UserState {
     }
 }
 
+/// The user API. Its limits (body size and time, running requests) are taken by the handlers'
+/// extractors (`LimitedBody`, `Place`) rather than by a middleware on every route; a wrong
+/// method gets the JSON 405 from each route's fallback.
 pub fn router(hrana: Hrana, metrics: Arc<Metrics>, limits: RequestLimits) -> Router {
-    let max_body_size = limits.max_body_size;
     Router::new()
-        .route("/", post(legacy_query))
-        .route("/health", get(|| async { StatusCode::OK }))
-        .route("/version", get(|| async { concat!("libsql-server ", env!("CARGO_PKG_VERSION")) }))
-        .route("/v1", get(|| async { StatusCode::OK }))
-        .route("/v2", get(|| async { StatusCode::OK }))
-        .route("/v3", get(|| async { StatusCode::OK }))
-        .route("/v1/execute", post(execute_v1))
-        .route("/v1/batch", post(batch_v1))
-        .route("/v2/pipeline", post(pipeline))
-        .route("/v3/pipeline", post(pipeline))
-        .route("/v3/cursor", post(cursor))
-        .route("/info", get(sync::info))
-        .route("/export/:generation", get(sync::export))
-        .route("/sync/:generation/:start/:end", get(sync::pull).post(sync::push))
-        .route("/sync/:generation/:start/:end/:baton", post(sync::push_with_baton))
+        .route("/", post(legacy_query).fallback(method_not_allowed))
+        .route("/health", get(|| async { StatusCode::OK }).fallback(method_not_allowed))
+        .route("/version", get(|| async { concat!("libsql-server ", env!("CARGO_PKG_VERSION")) }).fallback(method_not_allowed))
+        .route("/v1", get(|| async { StatusCode::OK }).fallback(method_not_allowed))
+        .route("/v2", get(|| async { StatusCode::OK }).fallback(method_not_allowed))
+        .route("/v3", get(|| async { StatusCode::OK }).fallback(method_not_allowed))
+        .route("/v1/execute", post(execute_v1).fallback(method_not_allowed))
+        .route("/v1/batch", post(batch_v1).fallback(method_not_allowed))
+        .route("/v2/pipeline", post(pipeline).fallback(method_not_allowed))
+        .route("/v3/pipeline", post(pipeline).fallback(method_not_allowed))
+        .route("/v3/cursor", post(cursor).fallback(method_not_allowed))
+        .route("/info", get(sync::info).fallback(method_not_allowed))
+        .route("/export/:generation", get(sync::export).fallback(method_not_allowed))
+        .route("/sync/:generation/:start/:end", get(sync::pull).post(sync::push).fallback(method_not_allowed))
+        .route("/sync/:generation/:start/:end/:baton", post(sync::push_with_baton).fallback(method_not_allowed))
         .route_layer(axum::middleware::from_fn_with_state((metrics.clone(), "user"), track_requests))
         .fallback(no_route)
-        .layer(DefaultBodyLimit::max(max_body_size))
-        .layer(axum::middleware::from_fn_with_state(limits, enforce))
-        .with_state(UserState { hrana, metrics })
+        .with_state(UserState { hrana, metrics, limits: Arc::new(limits) })
 }
 
 /// Hrana clients send their bodies with or without `content-type` (the libSQL Rust crate sends
@@ -66,13 +72,13 @@ async fn pipeline(
     State(state): State<UserState>,
     origin: Option<Extension<ConnectionId>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: LimitedBody,
 ) -> Result<Response, ApiError> {
-    let body = body?;
+    let LimitedBody { bytes: body, place: _place } = body;
     let ns = state.namespace(&headers)?;
     let request: PipelineReqBody = parse_json(&body)?;
     let Answered { answer, budget } = state.hrana.pipeline(&ns, request, origin.map(|o| o.0 .0)).await?;
-    Ok(budgeted(JSON, serde_json::to_vec(&answer).map_err(internal_json)?, budget))
+    Ok(budgeted(JSON, to_json(&answer, &budget)?, budget))
 }
 
 /// A cursor answers with newline-separated JSON: the cursor header, then one entry a line.
@@ -80,14 +86,14 @@ async fn cursor(
     State(state): State<UserState>,
     origin: Option<Extension<ConnectionId>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: LimitedBody,
 ) -> Result<Response, ApiError> {
-    let body = body?;
+    let LimitedBody { bytes: body, place: _place } = body;
     let ns = state.namespace(&headers)?;
     let request: CursorReqBody = parse_json(&body)?;
     let origin = origin.map(|o| o.0 .0);
     let Answered { answer: (baton, entries), budget } = state.hrana.cursor(&ns, request.baton.as_deref(), request.batch, origin).await?;
-    let mut out = serde_json::to_vec(&CursorRespBody { baton, base_url: None }).map_err(internal_json)?;
+    let mut out = to_json(&CursorRespBody { baton, base_url: None }, &budget)?;
     for entry in entries {
         out.push(b'\n');
         serde_json::to_writer(&mut out, &entry).map_err(internal_json)?;
@@ -106,33 +112,40 @@ struct BatchV1 {
     batch: Batch,
 }
 
-async fn execute_v1(State(state): State<UserState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = body?;
+async fn execute_v1(State(state): State<UserState>, headers: HeaderMap, body: LimitedBody) -> Result<Response, ApiError> {
+    let LimitedBody { bytes: body, place: _place } = body;
     let ns = state.namespace(&headers)?;
     let request: ExecuteV1 = parse_json(&body)?;
     let Answered { answer, budget } = state.hrana.execute_once(&ns, request.stmt).await?;
     let result = answer?;
-    Ok(budgeted(JSON, serde_json::to_vec(&json!({ "result": result })).map_err(internal_json)?, budget))
+    Ok(budgeted(JSON, to_json(&json!({ "result": result }), &budget)?, budget))
 }
 
-async fn batch_v1(State(state): State<UserState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = body?;
+async fn batch_v1(State(state): State<UserState>, headers: HeaderMap, body: LimitedBody) -> Result<Response, ApiError> {
+    let LimitedBody { bytes: body, place: _place } = body;
     let ns = state.namespace(&headers)?;
     let request: BatchV1 = parse_json(&body)?;
     let Answered { answer, budget } = state.hrana.batch_once(&ns, request.batch).await?;
     let result = answer?;
-    Ok(budgeted(JSON, serde_json::to_vec(&json!({ "result": result })).map_err(internal_json)?, budget))
+    Ok(budgeted(JSON, to_json(&json!({ "result": result }), &budget)?, budget))
 }
 
 async fn legacy_query(
     State(state): State<UserState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: LimitedBody,
 ) -> Result<Response, ApiError> {
-    let body = body?;
+    let LimitedBody { bytes: body, place: _place } = body;
     let ns = state.namespace(&headers)?;
     let request: legacy::QueryRequest = parse_json(&body)?;
     legacy::run(&state.hrana, &ns, request).await
+}
+
+/// An answer as JSON, in a buffer sized from its budget.
+fn to_json<T: serde::Serialize>(value: &T, budget: &ResponseBudget) -> Result<Vec<u8>, ApiError> {
+    let mut out = answer_buffer(budget);
+    serde_json::to_writer(&mut out, value).map_err(internal_json)?;
+    Ok(out)
 }
 
 fn internal_json(e: serde_json::Error) -> ApiError {
