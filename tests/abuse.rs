@@ -350,3 +350,48 @@ fn streams_opened_over_one_connection_are_bounded() {
         Ok(())
     });
 }
+
+#[test]
+fn a_returning_write_whose_commit_fails_reports_the_failure() {
+    run_sim(|_| {}, async {
+        let (_, answer) = pipeline("default", json!({"requests": [
+            execute("PRAGMA foreign_keys = ON"),
+            execute("CREATE TABLE p (id INTEGER PRIMARY KEY)"),
+            execute("CREATE TABLE c (pid REFERENCES p (id) DEFERRABLE INITIALLY DEFERRED)"),
+            execute("INSERT INTO c VALUES (42) RETURNING pid"),
+            {"type": "get_autocommit"},
+            execute("SELECT count(*) FROM c"),
+            close()
+        ]}))
+        .await;
+        for i in 0..3 {
+            assert_eq!(answer["results"][i]["type"], "ok", "{answer}");
+        }
+        assert_eq!(error_code(&answer, 3), "SQLITE_CONSTRAINT", "the deferred check fails at commit: {answer}");
+        assert_eq!(answer["results"][4]["response"]["is_autocommit"], true, "no transaction is left open: {answer}");
+        assert_eq!(rows(&answer, 5), vec![json!([{"type": "integer", "value": "0"}])]);
+        Ok(())
+    });
+}
+
+#[test]
+fn a_configuration_change_leaves_open_transactions_working() {
+    run_sim(|_| {}, async {
+        let (_, answer) = pipeline("default", json!({"requests": [execute("CREATE TABLE t (v)"), close()]})).await;
+        assert_eq!(answer["results"][0]["type"], "ok");
+        let (_, open) = pipeline("default", json!({"requests": [execute("BEGIN"), execute("INSERT INTO t VALUES (1)")]})).await;
+        assert_eq!(open["results"][1]["type"], "ok", "{open}");
+        let (status, _) = admin(Method::POST, "/v1/namespaces/default/config", r#"{"max_db_size": "100MB"}"#).await;
+        assert_eq!(status, StatusCode::OK);
+        let (_, answer) = pipeline("default", json!({"baton": open["baton"], "requests": [
+            execute("INSERT INTO t VALUES (2)"),
+            execute("COMMIT"),
+            execute("SELECT count(*) FROM t"),
+            close()
+        ]}))
+        .await;
+        assert_eq!(answer["results"][1]["type"], "ok", "{answer}");
+        assert_eq!(rows(&answer, 2), vec![json!([{"type": "integer", "value": "2"}])]);
+        Ok(())
+    });
+}

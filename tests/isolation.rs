@@ -190,7 +190,14 @@ fn values_temporary_tables_and_costly_functions_are_bounded() {
         setup_two_tenants().await;
         let answer = one("a", execute("SELECT length(randomblob(100000000))")).await;
         assert_eq!(error_code(&answer, 0), "SQLITE_TOOBIG");
-        for sql in ["SELECT osa_distance('kitten', 'sitting')", "SELECT dlevenshtein('a', 'b')", "SELECT levenshtein('a', 'b')"] {
+        for sql in [
+            "SELECT osa_distance('kitten', 'sitting')",
+            "SELECT dlevenshtein('a', 'b')",
+            "SELECT levenshtein('a', 'b')",
+            "SELECT length(lpad('', 2000000000, 'x'))",
+            "SELECT length(repeat('ab', 1000000000))",
+            "SELECT * FROM pragma_optimize",
+        ] {
             assert_eq!(one("a", execute(sql)).await["results"][0]["type"], "error", "{sql}");
         }
         assert_eq!(error_code(&one("a", execute("PRAGMA temp_store = MEMORY")).await, 0), "SQLITE_AUTH");

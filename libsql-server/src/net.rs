@@ -216,8 +216,11 @@ impl Activity {
         self.state().write_blocked_since.get_or_insert_with(Instant::now);
     }
 
+    /// An answer going out counts as activity: a slow download is not an idle connection.
     fn write_moved(&self) {
-        self.state().write_blocked_since = None;
+        let mut state = self.state();
+        state.write_blocked_since = None;
+        state.idle_since = Instant::now();
     }
 
     /// Resolves once the connection should close: no request in flight for `idle`, or an

@@ -214,6 +214,12 @@ impl WriteAccess {
         StmtKind::of(stmt, sql, self.policy.wants_gate.swap(false, Ordering::Relaxed))
     }
 
+    /// Forgets a mark left by a preparation that did not run (a `describe`, a refused text):
+    /// called before each preparation.
+    pub fn clear_mark(&self) {
+        self.policy.wants_gate.store(false, Ordering::Relaxed);
+    }
+
     /// True when the statement last prepared was marked as a write SQLite calls read-only:
     /// it must be prepared (and so marked) again each time, never served from a cache.
     pub fn marked_write(&self) -> bool {
@@ -223,7 +229,11 @@ impl WriteAccess {
     /// Lets a statement of `kind` run, or says why not. A write waits (bounded) for the write
     /// gate unless this connection already holds it.
     pub fn admit(&mut self, conn: &rusqlite::Connection, kind: StmtKind) -> Result<(), AccessError> {
-        self.apply_config(conn)?;
+        // Per-connection settings change between transactions (SQLite refuses a new
+        // `synchronous` inside one); an open transaction finishes under the old ones.
+        if conn.is_autocommit() {
+            self.apply_config(conn)?;
+        }
         if self.permit.is_some() && self.interrupt.transaction_expired() {
             // A transaction past its limit goes no further, however short its statements.
             let limit = self.interrupt.transaction_limit();
@@ -249,7 +259,15 @@ impl WriteAccess {
     }
 
     fn take_gate(&mut self, config: &super::DatabaseConfig) -> Result<(), AccessError> {
-        let permit = self.shared.gate.acquire(self.shared.limits.write_lock_timeout);
+        self.take_gate_within(config, self.shared.limits.write_lock_timeout)
+    }
+
+    fn take_gate_now(&mut self, config: &super::DatabaseConfig) -> Result<(), AccessError> {
+        self.take_gate_within(config, Duration::ZERO)
+    }
+
+    fn take_gate_within(&mut self, config: &super::DatabaseConfig, wait: Duration) -> Result<(), AccessError> {
+        let permit = self.shared.gate.acquire(wait);
         self.permit = Some(permit.ok_or(AccessError::WriteLockTimeout)?);
         self.policy.holds_gate.store(true, Ordering::Relaxed);
         self.interrupt.start_transaction(self.transaction_timeout(config));
@@ -291,9 +309,16 @@ impl WriteAccess {
         // A statement classified as a read that left a write transaction open (SQLite's own
         // word, whatever the text looked like) holds SQLite's write lock: it takes the gate
         // too, or gives the lock back.
+        // It does not wait for the gate while it holds SQLite's lock (the gate's holder would
+        // wait on that lock in turn): the gate is free now, or the write is rolled back.
         if self.permit.is_none() && write_transaction_open(conn) {
             let config = self.shared.config();
-            if let Err(e) = self.take_gate(&config) {
+            let refused = if config.block_writes {
+                Some(AccessError::WritesBlocked(config.block_reason.clone()))
+            } else {
+                self.take_gate_now(&config).err()
+            };
+            if let Some(e) = refused {
                 self.roll_back(conn);
                 return Err(e);
             }

@@ -148,12 +148,21 @@ fn pragma_use(name: &str) -> Option<PragmaUse> {
     PRAGMAS.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, u)| *u)
 }
 
-/// Functions client SQL may not call even if the engine has them: extension loading, and
+/// Functions client SQL may not call even if the engine has them: extension loading;
 /// sqlean's edit distances, whose one call is quadratic in time (no time limit can stop it
-/// midway) and, for two of them, in memory (allocated outside SQLite, unchecked).
+/// midway) and, for two of them, in memory (allocated outside SQLite, unchecked); and
+/// sqlean's text functions that build a result sized by an argument or a product of their
+/// inputs with the C allocator, before SQLite's length limit can refuse it.
 const DENIED_FUNCTIONS: &[&str] = &[
     "load_extension",
     "fts3_tokenizer",
+    "repeat",
+    "text_repeat",
+    "lpad",
+    "text_lpad",
+    "rpad",
+    "text_rpad",
+    "text_replace",
     "dlevenshtein",
     "fuzzy_damlev",
     "osa_distance",
@@ -199,6 +208,11 @@ pub fn authorize(state: &PolicyState, ctx: &AuthContext<'_>) -> Authorization {
                 return Authorization::Allow;
             }
             if pragma_name.eq_ignore_ascii_case("optimize") {
+                // Prepared at step time (the `pragma_optimize` table), it comes too late to
+                // take the write gate first: refused there.
+                if state.stepping.load(Ordering::Relaxed) {
+                    return Authorization::Deny;
+                }
                 state.wants_gate.store(true, Ordering::Relaxed);
             }
             match (pragma_use(pragma_name), pragma_value) {

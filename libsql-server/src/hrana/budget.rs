@@ -38,8 +38,11 @@ impl ResponseBudgets {
         ResponseBudgets { max_response, total: Arc::new(Total { used: AtomicUsize::new(0), max: max_total }), hits }
     }
 
-    pub fn start(&self) -> ResponseBudget {
-        ResponseBudget { max: self.max_response, used: 0, reserved: 0, total: self.total.clone(), hits: self.hits.clone() }
+    /// A request's budget; it also keeps `hold` (the request's place among the running
+    /// requests) until the answer has been sent, or, if the client left, until the request's
+    /// blocking work has ended: a vanished client frees no place its work still uses.
+    pub fn start(&self, hold: Hold) -> ResponseBudget {
+        ResponseBudget { max: self.max_response, used: 0, reserved: 0, total: self.total.clone(), hits: self.hits.clone(), _hold: hold }
     }
 
     /// Bytes held by responses in flight right now.
@@ -48,6 +51,9 @@ impl ResponseBudgets {
     }
 }
 
+/// Whatever a request holds for as long as its budget (see [`ResponseBudgets::start`]).
+pub type Hold = Option<Box<dyn Send>>;
+
 /// One request's share; gives its reservation back when dropped.
 pub struct ResponseBudget {
     max: usize,
@@ -55,6 +61,7 @@ pub struct ResponseBudget {
     reserved: usize,
     total: Arc<Total>,
     hits: Arc<LimitHits>,
+    _hold: Hold,
 }
 
 impl ResponseBudget {
@@ -127,10 +134,10 @@ mod tests {
     #[test]
     fn each_response_and_all_together_are_bounded_and_released() {
         let budgets = ResponseBudgets::new(200_000, 2 * RESERVE_STEP, Arc::default());
-        let mut a = budgets.start();
+        let mut a = budgets.start(None);
         a.charge(100_000).unwrap();
         assert_eq!(a.charge(100_001), Err(BudgetError::TooLarge(200_000)));
-        let mut b = budgets.start();
+        let mut b = budgets.start(None);
         assert_eq!(b.charge(RESERVE_STEP), Err(BudgetError::ServerFull), "a holds two steps, b may not take two more");
         drop(a);
         assert_eq!(budgets.in_flight(), 0);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use libsql_hrana::proto::{Batch, BatchResult, CursorEntry, PipelineReqBody, PipelineRespBody, Stmt, StmtResult, StreamRequest};
 
-use budget::{ResponseBudget, ResponseBudgets};
+use budget::{Hold, ResponseBudget, ResponseBudgets};
 pub use error::{RequestError, StmtError};
 pub use stream::{Stream, StreamLimits, StreamRegistry};
 
@@ -76,13 +76,14 @@ impl Hrana {
         ns: &NamespaceName,
         body: PipelineReqBody,
         origin: Option<u64>,
+        hold: Hold,
     ) -> Result<Answered<PipelineRespBody>, RequestError> {
         let parks = !matches!(body.requests.last(), Some(StreamRequest::Close(_)));
         let stream = self.stream_for(ns, body.baton.as_deref(), parks, origin).await?;
         let requests = body.requests;
         let cancel = CancelOnDrop::new();
         stream.attach(&cancel.target());
-        let mut budget = self.budgets.start();
+        let mut budget = self.budgets.start(hold);
         let (stream, results, budget) = blocking::run(move || {
             let mut stream = stream;
             let results = requests.iter().map(|r| stream.handle(r, &mut budget)).collect();
@@ -101,11 +102,12 @@ impl Hrana {
         baton: Option<&str>,
         batch: Batch,
         origin: Option<u64>,
+        hold: Hold,
     ) -> Result<Answered<(Option<String>, Vec<CursorEntry>)>, RequestError> {
         let stream = self.stream_for(ns, baton, true, origin).await?;
         let cancel = CancelOnDrop::new();
         stream.attach(&cancel.target());
-        let mut budget = self.budgets.start();
+        let mut budget = self.budgets.start(hold);
         let (stream, result, budget) = blocking::run(move || {
             let mut stream = stream;
             let result = stream.run_batch(&batch, &mut budget);
@@ -122,25 +124,26 @@ impl Hrana {
     }
 
     /// Runs one statement on a fresh stream that is closed afterwards (Hrana v1 over HTTP).
-    pub async fn execute_once(&self, ns: &NamespaceName, stmt: Stmt) -> Result<Answered<Result<StmtResult, StmtError>>, RequestError> {
-        self.once(ns, move |stream, budget| stream.execute(&stmt, budget)).await
+    pub async fn execute_once(&self, ns: &NamespaceName, stmt: Stmt, hold: Hold) -> Result<Answered<Result<StmtResult, StmtError>>, RequestError> {
+        self.once(ns, hold, move |stream, budget| stream.execute(&stmt, budget)).await
     }
 
     /// Runs one batch on a fresh stream that is closed afterwards (Hrana v1 over HTTP).
-    pub async fn batch_once(&self, ns: &NamespaceName, batch: Batch) -> Result<Answered<Result<BatchResult, StmtError>>, RequestError> {
-        self.once(ns, move |stream, budget| stream.run_batch(&batch, budget)).await
+    pub async fn batch_once(&self, ns: &NamespaceName, batch: Batch, hold: Hold) -> Result<Answered<Result<BatchResult, StmtError>>, RequestError> {
+        self.once(ns, hold, move |stream, budget| stream.run_batch(&batch, budget)).await
     }
 
     /// Runs `f` on a fresh stream on the blocking pool, then closes the stream.
     pub async fn once<R: Send + 'static>(
         &self,
         ns: &NamespaceName,
+        hold: Hold,
         f: impl FnOnce(&mut Stream, &mut ResponseBudget) -> R + Send + 'static,
     ) -> Result<Answered<R>, RequestError> {
         let ns = self.store.get(ns).await?;
         let cancel = CancelOnDrop::new();
         let target = cancel.target();
-        let mut budget = self.budgets.start();
+        let mut budget = self.budgets.start(hold);
         let result = blocking::run(move || -> Result<Answered<R>, RequestError> {
             let mut stream = Stream::open(ns, None)?;
             stream.attach(&target);
@@ -210,8 +213,15 @@ impl Hrana {
                     if !self.trimming.swap(true, std::sync::atomic::Ordering::AcqRel) {
                         let (store, trimming) = (self.store.clone(), self.trimming.clone());
                         tokio::spawn(async move {
+                            // Lowered however the trim ends (a panic included).
+                            struct Done(Arc<std::sync::atomic::AtomicBool>);
+                            impl Drop for Done {
+                                fn drop(&mut self) {
+                                    self.0.store(false, std::sync::atomic::Ordering::Release);
+                                }
+                            }
+                            let _done = Done(trimming);
                             store.trim().await;
-                            trimming.store(false, std::sync::atomic::Ordering::Release);
                         });
                     }
                 }

@@ -53,6 +53,7 @@ fn prepare_one<'c>(
     single: &mut SingleStatements,
     sql: &str,
 ) -> Result<CachedStatement<'c>, StmtError> {
+    access.clear_mark();
     if !single.contains(sql) {
         let mut statements = rusqlite::Batch::new(conn, sql);
         statements.next()?.ok_or(StmtError::NoStatement)?;
@@ -72,6 +73,27 @@ fn prepare_one<'c>(
 /// committed write.
 const ANSWER_SAVEPOINT: &str = "sqld_answer";
 
+/// Ends the savepoint around a writing statement that returns rows. Undone (the statement
+/// failed, or its rows overflow the answer): rolled back, wholly when the savepoint was the
+/// transaction (nothing is committed, nothing logged). Kept: released, which commits when the
+/// savepoint was the transaction; a release that fails (a deferred constraint, a failed log
+/// write) is the statement's error, and leaves no transaction open behind it.
+fn end_answer_savepoint(sqlite: &rusqlite::Connection, was_autocommit: bool, overflow: bool, stepped: rusqlite::Result<()>) -> rusqlite::Result<()> {
+    if overflow || stepped.is_err() {
+        let undo = if was_autocommit { "ROLLBACK".to_owned() } else { format!("ROLLBACK TO {ANSWER_SAVEPOINT}; RELEASE {ANSWER_SAVEPOINT}") };
+        // Fails only when the transaction is already gone (an interrupt rolled it back).
+        let _ = sqlite.execute_batch(&undo);
+        return stepped;
+    }
+    if let Err(e) = sqlite.execute_batch(&format!("RELEASE {ANSWER_SAVEPOINT}")) {
+        if was_autocommit && !sqlite.is_autocommit() {
+            let _ = sqlite.execute_batch("ROLLBACK");
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// Executes one statement and collects its result.
 pub fn execute(conn: &mut Connection, sqls: &SqlStore, budget: &mut ResponseBudget, stmt: &Stmt) -> Result<StmtResult, StmtError> {
     let sql = sqls.resolve(stmt.sql.as_deref(), stmt.sql_id)?;
@@ -85,6 +107,7 @@ pub fn execute(conn: &mut Connection, sqls: &SqlStore, budget: &mut ResponseBudg
     let want_rows = stmt.want_rows.unwrap_or(true);
     let column_count = prepared.column_count();
     let guarded = want_rows && column_count > 0 && !prepared.readonly();
+    let was_autocommit = sqlite.is_autocommit();
     let mut rows = Vec::new();
     let mut over_budget = None;
     let budget_mark = budget.used();
@@ -107,15 +130,7 @@ pub fn execute(conn: &mut Connection, sqls: &SqlStore, budget: &mut ResponseBudg
         }
         Ok(())
     })();
-    if guarded {
-        let end = if over_budget.is_some() || stepped.is_err() {
-            format!("ROLLBACK TO {ANSWER_SAVEPOINT}; RELEASE {ANSWER_SAVEPOINT}")
-        } else {
-            format!("RELEASE {ANSWER_SAVEPOINT}")
-        };
-        // Fails only when the transaction is already gone (an interrupt rolled it back).
-        let _ = sqlite.execute_batch(&end);
-    }
+    let stepped = if guarded { end_answer_savepoint(sqlite, was_autocommit, over_budget.is_some(), stepped) } else { stepped };
     // Rows of a statement that failed are not in the answer: their charge is given back.
     let outcome = access.finish(sqlite, stepped).map_err(StmtError::from).and_then(|()| over_budget.map_or(Ok(()), |e| Err(e.into())));
     if let Err(e) = outcome {

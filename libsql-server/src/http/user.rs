@@ -74,10 +74,10 @@ async fn pipeline(
     headers: HeaderMap,
     body: LimitedBody,
 ) -> Result<Response, ApiError> {
-    let LimitedBody { bytes: body, place: _place } = body;
+    let LimitedBody { bytes: body, place } = body;
     let ns = state.namespace(&headers)?;
     let request: PipelineReqBody = parse_json(&body)?;
-    let Answered { answer, budget } = state.hrana.pipeline(&ns, request, origin.map(|o| o.0 .0)).await?;
+    let Answered { answer, budget } = state.hrana.pipeline(&ns, request, origin.map(|o| o.0 .0), Some(Box::new(place))).await?;
     Ok(budgeted(JSON, to_json(&answer, &budget)?, budget))
 }
 
@@ -88,11 +88,11 @@ async fn cursor(
     headers: HeaderMap,
     body: LimitedBody,
 ) -> Result<Response, ApiError> {
-    let LimitedBody { bytes: body, place: _place } = body;
+    let LimitedBody { bytes: body, place } = body;
     let ns = state.namespace(&headers)?;
     let request: CursorReqBody = parse_json(&body)?;
     let origin = origin.map(|o| o.0 .0);
-    let Answered { answer: (baton, entries), budget } = state.hrana.cursor(&ns, request.baton.as_deref(), request.batch, origin).await?;
+    let Answered { answer: (baton, entries), budget } = state.hrana.cursor(&ns, request.baton.as_deref(), request.batch, origin, Some(Box::new(place))).await?;
     let mut out = to_json(&CursorRespBody { baton, base_url: None }, &budget)?;
     for entry in entries {
         out.push(b'\n');
@@ -113,19 +113,19 @@ struct BatchV1 {
 }
 
 async fn execute_v1(State(state): State<UserState>, headers: HeaderMap, body: LimitedBody) -> Result<Response, ApiError> {
-    let LimitedBody { bytes: body, place: _place } = body;
+    let LimitedBody { bytes: body, place } = body;
     let ns = state.namespace(&headers)?;
     let request: ExecuteV1 = parse_json(&body)?;
-    let Answered { answer, budget } = state.hrana.execute_once(&ns, request.stmt).await?;
+    let Answered { answer, budget } = state.hrana.execute_once(&ns, request.stmt, Some(Box::new(place))).await?;
     let result = answer?;
     Ok(budgeted(JSON, to_json(&json!({ "result": result }), &budget)?, budget))
 }
 
 async fn batch_v1(State(state): State<UserState>, headers: HeaderMap, body: LimitedBody) -> Result<Response, ApiError> {
-    let LimitedBody { bytes: body, place: _place } = body;
+    let LimitedBody { bytes: body, place } = body;
     let ns = state.namespace(&headers)?;
     let request: BatchV1 = parse_json(&body)?;
-    let Answered { answer, budget } = state.hrana.batch_once(&ns, request.batch).await?;
+    let Answered { answer, budget } = state.hrana.batch_once(&ns, request.batch, Some(Box::new(place))).await?;
     let result = answer?;
     Ok(budgeted(JSON, to_json(&json!({ "result": result }), &budget)?, budget))
 }
@@ -135,10 +135,10 @@ async fn legacy_query(
     headers: HeaderMap,
     body: LimitedBody,
 ) -> Result<Response, ApiError> {
-    let LimitedBody { bytes: body, place: _place } = body;
+    let LimitedBody { bytes: body, place } = body;
     let ns = state.namespace(&headers)?;
     let request: legacy::QueryRequest = parse_json(&body)?;
-    legacy::run(&state.hrana, &ns, request).await
+    legacy::run(&state.hrana, &ns, request, Some(Box::new(place))).await
 }
 
 /// An answer as JSON, in a buffer sized from its budget.
