@@ -21,7 +21,7 @@ use crate::replication::sync::{self, Pull};
 /// Most frames one pull may ask for (clients ask for 128).
 pub const MAX_PULL_FRAMES: u64 = 4096;
 
-pub async fn info(State(state): State<UserState>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn info(State(state): State<UserState>, _place: Place, headers: HeaderMap) -> Result<Response, ApiError> {
     let ns = state.namespace(&headers)?;
     let ns = state.hrana.store().get(&ns).await?;
     let generation = ns.db().logger().generation();
@@ -32,7 +32,12 @@ pub async fn info(State(state): State<UserState>, headers: HeaderMap) -> Result<
 /// database in its first frames, so it starts from the empty database: the export is empty,
 /// and the client builds the database from frames 1.. (clients accept this; it saves sending
 /// every page twice).
-pub async fn export(State(state): State<UserState>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+pub async fn export(
+    State(state): State<UserState>,
+    _place: Place,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
     let Path(generation) = path?;
     let generation = parse_number("generation", &generation)?;
     let ns = state.namespace(&headers)?;
