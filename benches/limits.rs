@@ -4,6 +4,10 @@
 //! flag at its loosest, which leaves the authorizer and the progress handler in place).
 //!
 //! `cargo bench --bench limits` prints a table and writes `bench-results/limits.json`.
+//! With `LIMITS_BENCH_CALLGRIND=1` it counts instructions instead (valgrind's callgrind; the
+//! same count for the same binary and requests, whatever else the machine does): each server
+//! answers 200 and then 1,200 requests of each kind, and the difference over 1,000 is the
+//! cost of one request (`bench-results/limits-instructions.json`).
 //! The two servers run in alternating rounds (each first in every other one), each on a fresh
 //! data directory; the table shows
 //! each side's median round, as throughput and as the server process's CPU time per request
@@ -71,6 +75,9 @@ fn main() {
     };
     let mut sides = [baseline, Side::new("this build, defaults".into(), this, vec![])];
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    if std::env::var("LIMITS_BENCH_CALLGRIND").is_ok() {
+        return rt.block_on(count_instructions(&sides));
+    }
     for round in 0..ROUNDS {
         // Each side goes first in every other round, so neither gains from the order.
         let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
@@ -226,4 +233,74 @@ fn close() -> Value {
 
 fn int(i: i64) -> Value {
     json!({"type": "integer", "value": i.to_string()})
+}
+
+/// Instructions per request of each side, by callgrind (see the module's comment).
+async fn count_instructions(sides: &[Side; 2]) {
+    let mut table = Vec::new();
+    for (workload, sql) in [("point read", "SELECT v FROM kv WHERE k = 42"), ("single-row insert", "INSERT INTO kv (v) VALUES (randomblob(100))")] {
+        let mut per_side = Vec::new();
+        for side in sides {
+            let few = instructions(&side.bin, &side.args, sql, 200).await;
+            let many = instructions(&side.bin, &side.args, sql, 1_200).await;
+            let per_request = many.saturating_sub(few) as f64 / 1_000.0;
+            eprintln!("{workload}: {}: {per_request:.0} instructions a request", side.name);
+            per_side.push(per_request);
+        }
+        table.push((workload, per_side[0], per_side[1]));
+    }
+    println!("\n{:<24} {:>14} {:>14} {:>8}", "instructions / request", "baseline", "this build", "ratio");
+    for (workload, base, this) in &table {
+        println!("{workload:<24} {base:>14.0} {this:>14.0} {:>7.1}%", 100.0 * this / base);
+    }
+    println!("baseline: {}", sides[0].name);
+    let json = json!({
+        "baseline": sides[0].name,
+        "workloads": table.iter().map(|(w, b, t)| json!({"workload": w, "baseline": b, "this": t, "ratio": t / b})).collect::<Vec<_>>(),
+    });
+    std::fs::create_dir_all("bench-results").unwrap();
+    let path = std::path::Path::new("bench-results/limits-instructions.json");
+    std::fs::write(path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    println!("\nwritten to {}", path.canonicalize().unwrap().display());
+}
+
+/// Instructions `bin` runs (start-up and shutdown included) to answer `n` requests of `sql`.
+async fn instructions(bin: &str, args: &[&str], sql: &str, n: usize) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("callgrind.out");
+    let addr: SocketAddr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut child = Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(bin)
+        .arg("--db-path")
+        .arg(dir.path().join("data"))
+        .args(["--http-listen-addr", &addr.to_string()])
+        .args(args)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting valgrind (apt-get install valgrind)");
+    let http = Http { client: Client::new(), url: format!("http://{addr}/v2/pipeline") };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while http.try_pipeline(vec![stmt("SELECT 1", vec![]), close()]).await.is_none() {
+        assert!(Instant::now() < deadline, "sqld did not start under valgrind");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    http.pipeline(vec![
+        stmt("CREATE TABLE kv (k INTEGER PRIMARY KEY, v BLOB)", vec![]),
+        stmt("INSERT INTO kv SELECT value, randomblob(100) FROM generate_series(1, 2000)", vec![]),
+        close(),
+    ])
+    .await;
+    for _ in 0..n {
+        let answer = http.pipeline(vec![stmt(sql, vec![]), close()]).await;
+        assert_eq!(answer["results"][0]["type"], "ok");
+    }
+    // A graceful stop, so callgrind writes its counts.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    child.wait().unwrap();
+    let counts = std::fs::read_to_string(&out).unwrap();
+    counts.lines().find_map(|l| l.strip_prefix("totals: ")).and_then(|t| t.trim().parse().ok()).expect("callgrind totals")
 }
