@@ -238,7 +238,9 @@ fn int(i: i64) -> Value {
 /// Instructions per request of each side, by callgrind (see the module's comment).
 async fn count_instructions(sides: &[Side; 2]) {
     let mut table = Vec::new();
-    for (workload, sql) in [("point read", "SELECT v FROM kv WHERE k = 42"), ("single-row insert", "INSERT INTO kv (v) VALUES (randomblob(100))")] {
+    for (workload, sql) in
+        [("point read", "SELECT v FROM kv WHERE k = 42"), ("single-row insert", "INSERT INTO kv (v) VALUES (randomblob(100))")]
+    {
         let mut per_side = Vec::new();
         for side in sides {
             let few = instructions(&side.bin, &side.args, sql, 200).await;

@@ -230,7 +230,9 @@ pub fn authorize(state: &PolicyState, ctx: &AuthContext<'_>) -> Authorization {
 }
 
 /// A shared state and the authorizer closure over it, as the connection installs it.
-pub fn authorizer(state: Arc<PolicyState>) -> impl for<'r> FnMut(AuthContext<'r>) -> Authorization + Send + std::panic::RefUnwindSafe + 'static {
+pub fn authorizer(
+    state: Arc<PolicyState>,
+) -> impl for<'r> FnMut(AuthContext<'r>) -> Authorization + Send + std::panic::RefUnwindSafe + 'static {
     move |ctx| authorize(&state, &ctx)
 }
 
@@ -272,7 +274,8 @@ mod tests {
     fn attach_only_as_vacuum_scratch() {
         let state = PolicyState::default();
         let attach = |filename| AuthContext { action: AuthAction::Attach { filename }, database_name: None, accessor: None };
-        let computed = AuthContext { action: AuthAction::Unknown { code: 24, arg1: None, arg2: None }, database_name: None, accessor: None };
+        let computed =
+            AuthContext { action: AuthAction::Unknown { code: 24, arg1: None, arg2: None }, database_name: None, accessor: None };
         assert_eq!(authorize(&state, &attach("")), Authorization::Deny);
         assert_eq!(authorize(&state, &computed), Authorization::Deny);
         state.stepping.store(true, Ordering::Relaxed);

@@ -8,16 +8,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::{FromRef, FromRequest, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::HeaderMap;
 use axum::http::{header, Request, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::body::Bytes;
-use axum::http::HeaderMap;
 use hyper::body::{HttpBody, SizeHint};
 use hyper::Body;
-use axum::extract::{FromRef, FromRequest, FromRequestParts};
-use axum::http::request::Parts;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::ApiError;
