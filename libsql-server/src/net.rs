@@ -60,6 +60,8 @@ pub async fn serve(
     in_flight: mpsc::Sender<()>,
 ) {
     let places = Arc::new(Semaphore::new(limits.max_connections));
+    // Refusals in progress are bounded too: past them, a connection is simply closed.
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     loop {
         let io = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -75,7 +77,12 @@ pub async fn serve(
         };
         let Ok(place) = places.clone().try_acquire_owned() else {
             limits.hits.hit(Limit::Connections, format_args!("{} connections open", limits.max_connections));
-            tokio::spawn(refuse(io));
+            if let Ok(refusal) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse(io).await;
+                    drop(refusal);
+                });
+            }
             continue;
         };
         let router = router.clone();
@@ -122,6 +129,9 @@ pub async fn serve(
 
 /// Numbers client connections, for `ConnectionId`.
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(0);
+
+/// Connections being answered 503 at once.
+const MAX_REFUSALS: usize = 64;
 
 /// How long a connection being closed may take to finish what it was writing.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
