@@ -168,3 +168,31 @@ async fn a_client_that_does_not_read_its_answer_is_dropped_and_its_share_given_b
     let metrics = String::from_utf8(hyper::body::to_bytes(metrics.into_body()).await.unwrap().to_vec()).unwrap();
     assert!(metrics.contains("sqld_limit_hits_total{limit=\"unread_answer_timeout\"} 1\n"), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_a_trickle_is_dropped_and_its_share_given_back() {
+    use tokio::io::AsyncReadExt;
+    let sqld = Sqld::start(&["--max-response-size", "64MB", "--max-total-response-size", "64MB", "--header-read-timeout-s", "2"]);
+    let big = json!({"requests": [execute("SELECT randomblob(3000000) FROM generate_series(1, 10)"), close()]});
+    let mut trickle = sqld.send_raw_pipeline(big.clone()).await;
+    let mut head = vec![0u8; 1024];
+    let n = trickle.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head[..n]));
+    // Reads 1 KiB every 100 ms. TCP reopens its window only in large steps, so the
+    // server's writes still wait on this client past the limit, as for one that reads nothing.
+    let reader = tokio::spawn(async move {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = trickle.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    sqld.wait_until("the trickling client's answer no longer holds its share", || async {
+        let (status, answer) = sqld.pipeline(big.clone()).await;
+        status == StatusCode::OK && result(&answer, 0)["type"] == "ok"
+    })
+    .await;
+    reader.abort();
+}
