@@ -6,11 +6,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::{Body, Client, Method, Request};
 use libsql_server::{Config, Server};
 use libsql_sys::rusqlite::{self, params, OpenFlags};
 use libsql_sys::wal::{Sqlite3Wal, Sqlite3WalManager};
 use serde_json::{json, Value};
+
+mod common;
+
+use common::{close, int, stmt, Http};
 
 const SEQUENTIAL_INSERTS: usize = 2_000;
 const BATCHES: usize = 20;
@@ -52,7 +55,7 @@ async fn run() -> Vec<Row> {
     let serving = tokio::spawn(server.serve(listener, None::<tokio::net::TcpListener>, async move {
         let _ = stopped.await;
     }));
-    let http = Http { client: Client::new(), url };
+    let http = Http::new(url);
     let bare_path = dir.path().join("bare.db");
 
     http.pipeline(vec![stmt("CREATE TABLE kv (k INTEGER PRIMARY KEY, v BLOB)", vec![]), close()]).await;
@@ -148,33 +151,6 @@ async fn run() -> Vec<Row> {
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(30), serving).await;
     rows
-}
-
-struct Http {
-    client: Client<hyper::client::HttpConnector>,
-    url: String,
-}
-
-impl Http {
-    async fn pipeline(&self, requests: Vec<Value>) -> Value {
-        let body = json!({ "requests": requests }).to_string();
-        let request = Request::builder().method(Method::POST).uri(&self.url).body(Body::from(body)).unwrap();
-        let response = self.client.request(request).await.unwrap();
-        assert!(response.status().is_success(), "{}", response.status());
-        serde_json::from_slice(&hyper::body::to_bytes(response.into_body()).await.unwrap()).unwrap()
-    }
-}
-
-fn stmt(sql: &str, args: Vec<Value>) -> Value {
-    json!({"type": "execute", "stmt": {"sql": sql, "args": args}})
-}
-
-fn close() -> Value {
-    json!({"type": "close"})
-}
-
-fn int(i: i64) -> Value {
-    json!({"type": "integer", "value": i.to_string()})
 }
 
 /// A bare connection with the server's settings: WAL, synchronous=FULL, same auto-checkpoint.

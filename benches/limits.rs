@@ -18,8 +18,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::{Body, Client, Method, Request};
-use serde_json::{json, Value};
+use serde_json::json;
+
+mod common;
+
+use common::{close, int, stmt, Http};
 
 const ROUNDS: usize = 6;
 const INSERTS: usize = 2_000;
@@ -138,27 +141,42 @@ fn cpu_us(pid: u32) -> f64 {
     ticks / per_second * 1e6
 }
 
-/// Starts `bin` on a fresh directory, runs both workloads, stops it.
-async fn measure(bin: &str, args: &[&str]) -> Round {
-    let dir = tempfile::tempdir().unwrap();
+/// Starts `bin` (run by `launcher`, valgrind say, when given) on `dir` and a free port, and
+/// waits (bounded) until it answers.
+async fn start(launcher: Option<Command>, bin: &str, args: &[&str], dir: &std::path::Path) -> (Child, Http) {
     let addr: SocketAddr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let server = Server(
-        Command::new(bin)
-            .arg("--db-path")
-            .arg(dir.path().join("data"))
-            .args(["--http-listen-addr", &addr.to_string()])
-            .args(args)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("starting sqld"),
-    );
-    let http = Arc::new(Http { client: Client::new(), url: format!("http://{addr}/v2/pipeline") });
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let slow = launcher.is_some();
+    let mut command = match launcher {
+        Some(mut launcher) => {
+            launcher.arg(bin);
+            launcher
+        }
+        None => Command::new(bin),
+    };
+    let child = command
+        .arg("--db-path")
+        .arg(dir.join("data"))
+        .args(["--http-listen-addr", &addr.to_string()])
+        .args(args)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starting sqld (and valgrind, for instruction counts)");
+    let http = Http::new(format!("http://{addr}/v2/pipeline"));
+    let deadline = Instant::now() + Duration::from_secs(if slow { 120 } else { 30 });
     while http.try_pipeline(vec![stmt("SELECT 1", vec![]), close()]).await.is_none() {
         assert!(Instant::now() < deadline, "sqld did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    (child, http)
+}
+
+/// Starts `bin` on a fresh directory, runs both workloads, stops it.
+async fn measure(bin: &str, args: &[&str]) -> Round {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, http) = start(None, bin, args, dir.path()).await;
+    let server = Server(child);
+    let http = Arc::new(http);
     http.pipeline(vec![stmt("CREATE TABLE kv (k INTEGER PRIMARY KEY, v BLOB)", vec![]), close()]).await;
 
     let pid = server.0.id();
@@ -202,39 +220,6 @@ impl Drop for Server {
     }
 }
 
-struct Http {
-    client: Client<hyper::client::HttpConnector>,
-    url: String,
-}
-
-impl Http {
-    async fn try_pipeline(&self, requests: Vec<Value>) -> Option<Value> {
-        let body = json!({ "requests": requests }).to_string();
-        let request = Request::builder().method(Method::POST).uri(&self.url).body(Body::from(body)).unwrap();
-        let response = self.client.request(request).await.ok()?;
-        if !response.status().is_success() {
-            return None;
-        }
-        serde_json::from_slice(&hyper::body::to_bytes(response.into_body()).await.ok()?).ok()
-    }
-
-    async fn pipeline(&self, requests: Vec<Value>) -> Value {
-        self.try_pipeline(requests).await.expect("a successful pipeline")
-    }
-}
-
-fn stmt(sql: &str, args: Vec<Value>) -> Value {
-    json!({"type": "execute", "stmt": {"sql": sql, "args": args}})
-}
-
-fn close() -> Value {
-    json!({"type": "close"})
-}
-
-fn int(i: i64) -> Value {
-    json!({"type": "integer", "value": i.to_string()})
-}
-
 /// Instructions per request of each side, by callgrind (see the module's comment).
 async fn count_instructions(sides: &[Side; 2]) {
     let mut table = Vec::new();
@@ -270,26 +255,9 @@ async fn count_instructions(sides: &[Side; 2]) {
 async fn instructions(bin: &str, args: &[&str], sql: &str, n: usize) -> u64 {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("callgrind.out");
-    let addr: SocketAddr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let mut child = Command::new("valgrind")
-        .arg("--tool=callgrind")
-        .arg(format!("--callgrind-out-file={}", out.display()))
-        .arg(bin)
-        .arg("--db-path")
-        .arg(dir.path().join("data"))
-        .args(["--http-listen-addr", &addr.to_string()])
-        .args(args)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting valgrind (apt-get install valgrind)");
-    let http = Http { client: Client::new(), url: format!("http://{addr}/v2/pipeline") };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while http.try_pipeline(vec![stmt("SELECT 1", vec![]), close()]).await.is_none() {
-        assert!(Instant::now() < deadline, "sqld did not start under valgrind");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut valgrind = Command::new("valgrind");
+    valgrind.arg("--tool=callgrind").arg(format!("--callgrind-out-file={}", out.display())).stderr(Stdio::null());
+    let (mut child, http) = start(Some(valgrind), bin, args, dir.path()).await;
     http.pipeline(vec![
         stmt("CREATE TABLE kv (k INTEGER PRIMARY KEY, v BLOB)", vec![]),
         stmt("INSERT INTO kv SELECT value, randomblob(100) FROM generate_series(1, 2000)", vec![]),

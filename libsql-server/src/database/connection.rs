@@ -166,6 +166,7 @@ impl Connection {
     pub fn execute_script(&mut self, sql: &str) -> Result<(), AccessError> {
         let mut statements = rusqlite::Batch::new(&self.conn, sql);
         loop {
+            self.access.clear_mark();
             let Some(mut prepared) = statements.next()? else {
                 return Ok(());
             };

@@ -248,12 +248,11 @@ impl Database {
     /// transaction back) rather than handed to the next user, and so is one whose state client
     /// SQL changed (a per-connection PRAGMA, a temporary table): the pool only holds
     /// connections in the server's known state.
-    pub fn recycle(&self, mut conn: Connection) {
+    pub fn recycle(&self, conn: Connection) {
         if !conn.sqlite().is_autocommit() || conn.is_tainted() {
             return;
         }
         conn.interrupt().rearm();
-        conn.parts().access.clear_mark();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE_CONNECTIONS {
             idle.push(conn);

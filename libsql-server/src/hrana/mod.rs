@@ -32,8 +32,6 @@ pub struct Service {
     streams: Arc<StreamRegistry>,
     budgets: Arc<ResponseBudgets>,
     hits: Arc<LimitHits>,
-    /// A trim of idle namespaces is running.
-    trimming: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::ops::Deref for Hrana {
@@ -53,11 +51,7 @@ pub struct Answered<T> {
 impl Hrana {
     pub fn new(store: NamespaceStore, limits: StreamLimits, budgets: ResponseBudgets, hits: Arc<LimitHits>) -> Self {
         let streams = Arc::new(StreamRegistry::new(limits, hits.clone()));
-        Hrana(Arc::new(Service { store, streams, budgets: Arc::new(budgets), hits, trimming: Arc::default() }))
-    }
-
-    pub fn budgets(&self) -> &ResponseBudgets {
-        &self.budgets
+        Hrana(Arc::new(Service { store, streams, budgets: Arc::new(budgets), hits }))
     }
 
     pub fn store(&self) -> &NamespaceStore {
@@ -81,17 +75,8 @@ impl Hrana {
         let parks = !matches!(body.requests.last(), Some(StreamRequest::Close(_)));
         let stream = self.stream_for(ns, body.baton.as_deref(), parks, origin).await?;
         let requests = body.requests;
-        let cancel = CancelOnDrop::new();
-        stream.attach(&cancel.target());
-        let mut budget = self.budgets.start(hold);
-        let (stream, results, budget) = blocking::run(move || {
-            let mut stream = stream;
-            let results = requests.iter().map(|r| stream.handle(r, &mut budget)).collect();
-            (stream, results, budget)
-        })
-        .await?;
-        cancel.disarm();
-        let baton = self.finish(stream);
+        let (baton, results, budget) =
+            self.run_on(stream, hold, move |stream, budget| requests.iter().map(|r| stream.handle(r, budget)).collect()).await?;
         Ok(Answered { answer: PipelineRespBody { baton, base_url: None, results }, budget })
     }
 
@@ -105,22 +90,33 @@ impl Hrana {
         hold: Hold,
     ) -> Result<Answered<(Option<String>, Vec<CursorEntry>)>, RequestError> {
         let stream = self.stream_for(ns, baton, true, origin).await?;
-        let cancel = CancelOnDrop::new();
-        stream.attach(&cancel.target());
-        let mut budget = self.budgets.start(hold);
-        let (stream, result, budget) = blocking::run(move || {
-            let mut stream = stream;
-            let result = stream.run_batch(&batch, &mut budget);
-            (stream, result, budget)
-        })
-        .await?;
-        cancel.disarm();
-        let baton = self.finish(stream);
+        let (baton, result, budget) = self.run_on(stream, hold, move |stream, budget| stream.run_batch(&batch, budget)).await?;
         let entries = match result {
             Ok(result) => batch::cursor_entries(result),
             Err(e) => vec![CursorEntry::Error { error: e.to_proto() }],
         };
         Ok(Answered { answer: (baton, entries), budget })
+    }
+
+    /// Runs `f` on `stream` on the blocking pool (stopped if the request's client goes away),
+    /// then parks the stream if it is still open: its baton, `f`'s result, and the budget.
+    async fn run_on<R: Send + 'static>(
+        &self,
+        stream: Stream,
+        hold: Hold,
+        f: impl FnOnce(&mut Stream, &mut ResponseBudget) -> R + Send + 'static,
+    ) -> Result<(Option<String>, R, ResponseBudget), RequestError> {
+        let cancel = CancelOnDrop::new();
+        stream.attach(&cancel.target());
+        let mut budget = self.budgets.start(hold);
+        let (stream, result, budget) = blocking::run(move || {
+            let mut stream = stream;
+            let result = f(&mut stream, &mut budget);
+            (stream, result, budget)
+        })
+        .await?;
+        cancel.disarm();
+        Ok(((!stream.is_closed()).then(|| self.streams.park(stream)), result, budget))
     }
 
     /// Runs one statement on a fresh stream that is closed afterwards (Hrana v1 over HTTP).
@@ -188,11 +184,6 @@ impl Hrana {
         })
     }
 
-    /// Parks a stream that is still open and returns its baton; a closed one is done.
-    fn finish(&self, stream: Stream) -> Option<String> {
-        (!stream.is_closed()).then(|| self.streams.park(stream))
-    }
-
     /// Expires idle streams until `stop` resolves; run as a background task.
     pub async fn reap_idle_streams(self, stop: impl std::future::Future<Output = ()>) {
         // Often enough that a transaction past its time limit lets the next writer in soon.
@@ -210,20 +201,8 @@ impl Hrana {
                     // Once their connections are closed, the namespaces they held may close:
                     // in a task of its own, so a slow close never holds up the reaping.
                     let _ = blocking::run(move || drop(reaped)).await;
-                    if !self.trimming.swap(true, std::sync::atomic::Ordering::AcqRel) {
-                        let (store, trimming) = (self.store.clone(), self.trimming.clone());
-                        tokio::spawn(async move {
-                            // Lowered however the trim ends (a panic included).
-                            struct Done(Arc<std::sync::atomic::AtomicBool>);
-                            impl Drop for Done {
-                                fn drop(&mut self) {
-                                    self.0.store(false, std::sync::atomic::Ordering::Release);
-                                }
-                            }
-                            let _done = Done(trimming);
-                            store.trim().await;
-                        });
-                    }
+                    let store = self.store.clone();
+                    tokio::spawn(async move { store.trim().await });
                 }
                 _ = &mut stop => break,
             }

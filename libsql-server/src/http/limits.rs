@@ -223,14 +223,17 @@ fn json_method_not_allowed(response: Response) -> Response {
 }
 
 /// The JSON 405 answer (a route's method fallback on the user API).
-pub async fn method_not_allowed() -> Response {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", "this route does not take that method").into_response()
+pub async fn method_not_allowed() -> ApiError {
+    method_not_allowed_error()
+}
+
+fn method_not_allowed_error() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", "this route does not take that method")
 }
 
 fn method_not_allowed_with(response: Response) -> Response {
     let (parts, _) = response.into_parts();
-    let mut answer =
-        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", "this route does not take that method").into_response();
+    let mut answer = method_not_allowed_error().into_response();
     if let Some(allow) = parts.headers.get(header::ALLOW) {
         answer.headers_mut().insert(header::ALLOW, allow.clone());
     }

@@ -40,6 +40,8 @@ struct Inner {
     clock: AtomicU64,
     loaded: AtomicUsize,
     shutting_down: AtomicBool,
+    /// A `trim` is running (one at a time: a slow close must not pile trims up).
+    trimming: AtomicBool,
 }
 
 /// One namespace's place in the store. Its mutex is the per-namespace lifecycle lock: whoever
@@ -100,6 +102,7 @@ impl NamespaceStore {
                 clock: AtomicU64::new(0),
                 loaded: AtomicUsize::new(0),
                 shutting_down: AtomicBool::new(false),
+                trimming: AtomicBool::new(false),
             }),
         };
         let default = NamespaceName::default_namespace();
@@ -347,8 +350,19 @@ impl NamespaceStore {
     }
 
     /// Closes idle namespaces past `--max-active-namespaces` (after streams that held them
-    /// ended, say).
+    /// ended, say). Returns at once if another trim is running.
     pub async fn trim(&self) {
+        if self.inner.trimming.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        /// Lowers the flag however the trim ends (a panic included).
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _done = Done(&self.inner.trimming);
         self.evict_idle(None).await;
     }
 

@@ -1,0 +1,45 @@
+//! What the HTTP benches share: a Hrana pipeline client and its request builders.
+
+#![allow(dead_code)]
+
+use hyper::{Body, Client, Method, Request};
+use serde_json::{json, Value};
+
+/// Pipelines to one server's `/v2/pipeline`.
+pub struct Http {
+    client: Client<hyper::client::HttpConnector>,
+    url: String,
+}
+
+impl Http {
+    pub fn new(url: String) -> Self {
+        Http { client: Client::new(), url }
+    }
+
+    /// The answer, or `None` if the request failed or was not a success.
+    pub async fn try_pipeline(&self, requests: Vec<Value>) -> Option<Value> {
+        let body = json!({ "requests": requests }).to_string();
+        let request = Request::builder().method(Method::POST).uri(&self.url).body(Body::from(body)).unwrap();
+        let response = self.client.request(request).await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        serde_json::from_slice(&hyper::body::to_bytes(response.into_body()).await.ok()?).ok()
+    }
+
+    pub async fn pipeline(&self, requests: Vec<Value>) -> Value {
+        self.try_pipeline(requests).await.expect("a successful pipeline")
+    }
+}
+
+pub fn stmt(sql: &str, args: Vec<Value>) -> Value {
+    json!({"type": "execute", "stmt": {"sql": sql, "args": args}})
+}
+
+pub fn close() -> Value {
+    json!({"type": "close"})
+}
+
+pub fn int(i: i64) -> Value {
+    json!({"type": "integer", "value": i.to_string()})
+}
