@@ -196,3 +196,32 @@ async fn a_client_that_reads_a_trickle_is_dropped_and_its_share_given_back() {
     .await;
     reader.abort();
 }
+
+/// Text of `n` bytes of `a`, built by the statement itself.
+fn a_text(n: usize) -> String {
+    format!("replace(hex(zeroblob({})), '0', 'a')", n / 2)
+}
+
+/// One call of a function is not interrupted between virtual-machine steps: the functions
+/// that could run for minutes on crafted input stop with their statement, run in linear time,
+/// or are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_long_function_call_stops_at_the_statement_limit() {
+    let sqld = Sqld::start(&["--statement-timeout-ms", "300"]);
+    // Every character of the text is compared with each of 60,000 characters of the set.
+    let set = "(WITH RECURSIVE c(n) AS (SELECT 256 UNION ALL SELECT n + 1 FROM c WHERE n < 60000) SELECT group_concat(char(n), '') FROM c)";
+    let trim = format!("SELECT length(trim({}, {set} || 'a'))", a_text(4_000_000));
+    // The needle compared at every position: quadratic in the built-ins.
+    let instr = format!("SELECT instr({}, {} || 'b')", a_text(8_000_000), a_text(4_000_000));
+    let replace = format!("SELECT length(replace({}, {} || 'b', 'c'))", a_text(8_000_000), a_text(4_000_000));
+    let like = format!("SELECT {} LIKE ('%' || {} || 'b')", a_text(8_000_000), a_text(40_000));
+    let strpos = format!("SELECT strpos({}, {} || 'b')", a_text(8_000_000), a_text(4_000_000));
+    let requests = [&trim, &instr, &replace, &like, &strpos].map(|sql| execute(sql));
+    let (status, answer) = sqld.pipeline(json!({"requests": [requests[0], requests[1], requests[2], requests[3], requests[4], close()]})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(code(&answer, 0), "STATEMENT_TIMEOUT", "{answer}");
+    assert_eq!(result(&answer, 1)["response"]["result"]["rows"][0][0]["value"], "0", "{answer}");
+    assert_eq!(result(&answer, 2)["response"]["result"]["rows"][0][0]["value"], "8000000", "{answer}");
+    assert!(result(&answer, 3)["error"]["message"].as_str().unwrap().contains("too complex for a value this long"), "{answer}");
+    assert!(result(&answer, 4)["error"]["message"].as_str().unwrap().contains("not authorized"), "{answer}");
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use libsql_sys::rusqlite::{self, config::DbConfig, limits::Limit as SqliteLimit, ErrorCode};
 
+use super::functions;
 use super::interrupt::{self, Interrupt, Reason};
 use super::policy::{self, PolicyState};
 use super::{synchronous_pragma, EngineConnection, Shared, WritePermit};
@@ -131,6 +132,8 @@ impl Connection {
         let interrupt = Arc::new(Interrupt::new(shared.limits.halt.clone()));
         let check = interrupt.clone();
         conn.progress_handler(interrupt::CHECK_EVERY_OPS, Some(move || check.reason().is_some()));
+        // Functions whose one call could outrun the handler above, replaced by bounded ones.
+        functions::install(&conn, &interrupt)?;
         // Defensive mode: no writable schema, no raw page writes, no journal_mode=OFF, even
         // through paths the authorizer does not see. One attached database at most: the
         // scratch copy VACUUM attaches (client ATTACH is refused by the authorizer). No

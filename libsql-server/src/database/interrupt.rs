@@ -7,16 +7,18 @@
 //! The conditions apply only while a client statement runs: the server's own statements on
 //! the same connection (a checkpoint, a close) are never stopped, and a cancellation meant
 //! for an earlier request never reaches a later user of a pooled connection (each use has its
-//! own epoch). A single call of a function (a huge `instr`, say) runs between two checks;
-//! values are bounded (`SQLITE_LIMIT_LENGTH`) so such a call is bounded too.
+//! own epoch). A single function call runs between two checks: the engine's functions that
+//! could run long on crafted input are replaced by bounded ones (`functions`) or refused
+//! (`policy`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Virtual-machine steps between two checks: a check costs a clock read, a step a few
-/// nanoseconds, so this is well under a millisecond of work.
-pub const CHECK_EVERY_OPS: i32 = 4000;
+/// Virtual-machine steps between two checks. A check costs a clock read; a step a few
+/// nanoseconds, or, for one over a value of `SQLITE_LIMIT_LENGTH` bytes (`hex`, `upper`),
+/// milliseconds, so a statement stops within seconds of its limit.
+pub const CHECK_EVERY_OPS: i32 = 1000;
 
 /// Why a statement was stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,6 +3,7 @@
 //! Everything here blocks (SQLite calls, fsyncs) and is called from blocking threads only.
 
 mod connection;
+mod functions;
 pub mod interrupt;
 mod policy;
 mod push;

@@ -66,7 +66,7 @@ const PRAGMAS: &[(&str, PragmaUse)] = {
         ("busy_timeout", ReadOnly),
         ("cache_size", CacheSize),
         ("cache_spill", Connection),
-        ("case_sensitive_like", Connection),
+        ("case_sensitive_like", ReadOnly),
         ("cell_size_check", Connection),
         ("checkpoint_fullfsync", ReadOnly),
         ("collation_list", Query),
@@ -150,9 +150,11 @@ fn pragma_use(name: &str) -> Option<PragmaUse> {
 
 /// Functions client SQL may not call even if the engine has them: extension loading;
 /// sqlean's edit distances, whose one call is quadratic in time (no time limit can stop it
-/// midway) and, for two of them, in memory (allocated outside SQLite, unchecked); and
-/// sqlean's text functions that build a result sized by an argument or a product of their
-/// inputs with the C allocator, before SQLite's length limit can refuse it.
+/// midway) and, for two of them, in memory (allocated outside SQLite, unchecked); sqlean's
+/// text functions that build a result sized by an argument or a product of their inputs with
+/// the C allocator, before SQLite's length limit can refuse it; and sqlean's text searches
+/// and trims, which compare at every position (minutes in one call on long values). SQLite's
+/// own `instr`, `replace`, `trim` and `LIKE` do the same work boundedly (`functions`).
 const DENIED_FUNCTIONS: &[&str] = &[
     "load_extension",
     "fts3_tokenizer",
@@ -173,6 +175,20 @@ const DENIED_FUNCTIONS: &[&str] = &[
     "fuzzy_editdist",
     "jaro_winkler",
     "fuzzy_jarowin",
+    "text_index",
+    "strpos",
+    "text_last_index",
+    "text_contains",
+    "text_count",
+    "text_like",
+    "text_split",
+    "split_part",
+    "text_translate",
+    "translate",
+    "text_trim",
+    "text_ltrim",
+    "text_rtrim",
+    "btrim",
 ];
 
 /// The authorizer's decision for one action.
