@@ -225,3 +225,22 @@ async fn one_long_function_call_stops_at_the_statement_limit() {
     assert!(result(&answer, 3)["error"]["message"].as_str().unwrap().contains("too complex for a value this long"), "{answer}");
     assert!(result(&answer, 4)["error"]["message"].as_str().unwrap().contains("not authorized"), "{answer}");
 }
+
+/// SQLite bounds each value, not a statement: a row of many large values would take the
+/// whole machine's memory. A statement past `--max-statement-memory` stops with its own error
+/// and the stream, and the server, go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_past_its_memory_limit_stops_and_the_stream_goes_on() {
+    let sqld = Sqld::start(&["--max-statement-memory", "40MB"]);
+    // The row's three values are all in memory at once before it is returned.
+    let wide = "SELECT randomblob(16000000), randomblob(16000000), randomblob(16000000)";
+    let narrow = "SELECT length(randomblob(16000000)) / 16000000";
+    let (status, answer) = sqld.pipeline(json!({"requests": [execute(wide), execute(narrow), close()]})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(code(&answer, 0), "MEMORY_LIMIT", "{answer}");
+    assert_eq!(result(&answer, 1)["response"]["result"]["rows"][0][0]["value"], "1", "{answer}");
+
+    let (status, answer) = sqld.post("/v1/execute", json!({"stmt": {"sql": wide}}).to_string()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert_eq!(answer["code"], "MEMORY_LIMIT", "{answer}");
+}

@@ -89,6 +89,11 @@ pub struct Config {
     #[arg(long, env = "SQLD_MAX_RESPONSE_SIZE", default_value = "10MB", value_parser = size_arg)]
     pub max_response_size: usize,
 
+    /// Memory one statement may take from SQLite (`128MB`, or a number of bytes; 0: no
+    /// limit); a statement that needs more stops with `MEMORY_LIMIT`.
+    #[arg(long, env = "SQLD_MAX_STATEMENT_MEMORY", default_value = "128MB", value_parser = size_arg)]
+    pub max_statement_memory: usize,
+
     /// Largest total of the answers being built or sent at once; past it, `RESPONSES_EXHAUSTED`.
     #[arg(long, env = "SQLD_MAX_TOTAL_RESPONSE_SIZE", default_value = "32MB", value_parser = size_arg)]
     pub max_total_response_size: usize,
@@ -145,6 +150,7 @@ impl Config {
                 statement_timeout: nonzero(Duration::from_millis(self.statement_timeout_ms)),
                 transaction_timeout: nonzero(Duration::from_secs(self.txn_timeout_s)),
                 max_value_size: self.max_body_size.max(self.max_response_size),
+                statement_memory: (self.max_statement_memory > 0).then_some(self.max_statement_memory as u64),
                 halt: Arc::new(AtomicBool::new(false)),
                 hits: Arc::default(),
             },

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
     StatementTimeout,
+    StatementMemory,
     TransactionTimeout,
     DatabaseSize,
     BodySize,
@@ -23,8 +24,9 @@ pub enum Limit {
 }
 
 impl Limit {
-    const ALL: [Limit; 13] = [
+    const ALL: [Limit; 14] = [
         Limit::StatementTimeout,
+        Limit::StatementMemory,
         Limit::TransactionTimeout,
         Limit::DatabaseSize,
         Limit::BodySize,
@@ -43,6 +45,7 @@ impl Limit {
     pub fn name(self) -> &'static str {
         match self {
             Limit::StatementTimeout => "statement_timeout",
+            Limit::StatementMemory => "max_statement_memory",
             Limit::TransactionTimeout => "transaction_timeout",
             Limit::DatabaseSize => "max_db_size",
             Limit::BodySize => "max_body_size",

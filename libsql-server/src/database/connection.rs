@@ -10,6 +10,7 @@ use libsql_sys::rusqlite::{self, config::DbConfig, limits::Limit as SqliteLimit,
 
 use super::functions;
 use super::interrupt::{self, Interrupt, Reason};
+use super::memory::Meter;
 use super::policy::{self, PolicyState};
 use super::{synchronous_pragma, EngineConnection, Shared, WritePermit};
 use crate::limit_hits::Limit;
@@ -50,6 +51,8 @@ pub enum AccessError {
     WriteLockTimeout,
     #[error("{}", interrupted_message(.0))]
     Interrupted(Reason),
+    #[error("the statement needed more than {0} bytes of memory (--max-statement-memory); read fewer or smaller values at a time")]
+    MemoryLimit(u64),
     #[error("the database reached its size limit ({max_pages} pages of 4096 bytes, max_db_size): {source}")]
     QuotaExceeded { max_pages: u64, source: rusqlite::Error },
     #[error("sqlite: {0}")]
@@ -121,6 +124,7 @@ pub struct WriteAccess {
     /// What the authorizer knows of this connection (see `policy`).
     policy: Arc<PolicyState>,
     interrupt: Arc<Interrupt>,
+    meter: Arc<Meter>,
 }
 
 impl Connection {
@@ -153,7 +157,7 @@ impl Connection {
         temp?;
         let mut conn = Connection {
             conn,
-            access: WriteAccess { permit: None, shared, config_seen: None, policy, interrupt },
+            access: WriteAccess { permit: None, shared, config_seen: None, policy, interrupt, meter: Arc::default() },
             single_statements: SingleStatements::default(),
         };
         conn.access.apply_config(&conn.conn)?;
@@ -258,6 +262,7 @@ impl WriteAccess {
             }
         }
         self.interrupt.start_statement(self.shared.limits.statement_timeout);
+        self.meter.enter(self.shared.limits.statement_memory);
         self.policy.stepping.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -304,6 +309,7 @@ impl WriteAccess {
     /// the transaction has ended releases the gate (a compaction the log asked for may start).
     pub fn finish<T>(&mut self, conn: &rusqlite::Connection, stepped: rusqlite::Result<T>) -> Result<T, AccessError> {
         self.policy.stepping.store(false, Ordering::Relaxed);
+        self.meter.leave();
         let result = stepped.map_err(|e| self.classify(e));
         self.interrupt.end_statement();
         if matches!(result, Err(AccessError::Interrupted(Reason::TransactionTimeout(_)))) {
@@ -347,6 +353,12 @@ impl WriteAccess {
     /// database as the namespace's quota when it has one.
     fn classify(&self, e: rusqlite::Error) -> AccessError {
         match e.sqlite_error_code() {
+            Some(ErrorCode::OutOfMemory) if self.meter.exceeded() => {
+                let limit = self.shared.limits.statement_memory.unwrap_or_default();
+                let db = self.shared.path.display();
+                self.shared.limits.hits.hit(Limit::StatementMemory, format_args!("{db}: a statement needed more than {limit} bytes"));
+                AccessError::MemoryLimit(limit)
+            }
             Some(ErrorCode::OperationInterrupted) => match self.interrupt.reason() {
                 Some(reason) => {
                     self.hit(reason);

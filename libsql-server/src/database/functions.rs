@@ -150,7 +150,15 @@ impl Call {
         if v.len() as u64 > self.limit(ffi::SQLITE_LIMIT_LENGTH) {
             return unsafe { ffi::sqlite3_result_error_toobig(self.ctx) };
         }
-        unsafe { ffi::sqlite3_result_text64(self.ctx, v.as_ptr() as *const c_char, v.len() as u64, ffi::SQLITE_TRANSIENT(), ffi::SQLITE_UTF8 as u8) }
+        unsafe {
+            ffi::sqlite3_result_text64(
+                self.ctx,
+                v.as_ptr() as *const c_char,
+                v.len() as u64,
+                ffi::SQLITE_TRANSIENT(),
+                ffi::SQLITE_UTF8 as u8,
+            )
+        }
     }
 
     fn error(&self, message: &str) {
@@ -452,14 +460,50 @@ mod tests {
         let bounded = rusqlite::Connection::open_in_memory().unwrap();
         install(&bounded, &Arc::new(Interrupt::new(Arc::new(AtomicBool::new(false))))).unwrap();
         let values = [
-            "NULL", "1", "2.5", "''", "'abc'", "'aXbXc'", "'bXb'", "'X'", "'héllo wörld'", "'é'", "'ö'", "x'00ff'", "x'616263'",
-            "x'62'", "CAST(x'c3' AS TEXT)", "CAST(x'80c3a9' AS TEXT)", "CAST(x'c3a9a9' AS TEXT)", "CAST(x'80' AS TEXT)",
-            "'a%b_c'", "'%'", "'_'", "'%b%'", "'a_c'", "'[a]'", "'[^a]*'", "'*b*'", "'?b?'", "' pad '", "'a' || char(0) || 'b'",
-            "char(0) || 'b'", "'ABC'", "'A%'", "'%%'", "'__'", "'a%%b'", "'%_'", "'\\%'", "'x%y_z'",
+            "NULL",
+            "1",
+            "2.5",
+            "''",
+            "'abc'",
+            "'aXbXc'",
+            "'bXb'",
+            "'X'",
+            "'héllo wörld'",
+            "'é'",
+            "'ö'",
+            "x'00ff'",
+            "x'616263'",
+            "x'62'",
+            "CAST(x'c3' AS TEXT)",
+            "CAST(x'80c3a9' AS TEXT)",
+            "CAST(x'c3a9a9' AS TEXT)",
+            "CAST(x'80' AS TEXT)",
+            "'a%b_c'",
+            "'%'",
+            "'_'",
+            "'%b%'",
+            "'a_c'",
+            "'[a]'",
+            "'[^a]*'",
+            "'*b*'",
+            "'?b?'",
+            "' pad '",
+            "'a' || char(0) || 'b'",
+            "char(0) || 'b'",
+            "'ABC'",
+            "'A%'",
+            "'%%'",
+            "'__'",
+            "'a%%b'",
+            "'%_'",
+            "'\\%'",
+            "'x%y_z'",
         ];
         let escapes = ["'%'", "'_'", "'\\'", "'é'", "'x'", "''", "'ab'", "NULL"];
         let eval = |conn: &rusqlite::Connection, sql: &str| -> String {
-            match conn.query_row(&format!("SELECT quote({sql}), typeof({sql})"), [], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))) {
+            match conn
+                .query_row(&format!("SELECT quote({sql}), typeof({sql})"), [], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            {
                 Ok((v, t)) => format!("{v} ({t})"),
                 Err(e) => format!("error: {e}"),
             }
@@ -517,7 +561,8 @@ mod tests {
         let refused = int(format!("SELECT {} LIKE ('%' || {} || 'b')", a(4_000_000), a(40_000))).unwrap_err();
         assert!(refused.to_string().contains("too complex for a value this long"), "{refused}");
         // A set of many distinct characters: every step compares against each of them.
-        let set = "(WITH RECURSIVE c(n) AS (SELECT 256 UNION ALL SELECT n + 1 FROM c WHERE n < 20000) SELECT group_concat(char(n), '') FROM c)";
+        let set =
+            "(WITH RECURSIVE c(n) AS (SELECT 256 UNION ALL SELECT n + 1 FROM c WHERE n < 20000) SELECT group_concat(char(n), '') FROM c)";
         assert_eq!(int(format!("SELECT length(trim({}, {set} || 'b'))", a(1_000))).unwrap(), 1_000);
     }
 
@@ -528,7 +573,8 @@ mod tests {
         let interrupt = Arc::new(Interrupt::new(Arc::new(AtomicBool::new(false))));
         install(&conn, &interrupt).unwrap();
         interrupt.start_statement(Some(std::time::Duration::ZERO));
-        let set = "(WITH RECURSIVE c(n) AS (SELECT 256 UNION ALL SELECT n + 1 FROM c WHERE n < 60000) SELECT group_concat(char(n), '') FROM c)";
+        let set =
+            "(WITH RECURSIVE c(n) AS (SELECT 256 UNION ALL SELECT n + 1 FROM c WHERE n < 60000) SELECT group_concat(char(n), '') FROM c)";
         let sql = format!("SELECT length(trim(replace(hex(zeroblob(2000000)), '0', 'b'), {set} || 'b'))");
         let err = conn.query_row(&sql, [], |r| r.get::<_, i64>(0)).unwrap_err();
         assert_eq!(err.sqlite_error_code(), Some(rusqlite::ErrorCode::OperationInterrupted), "{err}");

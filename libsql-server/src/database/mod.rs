@@ -5,6 +5,7 @@
 mod connection;
 mod functions;
 pub mod interrupt;
+mod memory;
 mod policy;
 mod push;
 mod write_gate;
@@ -20,6 +21,7 @@ use libsql_sys::wal::wrapper::WrappedWal;
 use libsql_sys::wal::{Sqlite3Wal, Sqlite3WalManager, WalManager};
 
 pub use connection::{AccessError, Connection, ConnectionParts, SingleStatements, StmtKind, WriteAccess};
+pub use memory::install as meter_statement_memory;
 pub use push::{check_frames, PushError, PushOutcome, PushTarget};
 pub use write_gate::{WriteGate, WritePermit};
 
@@ -62,6 +64,8 @@ pub struct Limits {
     /// The largest string or blob a statement may make (`SQLITE_LIMIT_LENGTH`): what one
     /// value, and one function call's input, may cost in memory.
     pub max_value_size: usize,
+    /// Memory one client statement may take from SQLite's allocator (`None`: no limit).
+    pub statement_memory: Option<u64>,
     /// Raised when the server shuts down: every running statement stops.
     pub halt: Arc<AtomicBool>,
     /// Where hits of these limits are counted.
@@ -76,6 +80,7 @@ impl Limits {
             statement_timeout: None,
             transaction_timeout: None,
             max_value_size: 1_000_000_000,
+            statement_memory: None,
             halt: Arc::new(AtomicBool::new(false)),
             hits: Arc::default(),
         }

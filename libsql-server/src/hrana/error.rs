@@ -62,6 +62,7 @@ impl StmtError {
                 Reason::ClientGone | Reason::ShuttingDown => "SQLITE_INTERRUPT".into(),
             },
             StmtError::Access(AccessError::QuotaExceeded { .. }) => "SQLITE_FULL".into(),
+            StmtError::Access(AccessError::MemoryLimit(_)) => "MEMORY_LIMIT".into(),
             StmtError::Access(AccessError::Sqlite(e)) | StmtError::Sqlite(e) => sqlite_code(e).into(),
             StmtError::Namespace(_) => "NAMESPACE_UNAVAILABLE".into(),
             StmtError::Budget(BudgetError::TooLarge(_)) => "RESPONSE_TOO_LARGE".into(),

@@ -105,7 +105,9 @@ impl From<StmtError> for ApiError {
             StmtError::Budget(BudgetError::ServerFull) => StatusCode::SERVICE_UNAVAILABLE,
             StmtError::Access(AccessError::Interrupted(Reason::ShuttingDown | Reason::ClientGone)) => StatusCode::SERVICE_UNAVAILABLE,
             // A statement over its time limit and a database at its quota are the client's.
-            StmtError::Access(AccessError::Interrupted(_) | AccessError::QuotaExceeded { .. }) => StatusCode::BAD_REQUEST,
+            StmtError::Access(AccessError::Interrupted(_) | AccessError::QuotaExceeded { .. } | AccessError::MemoryLimit(_)) => {
+                StatusCode::BAD_REQUEST
+            }
             StmtError::Sqlite(err) | StmtError::Access(AccessError::Sqlite(err)) => match err.sqlite_error_code() {
                 Some(ErrorCode::SystemIoFailure | ErrorCode::DiskFull | ErrorCode::DatabaseCorrupt | ErrorCode::CannotOpen) => {
                     StatusCode::INTERNAL_SERVER_ERROR

@@ -79,6 +79,10 @@ impl NamespaceStore {
     /// `default` namespace if it is missing. Blocking work runs on the blocking pool.
     pub async fn open(db_path: &Path, options: StoreOptions) -> Result<Self, Error> {
         let StoreOptions { namespaces_enabled, max_active, limits, log, recovery } = options;
+        // Before SQLite starts (the first connection of the process): statements are metered.
+        if limits.statement_memory.is_some() {
+            crate::database::meter_statement_memory();
+        }
         let db_path = db_path.to_owned();
         let (dbs_dir, meta) = blocking::run(move || -> Result<_, Error> {
             let dbs_dir = db_path.join("dbs");
