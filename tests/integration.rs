@@ -13,6 +13,7 @@ mod client;
 mod hrana;
 mod isolation;
 mod limits;
+mod log_bounds;
 mod log_durability;
 mod process;
 mod replication;

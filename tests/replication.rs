@@ -103,9 +103,22 @@ fn replay_equals_data_after_random_workloads_compactions_and_restarts() {
         primary.assert_replay_equals_data();
     }
     let stats = primary.logger().stats();
-    assert!(stats.snapshot_count >= 2, "compactions happened: {stats:?}");
+    assert!(stats.generation >= 3, "compactions happened: {stats:?}");
+    assert_eq!(stats.snapshot_count, 1, "each snapshot merges the ones before it: {stats:?}");
     assert!(stats.start_frame_no > 0);
     primary.close();
+    // Space: the data file, one snapshot and the log, each at most the database's size, and
+    // the log's changes, at most the database's size or the limit.
+    let data = std::fs::metadata(tmp.path().join("data")).unwrap().len();
+    let total: u64 = ["data", "wallog", "snapshots", "to_compact", "data-wal"]
+        .iter()
+        .flat_map(|name| {
+            let path = tmp.path().join(name);
+            let files = if path.is_dir() { std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()).collect() } else { vec![path] };
+            files.into_iter().map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        })
+        .sum();
+    assert!(total <= 4 * data + 64 * 4120 + (1 << 20), "{total} bytes beside a {data}-byte data file");
 }
 
 #[test]
@@ -215,6 +228,7 @@ fn crashes_inside_compaction_recover_on_next_open() {
         "compaction.after_retire",
         "compaction.before_snapshot_rename",
         "compaction.before_retired_removed",
+        "compaction.prune",
     ];
     for point in points {
         for ignore_dirty in [false, true] {
@@ -305,15 +319,20 @@ fn verifier_names_the_file_and_first_bad_frame() {
 #[test]
 fn max_log_duration_retires_the_log_after_a_commit() {
     let tmp = tempfile::tempdir().unwrap();
-    // A zero duration has always elapsed: every commit asks for a retirement.
+    // A zero duration has always elapsed: a commit asks for a retirement once the log holds
+    // as many changed pages as the database has (2 here).
     let settings = LogSettings { max_log_frames: None, max_log_duration: Some(Duration::ZERO) };
     let primary = Primary::open(tmp.path(), settings, RecoveryOptions::default());
     primary.exec("CREATE TABLE t (x)");
     primary.db().wait_for_compaction();
+    assert_eq!(primary.logger().stats().generation, 2);
     primary.exec("INSERT INTO t VALUES (1)");
     primary.db().wait_for_compaction();
+    assert_eq!(primary.logger().stats().generation, 2, "one changed page of two: not yet");
+    primary.exec("INSERT INTO t VALUES (2)");
+    primary.db().wait_for_compaction();
     let stats = primary.logger().stats();
-    assert_eq!(stats.snapshot_count, 2, "{stats:?}");
+    assert_eq!(stats.snapshot_count, 1, "the second snapshot merged the first: {stats:?}");
     assert_eq!(stats.pending_compactions, 0);
     assert!(stats.generation >= 3, "each retirement opens a generation: {stats:?}");
     primary.assert_replay_equals_data();

@@ -44,6 +44,9 @@ pub struct ReplicationLogger {
     state: Mutex<LogState>,
     /// Snapshot builds running in the background; joined on close.
     compactions: Mutex<Vec<JoinHandle<()>>>,
+    /// Held while a snapshot is written: one at a time, so each sees the snapshots before it
+    /// (which it may cover) finished.
+    snapshot_writer: Arc<Mutex<()>>,
     /// The log is full: the next chance, it should be retired (see [`Self::retire_with_image`]).
     retire_wanted: AtomicBool,
     /// The last position recorded in `synced`: held while recording, so a checkpoint and a
@@ -65,6 +68,12 @@ struct LogState {
     /// more writes until it is rebuilt.
     poisoned: Option<String>,
     started_at: Instant,
+    /// Frames of the full image the log opens with (0 if it does not open with one): the
+    /// frames after it are the logged changes that decide when the log is full.
+    image_frames: u64,
+    /// The database's size in pages after the last committed transaction: what the next
+    /// log's opening image will cost.
+    db_pages: u64,
     /// Bytes of the file already written (frames or zero fill). Appends inside it change no
     /// file size, so their fdatasync flushes data only, not the filesystem's metadata journal.
     allocated: u64,
@@ -111,6 +120,7 @@ impl ReplicationLogger {
             FrameHeader::decode(&frame).checksum
         };
         let allocated = file.metadata().map_err(|e| LogError::io(&path, e))?.len();
+        let (image_frames, db_pages) = opening_image(&file, &header, &path)?;
         let logger = Arc::new(ReplicationLogger {
             dir: dir.to_owned(),
             settings,
@@ -121,17 +131,22 @@ impl ReplicationLogger {
                 last_checksum,
                 poisoned: None,
                 started_at: Instant::now(),
+                image_frames,
+                db_pages,
                 allocated,
                 uncached_below: 0,
                 closed: false,
                 buf: Vec::new(),
             }),
             compactions: Mutex::new(Vec::new()),
+            snapshot_writer: Arc::default(),
             retire_wanted: AtomicBool::new(false),
             synced: Mutex::new(synced::read(dir)),
             generation: AtomicU64::new(generation.generation),
         });
-        // Finish the snapshots a previous run retired but did not get to write.
+        // Finish what a previous run left: redundant snapshots, and the snapshots of logs it
+        // retired but did not get to write.
+        compaction::prune(dir, true)?;
         for retired in compaction::pending(dir) {
             logger.spawn_snapshot(retired);
         }
@@ -202,7 +217,7 @@ impl ReplicationLogger {
                 return Err(e);
             }
         }
-        Ok(StagedCommit { logger: self, state, frames, last_checksum, at, end })
+        Ok(StagedCommit { logger: self, state, frames, last_checksum, size_after, at, end })
     }
 
     /// After a staged transaction failed: zeroes its frames, durably, so the checksum chain a
@@ -229,9 +244,10 @@ impl ReplicationLogger {
     /// Counts `frames` durable frames in the header, then retires the log if it is full.
     /// The frames are durable and SQLite committed them, so they count in memory even if the
     /// header cannot be written (the caller then poisons the log; a close must not cut them).
-    fn publish(&self, state: &mut LogState, frames: u64, last_checksum: u64) -> Result<(), LogError> {
+    fn publish(&self, state: &mut LogState, frames: u64, last_checksum: u64, size_after: u32) -> Result<(), LogError> {
         state.header.frame_count += frames;
         state.last_checksum = last_checksum;
+        state.db_pages = u64::from(size_after);
         failpoint::check("log.header", &self.dir)
             .and_then(|()| state.file.write_all_at(&state.header.encode(), 0))
             .map_err(|e| LogError::io(&self.dir.join(WALLOG), e))?;
@@ -298,6 +314,8 @@ impl ReplicationLogger {
             state.header = header;
             state.last_checksum = last_checksum;
         }
+        state.image_frames = pages;
+        state.db_pages = pages;
         state.generation = generation::for_log(&self.dir, state.header.log_id, state.header.start_frame_no)?;
         self.generation.store(state.generation.generation, Ordering::Release);
         if pages > 0 {
@@ -330,10 +348,15 @@ impl ReplicationLogger {
         (state.generation.generation, state.file.clone(), state.header)
     }
 
+    /// Full when the changes logged after the opening image reach the flag's size (or the
+    /// flag's age passed) *and* at least the database's size: retiring costs a new image of
+    /// the database (and a snapshot at most as large), so compactions come at most once per
+    /// database's worth of changes and write at most twice more than the changes themselves.
     fn should_retire(&self, state: &LogState) -> bool {
-        let frames = state.header.frame_count;
-        frames > 0
-            && (self.settings.max_log_frames.is_some_and(|max| frames >= max)
+        let changes = state.header.frame_count.saturating_sub(state.image_frames);
+        changes > 0
+            && changes >= state.db_pages
+            && (self.settings.max_log_frames.is_some_and(|max| changes >= max)
                 || self.settings.max_log_duration.is_some_and(|d| state.started_at.elapsed() >= d))
     }
 
@@ -376,6 +399,7 @@ impl ReplicationLogger {
         state.allocated = LOG_HEADER_SIZE as u64;
         state.uncached_below = 0;
         state.started_at = Instant::now();
+        state.image_frames = 0;
         tracing::info!(dir = %dir.display(), retired = %retired_name, "log retired for compaction");
         self.spawn_snapshot(retired);
         Ok(())
@@ -383,9 +407,11 @@ impl ReplicationLogger {
 
     fn spawn_snapshot(&self, retired: PathBuf) {
         let dir = self.dir.clone();
+        let writer = self.snapshot_writer.clone();
         let handle = std::thread::Builder::new()
             .name("sqld-compaction".into())
             .spawn(move || {
+                let _one_at_a_time = writer.lock().unwrap_or_else(|e| e.into_inner());
                 if let Err(e) = compaction::write_snapshot(&dir, &retired) {
                     tracing::error!(retired = %retired.display(), error = %e, "writing a snapshot failed; retried on next open");
                 }
@@ -450,6 +476,7 @@ pub struct StagedCommit<'a> {
     state: std::sync::MutexGuard<'a, LogState>,
     frames: u64,
     last_checksum: u64,
+    size_after: u32,
     /// Where the staged frames start and end in the file.
     at: u64,
     end: u64,
@@ -462,7 +489,7 @@ impl StagedCommit<'_> {
     /// written poisons the log: writes are refused until the next open, which rolls the
     /// durable frames forward and rebuilds.
     pub fn commit<E>(self, commit: impl FnOnce() -> Result<usize, E>) -> Result<usize, E> {
-        let StagedCommit { logger, mut state, frames, last_checksum, at, end } = self;
+        let StagedCommit { logger, mut state, frames, last_checksum, size_after, at, end } = self;
         let result = commit();
         if frames == 0 {
             return result;
@@ -475,7 +502,7 @@ impl StagedCommit<'_> {
             Ok(written) => {
                 let LogState { file, uncached_below, .. } = &mut *state;
                 pagecache::drop_behind(file, uncached_below, end, false);
-                if let Err(e) = logger.publish(&mut state, frames, last_checksum) {
+                if let Err(e) = logger.publish(&mut state, frames, last_checksum, size_after) {
                     tracing::error!(dir = %logger.dir.display(), error = %e, "a committed transaction could not be counted in the log header; the log takes no more writes until rebuilt");
                     state.poisoned = Some(e.to_string());
                 }
@@ -528,6 +555,34 @@ fn preallocate(file: &File, allocated: &mut u64, needed: u64) -> std::io::Result
     }
     *allocated = target;
     Ok(())
+}
+
+/// How the committed frames of a log begin: the number of frames of its opening full image
+/// (0 if its first transaction is not one), and the database's size after its last
+/// transaction. Reads frame headers only.
+pub(super) fn opening_image(file: &File, header: &LogHeader, path: &Path) -> Result<(u64, u64), LogError> {
+    let mut frame = [0u8; 24];
+    let mut read = |index: u64| {
+        file.read_exact_at(&mut frame, frame_offset(index))
+            .map_err(|_| LogError::corrupt(path, Some(header.start_frame_no + index), "header counts more frames than the file holds"))
+            .map(|()| FrameHeader::decode(&frame))
+    };
+    if header.frame_count == 0 {
+        return Ok((0, 0));
+    }
+    let db_pages = u64::from(read(header.frame_count - 1)?.size_after);
+    let (mut highest, mut count) = (0u32, 0u64);
+    for index in 0..header.frame_count {
+        let fh = read(index)?;
+        highest = highest.max(fh.page_no);
+        count += 1;
+        if fh.size_after != 0 {
+            // An image writes each page once: as many frames as pages, none past the size.
+            let image = count == u64::from(fh.size_after) && highest == fh.size_after;
+            return Ok((if image { count } else { 0 }, db_pages));
+        }
+    }
+    Ok((0, db_pages))
 }
 
 pub(super) fn frame_offset(index: u64) -> u64 {

@@ -1,0 +1,63 @@
+//! The replication log's cost is a function of the database and of the work: a namespace
+//! larger than the log limit compacts once per database's worth of changes, and each
+//! compaction's snapshot replaces the ones before it.
+
+use std::path::Path;
+
+use libsql_server::replication::RecoveryOptions;
+
+use crate::common::primary::{compact_every, Primary};
+
+/// Every byte under a namespace's directory.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                meta.len()
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn a_namespace_larger_than_the_log_limit_compacts_once_per_database_of_changes() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A log limit of 16 frames, a database of some 240 pages.
+    let primary = Primary::open(tmp.path(), compact_every(16), RecoveryOptions::default());
+    primary.exec("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)");
+    primary.exec("INSERT INTO t SELECT value, randomblob(3000) FROM generate_series(1, 240)");
+    primary.db().wait_for_compaction();
+    let before = primary.logger().stats();
+    let pages = std::fs::metadata(tmp.path().join("data")).unwrap().len() / 4096;
+    assert!(pages > 200, "{pages}");
+
+    // 150 single-row writes change a page or two each: less than the database's size.
+    for i in 0..150 {
+        primary.exec(&format!("UPDATE t SET v = randomblob(3000) WHERE k = {}", i % 240 + 1));
+    }
+    primary.db().wait_for_compaction();
+    let after = primary.logger().stats();
+    let compactions = after.generation - before.generation;
+    assert!(compactions <= 1, "{compactions} compactions for 150 single-row writes to a {pages}-page database: {after:?}");
+
+    // A database's worth of changes more, and compaction comes.
+    for i in 0..pages {
+        primary.exec(&format!("UPDATE t SET v = randomblob(3000) WHERE k = {}", i % 240 + 1));
+    }
+    primary.db().wait_for_compaction();
+    let end = primary.logger().stats();
+    assert!(end.generation > after.generation, "a database's worth of changes retires the log: {end:?}");
+    assert!(end.generation - before.generation <= 3, "{end:?}");
+    assert_eq!(end.snapshot_count, 1, "one snapshot covers every frame before the log: {end:?}");
+    primary.assert_replay_equals_data();
+    primary.close();
+
+    let data = std::fs::metadata(tmp.path().join("data")).unwrap().len();
+    let total = dir_bytes(tmp.path());
+    assert!(total <= 4 * data + 16 * 4120 + (1 << 20), "{total} bytes beside a {data}-byte data file");
+}
