@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use libsql_server::replication::sync::{self, Pull};
 use libsql_server::replication::RecoveryOptions;
 
 use crate::common::primary::{compact_every, Primary};
@@ -60,4 +61,67 @@ fn a_namespace_larger_than_the_log_limit_compacts_once_per_database_of_changes()
     let data = std::fs::metadata(tmp.path().join("data")).unwrap().len();
     let total = dir_bytes(tmp.path());
     assert!(total <= 4 * data + 16 * 4120 + (1 << 20), "{total} bytes beside a {data}-byte data file");
+}
+
+/// Frames of `generation` from `start` (1-based) as a sync client pulls them, 128 at a time,
+/// or the generation the server says comes next.
+fn pull(primary: &Primary, generation: u64, start: u64) -> Result<Vec<u8>, u64> {
+    match sync::pull(primary.logger(), generation, start, start + 128).unwrap() {
+        Pull::Frames(frames) => Ok(frames),
+        Pull::EndOfGeneration { current } => Err(current),
+    }
+}
+
+/// Whether the last of `frames` (SQLite WAL layout) ends a transaction.
+fn ends_transaction(frames: &[u8]) -> bool {
+    let last = &frames[frames.len() - 4120..];
+    last[4..8] != [0, 0, 0, 0]
+}
+
+/// A client part-way through a generation's transaction when compactions supersede it gets
+/// the rest of that generation first, then the next; one with nothing of it moves on at once.
+#[test]
+fn a_client_part_way_through_a_transaction_finishes_it_across_compactions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = Primary::open(tmp.path(), compact_every(64), RecoveryOptions::default());
+    primary.exec("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)");
+    primary.exec("INSERT INTO t SELECT value, randomblob(3000) FROM generate_series(1, 300)");
+    primary.db().wait_for_compaction();
+    let generation = primary.logger().generation();
+    // The generation opens with a full image of some 300 pages: a transaction of 3 pulls.
+    let first = pull(&primary, generation, 1).unwrap();
+    assert!(!ends_transaction(&first), "the image spans several pulls");
+
+    // Two compactions meanwhile (each once the log holds a database's worth of changes).
+    for target in [generation + 1, generation + 2] {
+        for _ in 0..3 {
+            if primary.logger().generation() < target {
+                primary.exec("UPDATE t SET v = randomblob(3000)");
+                primary.db().wait_for_compaction();
+            }
+        }
+    }
+    let current = primary.logger().generation();
+    assert_eq!(current, generation + 2, "two compactions");
+
+    // The client goes on with its generation to its end, which ends a transaction.
+    let mut start = 129;
+    let mut last = first;
+    loop {
+        match pull(&primary, generation, start) {
+            Ok(frames) => {
+                start += (frames.len() / 4120) as u64;
+                last = frames;
+            }
+            Err(next) => {
+                assert_eq!(next, current);
+                break;
+            }
+        }
+    }
+    assert!(ends_transaction(&last), "the superseded generation was served to a transaction's end");
+    // The next generation, superseded too, has nothing for it: it moves on at once.
+    assert_eq!(pull(&primary, generation + 1, 1), Err(current));
+    assert!(pull(&primary, current, 1).is_ok());
+    primary.close();
 }

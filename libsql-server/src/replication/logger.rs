@@ -1,6 +1,7 @@
 //! The replication logger of one primary namespace: appends committed transactions to the
 //! `wallog`, and retires a full log to `to_compact/` so it becomes a snapshot.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -52,6 +53,9 @@ pub struct ReplicationLogger {
     /// The last position recorded in `synced`: held while recording, so a checkpoint and a
     /// compaction of this namespace take turns, and an unchanged position costs no fsync.
     synced: Mutex<Option<SyncedThrough>>,
+    /// Generations compaction superseded lately, still readable: a sync client part-way
+    /// through one gets the rest of it before it moves on (see `sync::pull`).
+    superseded: Mutex<VecDeque<Superseded>>,
     /// The current generation's number, readable without the log's lock (which a commit holds
     /// through its fsync, and a compaction through a full image).
     generation: AtomicU64,
@@ -84,6 +88,20 @@ struct LogState {
     closed: bool,
     buf: Vec<u8>,
 }
+
+/// A superseded generation's log, kept open for sync clients part-way through it.
+struct Superseded {
+    generation: u64,
+    file: Arc<File>,
+    frame_count: u64,
+    at: Instant,
+}
+
+/// How long a superseded generation stays readable, and how many at most: a client pulls a
+/// transaction in one sync call (seconds, even for a full image), so this outlasts any pull
+/// in progress while bounding the disk the old logs keep.
+const SUPERSEDED_FOR: Duration = Duration::from_secs(60);
+const KEEP_SUPERSEDED: usize = 4;
 
 /// How far ahead of the frames the file is filled with zeros.
 const PREALLOCATE: u64 = 4 << 20;
@@ -140,6 +158,7 @@ impl ReplicationLogger {
             }),
             compactions: Mutex::new(Vec::new()),
             snapshot_writer: Arc::default(),
+            superseded: Mutex::default(),
             retire_wanted: AtomicBool::new(false),
             synced: Mutex::new(synced::read(dir)),
             generation: AtomicU64::new(generation.generation),
@@ -273,6 +292,12 @@ impl ReplicationLogger {
             return Err(LogError::Poisoned(why.clone()));
         }
         if state.header.frame_count > 0 {
+            let outgoing = Superseded {
+                generation: state.generation.generation,
+                file: state.file.clone(),
+                frame_count: state.header.frame_count,
+                at: Instant::now(),
+            };
             // SQLite does not sync the data file (the log is the durable copy): once the log
             // retires, until its successor holds its image, the data file is the only one.
             durable::sync_file(data).map_err(|e| LogError::io(data, e))?;
@@ -287,6 +312,11 @@ impl ReplicationLogger {
             if let Err(e) = self.open_with_image(&mut state, data) {
                 state.poisoned = Some(format!("the new log could not be given its opening image: {e}"));
                 return Err(e);
+            }
+            let mut superseded = self.superseded.lock().unwrap_or_else(|e| e.into_inner());
+            superseded.push_back(outgoing);
+            while superseded.len() > KEEP_SUPERSEDED || superseded.front().is_some_and(|s| s.at.elapsed() > SUPERSEDED_FOR) {
+                superseded.pop_front();
             }
         }
         self.retire_wanted.store(false, Ordering::Release);
@@ -339,6 +369,13 @@ impl ReplicationLogger {
     /// The current generation.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// A generation compaction superseded lately: its log (readable though retired or
+    /// removed) and its committed frames.
+    pub fn superseded(&self, generation: u64) -> Option<(Arc<File>, u64)> {
+        let superseded = self.superseded.lock().unwrap_or_else(|e| e.into_inner());
+        superseded.iter().find(|s| s.generation == generation && s.at.elapsed() <= SUPERSEDED_FOR).map(|s| (s.file.clone(), s.frame_count))
     }
 
     /// What a sync reader needs to serve the current generation's frames: its number, the log

@@ -18,19 +18,33 @@ use super::{LogError, ReplicationLogger, WALLOG};
 pub enum Pull {
     /// Whole frames, SQLite WAL layout, at least one.
     Frames(Vec<u8>),
-    /// Nothing to serve for that generation from there on: the client is at the end of the
-    /// current generation, or its generation is not the current one.
+    /// Nothing to serve for that generation from there on: the client is at its end, or the
+    /// generation is superseded and the client has nothing of it (or it is no longer kept).
     EndOfGeneration { current: u64 },
 }
 
 /// Frames `start..end` (1-based, end exclusive, `start < end`) of `generation`, at most what
 /// the log has committed.
+///
+/// A generation compaction superseded lately is still served to a client part-way through it
+/// (`start > 1`), up to its end, which is a transaction's end: told of the next generation
+/// inside a transaction, real clients fail the sync or abort the process. A client that has
+/// nothing of it (`start == 1`) or all of it is told of the next at once.
 pub fn pull(logger: &ReplicationLogger, generation: u64, start: u64, end: u64) -> Result<Pull, LogError> {
     let (current, file, header) = logger.sync_view();
-    if generation != current || start == 0 || start > header.frame_count {
+    let (file, committed) = match generation {
+        _ if start == 0 => return Ok(Pull::EndOfGeneration { current }),
+        g if g == current => (file, header.frame_count),
+        g if g < current && start > 1 => match logger.superseded(g) {
+            Some(old) => old,
+            None => return Ok(Pull::EndOfGeneration { current }),
+        },
+        _ => return Ok(Pull::EndOfGeneration { current }),
+    };
+    if start > committed {
         return Ok(Pull::EndOfGeneration { current });
     }
-    let last = (end - 1).min(header.frame_count);
+    let last = (end - 1).min(committed);
     let count = (last - start + 1) as usize;
     let mut frames = vec![0u8; count * FRAME_SIZE];
     let path = logger.dir().join(WALLOG);
