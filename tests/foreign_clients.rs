@@ -96,3 +96,40 @@ async fn python_embedded_replica_bootstraps_follows_and_survives_a_rebuild() {
 async fn node_embedded_replica_bootstraps_follows_and_survives_a_rebuild() {
     bootstrap_follow_and_rebuild(Client::Node).await;
 }
+
+/// A client stopped part-way through pulling a transaction while compactions supersede its
+/// generation finishes its sync without an error and holds exactly the primary's rows.
+async fn compactions_mid_transaction(client: Client) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use crate::generation_switch::{compactions, start_proxy};
+
+    let sqld = Sqld::start(&["--max-log-size", "1"]);
+    let conn = sqld.connect().await;
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
+    conn.execute("INSERT INTO t VALUES (1, x'01')", ()).await.unwrap();
+    let armed = Arc::new(AtomicBool::new(false));
+    let proxy = start_proxy(sqld.user, armed.clone(), compactions(sqld.user, 2)).await;
+    let url = format!("http://{proxy}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("replica.db");
+    let synced = tokio::task::block_in_place(|| sync_with(client, &path, &url));
+    assert_eq!(synced, primary_rows(&sqld).await, "{client:?}: bootstrap");
+
+    conn.execute("INSERT INTO t SELECT 1 + value, randomblob(3000) FROM generate_series(1, 1000)", ()).await.unwrap();
+    armed.store(true, Ordering::SeqCst);
+    let synced = tokio::task::block_in_place(|| sync_with(client, &path, &url));
+    assert!(!armed.load(Ordering::SeqCst), "{client:?}: the proxy made compactions mid-transaction");
+    assert_eq!(synced, primary_rows(&sqld).await, "{client:?}: after compactions mid-transaction");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_embedded_replica_finishes_a_transaction_across_compactions() {
+    compactions_mid_transaction(Client::Python).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_embedded_replica_finishes_a_transaction_across_compactions() {
+    compactions_mid_transaction(Client::Node).await;
+}

@@ -33,15 +33,16 @@ pub fn pending(dir: &Path) -> Vec<PathBuf> {
     retired.into_iter().map(|(_, p)| p).collect()
 }
 
-/// Writes the snapshot of a retired log, then removes the retired log. A crash leaves the
-/// retired log (rewritten next open) and at worst a `.partial` snapshot nobody reads.
-pub fn write_snapshot(dir: &Path, retired: &Path) -> Result<PathBuf, LogError> {
+/// Writes the snapshot of a retired log, then removes the retired log; returns the frames the
+/// snapshot holds. A crash leaves the retired log (rewritten next open) and at worst a
+/// `.partial` snapshot (removed next open).
+pub fn write_snapshot(dir: &Path, retired: &Path) -> Result<u64, LogError> {
     let io = |p: &Path, e| LogError::io(p, e);
     let file = File::open(retired).map_err(|e| io(retired, e))?;
     let header = read_log_header(&file, retired)?;
     if header.frame_count == 0 {
         std::fs::remove_file(retired).map_err(|e| io(retired, e))?;
-        return Ok(retired.to_owned());
+        return Ok(0);
     }
 
     // Pass 1: the newest frame of every page, the size after the last commit, and whether
@@ -107,7 +108,7 @@ pub fn write_snapshot(dir: &Path, retired: &Path) -> Result<PathBuf, LogError> {
     std::fs::remove_file(retired).map_err(|e| io(retired, e))?;
     durable::sync_parent(retired).map_err(|e| io(retired, e))?;
     tracing::info!(snapshot = %path.display(), frames = snapshot.frame_count, "snapshot written");
-    Ok(path)
+    Ok(snapshot.frame_count)
 }
 
 /// Removes the snapshots another snapshot of the same log_id covers (a merged one made them

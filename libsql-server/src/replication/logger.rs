@@ -53,6 +53,8 @@ pub struct ReplicationLogger {
     /// The last position recorded in `synced`: held while recording, so a checkpoint and a
     /// compaction of this namespace take turns, and an unchanged position costs no fsync.
     synced: Mutex<Option<SyncedThrough>>,
+    /// What the log has written since it opened (see [`LogStats`]).
+    written: Arc<Written>,
     /// Generations compaction superseded lately, still readable: a sync client part-way
     /// through one gets the rest of it before it moves on (see `sync::pull`).
     superseded: Mutex<VecDeque<Superseded>>,
@@ -118,7 +120,23 @@ pub struct LogStats {
     pub wallog_bytes: u64,
     pub snapshot_count: usize,
     pub pending_compactions: usize,
+    /// Since the log was opened (this process): compactions, frames of transactions logged,
+    /// frames of opening images and frames written into snapshots. The log's write
+    /// amplification is (transaction + image + snapshot frames) / transaction frames.
+    pub compactions: u64,
+    pub transaction_frames: u64,
+    pub image_frames: u64,
+    pub snapshot_frames: u64,
     pub poisoned: Option<String>,
+}
+
+/// Counters behind the `LogStats` of what the log wrote.
+#[derive(Default)]
+struct Written {
+    compactions: AtomicU64,
+    transaction_frames: AtomicU64,
+    image_frames: AtomicU64,
+    snapshot_frames: AtomicU64,
 }
 
 impl ReplicationLogger {
@@ -159,6 +177,7 @@ impl ReplicationLogger {
             compactions: Mutex::new(Vec::new()),
             snapshot_writer: Arc::default(),
             superseded: Mutex::default(),
+            written: Arc::default(),
             retire_wanted: AtomicBool::new(false),
             synced: Mutex::new(synced::read(dir)),
             generation: AtomicU64::new(generation.generation),
@@ -267,6 +286,7 @@ impl ReplicationLogger {
         state.header.frame_count += frames;
         state.last_checksum = last_checksum;
         state.db_pages = u64::from(size_after);
+        self.written.transaction_frames.fetch_add(frames, Ordering::Relaxed);
         failpoint::check("log.header", &self.dir)
             .and_then(|()| state.file.write_all_at(&state.header.encode(), 0))
             .map_err(|e| LogError::io(&self.dir.join(WALLOG), e))?;
@@ -313,6 +333,7 @@ impl ReplicationLogger {
                 state.poisoned = Some(format!("the new log could not be given its opening image: {e}"));
                 return Err(e);
             }
+            self.written.compactions.fetch_add(1, Ordering::Relaxed);
             let mut superseded = self.superseded.lock().unwrap_or_else(|e| e.into_inner());
             superseded.push_back(outgoing);
             while superseded.len() > KEEP_SUPERSEDED || superseded.front().is_some_and(|s| s.at.elapsed() > SUPERSEDED_FOR) {
@@ -346,6 +367,7 @@ impl ReplicationLogger {
         }
         state.image_frames = pages;
         state.db_pages = pages;
+        self.written.image_frames.fetch_add(pages, Ordering::Relaxed);
         state.generation = generation::for_log(&self.dir, state.header.log_id, state.header.start_frame_no)?;
         self.generation.store(state.generation.generation, Ordering::Release);
         if pages > 0 {
@@ -445,12 +467,14 @@ impl ReplicationLogger {
     fn spawn_snapshot(&self, retired: PathBuf) {
         let dir = self.dir.clone();
         let writer = self.snapshot_writer.clone();
+        let written = self.written.clone();
         let handle = std::thread::Builder::new()
             .name("sqld-compaction".into())
             .spawn(move || {
                 let _one_at_a_time = writer.lock().unwrap_or_else(|e| e.into_inner());
-                if let Err(e) = compaction::write_snapshot(&dir, &retired) {
-                    tracing::error!(retired = %retired.display(), error = %e, "writing a snapshot failed; retried on next open");
+                match compaction::write_snapshot(&dir, &retired) {
+                    Ok(frames) => _ = written.snapshot_frames.fetch_add(frames, Ordering::Relaxed),
+                    Err(e) => tracing::error!(retired = %retired.display(), error = %e, "writing a snapshot failed; retried on next open"),
                 }
             })
             .expect("spawning a compaction thread");
@@ -479,6 +503,10 @@ impl ReplicationLogger {
             wallog_bytes: frame_offset(h.frame_count),
             snapshot_count: count_files(&self.dir.join(SNAPSHOTS_DIR), "snap"),
             pending_compactions: compaction::pending(&self.dir).len(),
+            compactions: self.written.compactions.load(Ordering::Relaxed),
+            transaction_frames: self.written.transaction_frames.load(Ordering::Relaxed),
+            image_frames: self.written.image_frames.load(Ordering::Relaxed),
+            snapshot_frames: self.written.snapshot_frames.load(Ordering::Relaxed),
             poisoned: state.poisoned.clone(),
         }
     }
