@@ -74,15 +74,23 @@ impl Sqld {
         serde_json::from_slice(&hyper::body::to_bytes(response.into_body()).await.unwrap()).unwrap()
     }
 
-    /// Waits until no compaction is pending or running (the log's stats say so).
+    /// Waits until no compaction is pending or running (the log's stats say so), with SQLite's
+    /// WAL moved into the data file, so the data file's size is the database's.
     async fn settle(&self) -> Value {
-        loop {
+        for attempt in 0.. {
+            if self.stats().await["replication"]["pending_compactions"] != 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            let request = hyper::Request::post(format!("{}/v1/namespaces/default/checkpoint", self.admin)).body(hyper::Body::empty()).unwrap();
+            let response = hyper::Client::new().request(request).await.unwrap();
+            assert!(response.status().is_success(), "checkpoint: {}", response.status());
             let stats = self.stats().await;
-            if stats["replication"]["pending_compactions"] == 0 {
+            if stats["replication"]["pending_compactions"] == 0 && (stats["wal_file_bytes"] == 0 || attempt > 100) {
                 return stats;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        unreachable!()
     }
 
     fn stop(mut self) {

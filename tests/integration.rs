@@ -16,4 +16,5 @@ mod limits;
 mod log_bounds;
 mod log_durability;
 mod process;
+mod repair;
 mod replication;

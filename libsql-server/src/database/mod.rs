@@ -2,12 +2,14 @@
 //!
 //! Everything here blocks (SQLite calls, fsyncs) and is called from blocking threads only.
 
+mod check;
 mod connection;
 mod functions;
 pub mod interrupt;
 mod memory;
 mod policy;
 mod push;
+mod reset;
 mod write_gate;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +24,8 @@ use libsql_sys::wal::{Sqlite3Wal, Sqlite3WalManager, WalManager};
 
 pub use connection::{AccessError, Connection, ConnectionParts, SingleStatements, StmtKind, WriteAccess};
 pub use memory::install as meter_statement_memory;
+pub use check::{check_data_file, DataCheck};
+pub use reset::{Reset, ResetError};
 pub use push::{check_frames, PushError, PushOutcome, PushTarget};
 pub use write_gate::{WriteGate, WritePermit};
 

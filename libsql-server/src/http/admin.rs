@@ -21,6 +21,7 @@ use super::{track_requests, ApiError};
 use crate::database::PAGE_SIZE;
 use crate::hrana::Hrana;
 use crate::metrics::Metrics;
+use crate::namespace::repair::{Repair, Verdict};
 use crate::namespace::{DatabaseConfig, NamespaceName, NamespaceStore};
 
 #[derive(Clone)]
@@ -40,6 +41,8 @@ pub fn router(hrana: Hrana, metrics: Arc<Metrics>, auth_key: Option<String>, lim
         .route("/v1/namespaces/:ns/config", get(get_config).post(set_config))
         .route("/v1/namespaces/:ns/stats", get(stats))
         .route("/v1/namespaces/:ns/checkpoint", post(checkpoint))
+        .route("/v1/namespaces/:ns/integrity-check", post(integrity_check))
+        .route("/v1/namespaces/:ns/reset-replication", post(reset_replication))
         .route("/metrics", get(render_metrics))
         .route_layer(axum::middleware::from_fn_with_state((metrics, "admin"), track_requests))
         .fallback(no_route)
@@ -241,6 +244,66 @@ async fn checkpoint(
     let name = name_of(path)?;
     state.store.checkpoint(&name).await?;
     Ok(Json(json!({})))
+}
+
+/// Body of `integrity-check`: `{}` or no body is a quick check.
+#[derive(Deserialize, Default)]
+struct IntegrityCheckBody {
+    full: Option<bool>,
+}
+
+/// The verdict on a namespace's data file and replication log, and the repair that fixes
+/// what was found (see `namespace::repair`).
+async fn integrity_check(
+    State(state): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Verdict>, ApiError> {
+    let name = name_of(path)?;
+    let body: IntegrityCheckBody = optional_body(&body?)?;
+    let verdict = state.store.integrity_check(&name, body.full.unwrap_or(false)).await?;
+    let counter = match verdict.repair {
+        Repair::None => "sqld_integrity_verdict_none_total",
+        Repair::ResetReplication => "sqld_integrity_verdict_reset_replication_total",
+        Repair::RebuildData => "sqld_integrity_verdict_rebuild_data_total",
+        Repair::RestoreFromBackup => "sqld_integrity_verdict_restore_from_backup_total",
+    };
+    state.metrics.count(counter, "Integrity checks by the repair their verdict names.", 1);
+    tracing::info!(namespace = %name, check = verdict.check, data_ok = verdict.ok, log_ok = verdict.replication_log.ok, repair = verdict.repair.name(), elapsed_ms = verdict.elapsed_ms, "integrity check");
+    Ok(Json(verdict))
+}
+
+/// A body for routes that take no fields: none, `{}`, or a JSON object (fields ignored).
+#[derive(Deserialize, Default)]
+struct NoFields {}
+
+/// Rebuilds a namespace's replication log from its live data (Mode A: the data is fine, the
+/// log or snapshots are broken).
+async fn reset_replication(
+    State(state): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let name = name_of(path)?;
+    let NoFields {} = optional_body(&body?)?;
+    tracing::info!(namespace = %name, "reset-replication started");
+    match state.store.reset_replication(&name).await {
+        Ok(reset) => {
+            state.metrics.count("sqld_repair_reset_replication_done_total", "reset-replication calls that rebuilt the log.", 1);
+            tracing::info!(namespace = %name, old_log_id = %reset.old_log_id, log_id = %reset.log_id, generation = reset.generation, pages = reset.pages, elapsed_ms = reset.elapsed.as_millis() as u64, "reset-replication done");
+            Ok(Json(json!({
+                "elapsed_ms": reset.elapsed.as_millis() as u64,
+                "log_id": reset.log_id.hyphenated().to_string(),
+                "generation": reset.generation,
+                "pages": reset.pages,
+            })))
+        }
+        Err(e) => {
+            state.metrics.count("sqld_repair_reset_replication_refused_total", "reset-replication calls refused or failed; nothing was changed.", 1);
+            tracing::warn!(namespace = %name, error = %e, "reset-replication refused");
+            Err(e.into())
+        }
+    }
 }
 
 async fn render_metrics(State(state): State<AdminState>, _headers: HeaderMap) -> Response {

@@ -5,6 +5,7 @@
 
 mod meta;
 mod name;
+pub mod repair;
 mod store;
 
 use std::path::{Path, PathBuf};
@@ -40,6 +41,8 @@ pub enum Error {
     Log { name: NamespaceName, source: LogError },
     #[error("namespace {name}: i/o on {path}: {source}", path = .path.display())]
     Io { name: NamespaceName, path: PathBuf, source: std::io::Error },
+    #[error("namespace {name}: reset-replication: {source}")]
+    Reset { name: NamespaceName, source: crate::database::ResetError },
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]

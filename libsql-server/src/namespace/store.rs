@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+use super::repair::{self, Verdict};
 use super::{DatabaseConfig, Error, MetaStore, Namespace, NamespaceName};
 use crate::blocking;
-use crate::database::{CheckpointMode, Limits};
+use crate::database::{check_data_file, CheckpointMode, Limits, Reset, ResetError};
 use crate::durable;
 use crate::replication::{LogSettings, LogStats, RecoveryOptions};
 
@@ -42,7 +43,13 @@ struct Inner {
     shutting_down: AtomicBool,
     /// A `trim` is running (one at a time: a slow close must not pile trims up).
     trimming: AtomicBool,
+    /// Integrity checks running at once (each reads a whole namespace): a flood of them
+    /// queues here instead of taking every blocking thread and disk.
+    checks: tokio::sync::Semaphore,
 }
+
+/// Integrity checks that may run at once.
+const CONCURRENT_CHECKS: usize = 1;
 
 /// One namespace's place in the store. Its mutex is the per-namespace lifecycle lock: whoever
 /// holds it may load, close, create or destroy the namespace.
@@ -107,6 +114,7 @@ impl NamespaceStore {
                 loaded: AtomicUsize::new(0),
                 shutting_down: AtomicBool::new(false),
                 trimming: AtomicBool::new(false),
+                checks: tokio::sync::Semaphore::new(CONCURRENT_CHECKS),
             }),
         };
         let default = NamespaceName::default_namespace();
@@ -232,6 +240,37 @@ impl NamespaceStore {
         })
         .await
         .map_err(internal)?
+    }
+
+    /// Checks the namespace's data file and replication log from its files (it need not be
+    /// able to open) and names the repair that fixes what was found. Checks run one at a time.
+    pub async fn integrity_check(&self, name: &NamespaceName, full: bool) -> Result<Verdict, Error> {
+        self.check_running()?;
+        let _turn = self.inner.checks.acquire().await.map_err(|_| Error::ShuttingDown)?;
+        let dir = self.inner.dir_of(name);
+        let name = name.clone();
+        blocking::run(move || if dir.is_dir() { Ok(repair::integrity_check(&dir, full)) } else { Err(Error::NotFound(name)) })
+            .await
+            .map_err(internal)?
+    }
+
+    /// Rebuilds the namespace's replication log from its live data (see
+    /// `Database::reset_replication`). A namespace that cannot open is refused, and stays
+    /// unloaded for the next attempt.
+    pub async fn reset_replication(&self, name: &NamespaceName) -> Result<Reset, Error> {
+        let ns = match self.get(name).await {
+            Ok(ns) => ns,
+            Err(e @ (Error::NotFound(_) | Error::Deleted(_) | Error::ShuttingDown | Error::InvalidName(_))) => return Err(e),
+            Err(e) => {
+                // Say whether the data itself is what keeps it from opening.
+                let data = self.inner.dir_of(name).join(crate::replication::DATA);
+                let check = blocking::run(move || check_data_file(&data, false)).await.map_err(internal)?;
+                let source = if check.ok { ResetError::Unopenable(e.to_string()) } else { ResetError::DataCorrupt(check.message) };
+                return Err(Error::Reset { name: name.clone(), source });
+            }
+        };
+        let name = name.clone();
+        blocking::run(move || ns.db().reset_replication()).await.map_err(internal)?.map_err(|source| Error::Reset { name, source })
     }
 
     /// Moves the namespace's SQLite WAL into its data file.

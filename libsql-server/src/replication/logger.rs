@@ -17,7 +17,7 @@ use super::format::{checksum, FrameHeader, LogHeader, SnapshotHeader, FRAME_SIZE
 use super::generation::{self, GenerationRecord};
 use super::synced::{self, SyncedThrough};
 use super::image::{write_image, ImageTarget};
-use super::{compaction, failpoint, pagecache, LogError, DATA, DATA_WAL, LOG_UNTRUSTED, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG};
+use super::{compaction, failpoint, pagecache, recovery, LogError, DATA, DATA_WAL, LOG_UNTRUSTED, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG};
 use crate::durable;
 
 /// When a log is retired into a snapshot.
@@ -142,38 +142,10 @@ struct Written {
 impl ReplicationLogger {
     /// Opens the `wallog` of namespace directory `dir`, which recovery has judged sound.
     pub(super) fn open(dir: &Path, settings: LogSettings, generation: GenerationRecord) -> Result<Arc<Self>, LogError> {
-        let path = dir.join(WALLOG);
-        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| LogError::io(&path, e))?;
-        let header = read_log_header(&file, &path)?;
-        let last_checksum = if header.frame_count == 0 {
-            header.start_checksum
-        } else {
-            let mut frame = [0u8; 24];
-            let at = frame_offset(header.frame_count - 1);
-            file.read_exact_at(&mut frame, at).map_err(|_| {
-                LogError::corrupt(&path, Some(header.next_frame_no() - 1), "header counts more frames than the file holds")
-            })?;
-            FrameHeader::decode(&frame).checksum
-        };
-        let allocated = file.metadata().map_err(|e| LogError::io(&path, e))?.len();
-        let (image_frames, db_pages) = opening_image(&file, &header, &path)?;
         let logger = Arc::new(ReplicationLogger {
             dir: dir.to_owned(),
             settings,
-            state: Mutex::new(LogState {
-                file: Arc::new(file),
-                generation,
-                header,
-                last_checksum,
-                poisoned: None,
-                started_at: Instant::now(),
-                image_frames,
-                db_pages,
-                allocated,
-                uncached_below: 0,
-                closed: false,
-                buf: Vec::new(),
-            }),
+            state: Mutex::new(LogState::read(dir, generation)?),
             compactions: Mutex::new(Vec::new()),
             snapshot_writer: Arc::default(),
             superseded: Mutex::default(),
@@ -532,7 +504,72 @@ impl ReplicationLogger {
     fn lock(&self) -> std::sync::MutexGuard<'_, LogState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Replaces the log with a new one built from `data`: a new log_id, frame 0 on, one
+    /// transaction carrying every page, no snapshots or retired logs, a new generation (see
+    /// `recovery::rebuild`, which builds it beside the old one and swaps it in by rename).
+    /// The caller holds the namespace's write gate and has checkpointed SQLite's WAL into
+    /// `data` and checked it. The old generation stays readable for sync clients part-way
+    /// through it. A broken (poisoned) log is working again afterwards.
+    pub fn reset_from_data(&self, data: &Path) -> Result<(Uuid, u64, u64), LogError> {
+        // No snapshot of the old log may land after the old ones are dropped.
+        self.wait_for_compactions();
+        // Checkpoints record their position in `synced` under this lock: not meanwhile.
+        let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+        let rebuilt = recovery::rebuild(&self.dir, data, "reset-replication")?;
+        let generation = generation::for_log(&self.dir, recovery::read_header(&self.dir.join(WALLOG))?.log_id, 0)?;
+        let mut state = self.lock();
+        let outgoing = Superseded { generation: state.generation.generation, file: state.file.clone(), frame_count: state.header.frame_count, at: Instant::now() };
+        *state = LogState::read(&self.dir, generation)?;
+        *synced = synced::read(&self.dir);
+        self.generation.store(generation.generation, Ordering::Release);
+        self.retire_wanted.store(false, Ordering::Release);
+        if outgoing.frame_count > 0 {
+            let mut superseded = self.superseded.lock().unwrap_or_else(|e| e.into_inner());
+            superseded.push_back(outgoing);
+            while superseded.len() > KEEP_SUPERSEDED {
+                superseded.pop_front();
+            }
+        }
+        Ok((state.header.log_id, generation.generation, rebuilt.pages))
+    }
 }
+
+impl LogState {
+    /// The state of the `wallog` of `dir`, which recovery has judged sound.
+    fn read(dir: &Path, generation: GenerationRecord) -> Result<Self, LogError> {
+        let path = dir.join(WALLOG);
+        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| LogError::io(&path, e))?;
+        let header = read_log_header(&file, &path)?;
+        let last_checksum = if header.frame_count == 0 {
+            header.start_checksum
+        } else {
+            let mut frame = [0u8; 24];
+            let at = frame_offset(header.frame_count - 1);
+            file.read_exact_at(&mut frame, at).map_err(|_| {
+                LogError::corrupt(&path, Some(header.next_frame_no() - 1), "header counts more frames than the file holds")
+            })?;
+            FrameHeader::decode(&frame).checksum
+        };
+        let allocated = file.metadata().map_err(|e| LogError::io(&path, e))?.len();
+        let (image_frames, db_pages) = opening_image(&file, &header, &path)?;
+        Ok(LogState {
+            file: Arc::new(file),
+            generation,
+            header,
+            last_checksum,
+            poisoned: None,
+            started_at: Instant::now(),
+            image_frames,
+            db_pages,
+            allocated,
+            uncached_below: 0,
+            closed: false,
+            buf: Vec::new(),
+        })
+    }
+}
+
 
 /// A transaction written into the log but not yet counted (see
 /// [`ReplicationLogger::stage_commit`]); holds the log's lock.

@@ -96,7 +96,7 @@ fn logged_rebuild(dir: &Path, data: &Path, reason: &'static str) -> Result<Rebui
     Ok(rebuilt)
 }
 
-fn read_header(path: &Path) -> Result<LogHeader, LogError> {
+pub(super) fn read_header(path: &Path) -> Result<LogHeader, LogError> {
     let file = File::open(path).map_err(|e| LogError::io(path, e))?;
     read_log_header(&file, path)
 }

@@ -1,0 +1,47 @@
+//! SQLite's own check of a namespace's data file, on a connection of its own: it reads
+//! through SQLite's WAL like any reader, so it runs beside the namespace's traffic, and it
+//! works on a file the namespace cannot even open.
+
+use std::path::Path;
+
+use libsql_sys::rusqlite::{config::DbConfig, OpenFlags};
+use libsql_sys::wal::Sqlite3WalManager;
+
+/// Lines of SQLite's report kept in a verdict.
+const REPORT_LINES: usize = 10;
+
+/// What SQLite said of a data file.
+#[derive(Debug, Clone)]
+pub struct DataCheck {
+    pub ok: bool,
+    /// `ok`, the first lines SQLite reported, or why the file could not be read.
+    pub message: String,
+}
+
+/// `PRAGMA quick_check` (or `integrity_check` with `full`) of the database file at `path`. A
+/// missing file is an empty database, which passes.
+pub fn check_data_file(path: &Path, full: bool) -> DataCheck {
+    if !path.exists() {
+        return DataCheck { ok: true, message: "ok".into() };
+    }
+    let failed = |e: &dyn std::fmt::Display| DataCheck { ok: false, message: e.to_string() };
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = match libsql_sys::Connection::open(path, flags, Sqlite3WalManager::new(), 0, None) {
+        Ok(conn) => conn,
+        Err(e) => return failed(&e),
+    };
+    // This connection only reads: it never checkpoints, even if it closes last.
+    if let Err(e) = conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true) {
+        return failed(&e);
+    }
+    let pragma = if full { "PRAGMA integrity_check" } else { "PRAGMA quick_check" };
+    let lines = conn.prepare(pragma).and_then(|mut stmt| {
+        let rows = stmt.query_map([], |row| row.get::<_, String>(0))?;
+        rows.take(REPORT_LINES).collect::<Result<Vec<_>, _>>()
+    });
+    match lines {
+        Ok(lines) if lines == ["ok"] => DataCheck { ok: true, message: "ok".into() },
+        Ok(lines) => DataCheck { ok: false, message: lines.join("\n") },
+        Err(e) => failed(&e),
+    }
+}

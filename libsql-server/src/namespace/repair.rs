@@ -1,0 +1,93 @@
+//! Online, per-namespace repair. `integrity_check` classifies a namespace from its files
+//! alone (so it also judges one that cannot open) and names the repair that fixes what it
+//! found, so an operator (or a script) never parses messages:
+//!
+//! | data file | replication log | repair              |
+//! |-----------|-----------------|---------------------|
+//! | passes    | verifies        | `none`              |
+//! | passes    | broken          | `reset-replication` |
+//! | fails     | verifies        | `rebuild-data`      |
+//! | fails     | broken          | `restore-from-backup` |
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::database::check_data_file;
+use crate::replication::{verify, LogError, DATA};
+
+/// The repair that fixes what a check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Repair {
+    None,
+    ResetReplication,
+    RebuildData,
+    RestoreFromBackup,
+}
+
+impl Repair {
+    pub fn name(self) -> &'static str {
+        match self {
+            Repair::None => "none",
+            Repair::ResetReplication => "reset-replication",
+            Repair::RebuildData => "rebuild-data",
+            Repair::RestoreFromBackup => "restore-from-backup",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LogVerdict {
+    pub ok: bool,
+    pub message: String,
+    /// The file the first problem is in (`wallog`, `snapshots/<name>`, `to_compact/<name>`).
+    pub file: Option<String>,
+    pub frame_no: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub ok: bool,
+    pub check: &'static str,
+    pub message: String,
+    pub replication_log: LogVerdict,
+    pub repair: Repair,
+    pub elapsed_ms: u64,
+}
+
+/// Checks the namespace in `dir`: its data file with SQLite's `quick_check` (`integrity_check`
+/// with `full`) and its replication log with [`verify::check_log`]. Blocking.
+pub fn integrity_check(dir: &Path, full: bool) -> Verdict {
+    let started = Instant::now();
+    let data = check_data_file(&dir.join(DATA), full);
+    let replication_log = match verify::check_log(dir) {
+        Ok(()) => LogVerdict { ok: true, message: "ok".into(), file: None, frame_no: None },
+        Err(e) => log_verdict(dir, e),
+    };
+    let repair = match (data.ok, replication_log.ok) {
+        (true, true) => Repair::None,
+        (true, false) => Repair::ResetReplication,
+        (false, true) => Repair::RebuildData,
+        (false, false) => Repair::RestoreFromBackup,
+    };
+    Verdict {
+        ok: data.ok,
+        check: if full { "full" } else { "quick" },
+        message: data.message,
+        replication_log,
+        repair,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    }
+}
+
+fn log_verdict(dir: &Path, e: LogError) -> LogVerdict {
+    let relative = |path: &Path| path.strip_prefix(dir).unwrap_or(path).to_string_lossy().into_owned();
+    let (file, frame_no, message) = match &e {
+        LogError::Corrupt { path, frame_no, what } => (Some(relative(path)), *frame_no, what.clone()),
+        LogError::Io { path, source } => (Some(relative(path)), None, source.to_string()),
+        other => (None, None, other.to_string()),
+    };
+    LogVerdict { ok: false, message, file, frame_no }
+}
