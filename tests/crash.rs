@@ -78,3 +78,62 @@ async fn kill_9_under_write_load_keeps_every_acknowledged_write() {
     }
     assert!(acknowledged.len() > 100, "the load wrote {} rows", acknowledged.len());
 }
+
+/// `reset-replication` called over and over under a write load, and `kill -9` at a
+/// pseudo-random moment: every acknowledged write survives and the log replays to the data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_resets_under_write_load_keeps_every_acknowledged_write() {
+    let mut sqld = Sqld::start(&[]);
+    sqld.connect().await.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
+    let data_dir = sqld.db_path().join("dbs/default");
+    let mut acknowledged: Vec<i64> = Vec::new();
+    let mut next_id = 0;
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut resets_done = 0;
+    for round in 0..10 {
+        let writer = tokio::spawn(write_until_killed(sqld.connect().await, next_id));
+        let admin = sqld.admin;
+        let resetter = tokio::spawn(async move {
+            let mut done = 0;
+            loop {
+                let request = hyper::Request::post(format!("http://{admin}/v1/namespaces/default/reset-replication"))
+                    .body(hyper::Body::empty())
+                    .unwrap();
+                match hyper::Client::new().request(request).await {
+                    Ok(response) if response.status() == 200 => done += 1,
+                    Ok(response) => assert_eq!(response.status(), 503, "a reset either works or finds the namespace busy"),
+                    Err(_) => return done,
+                }
+            }
+        });
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(50 + seed % 300)).await;
+        let status = tokio::task::block_in_place(|| sqld.signal("KILL"));
+        assert!(!status.success());
+        let acked = writer.await.unwrap();
+        resets_done += resetter.await.unwrap();
+        next_id = acked.last().map_or(next_id, |id| id + 1) + 1;
+        acknowledged.extend(acked);
+
+        tokio::task::block_in_place(|| sqld.spawn(&[]));
+        let conn = sqld.connect().await;
+        let mut rows = conn.query("SELECT id FROM t", ()).await.unwrap();
+        let mut present = HashSet::new();
+        while let Some(row) = rows.next().await.unwrap() {
+            present.insert(row.get::<i64>(0).unwrap());
+        }
+        let lost: Vec<_> = acknowledged.iter().filter(|id| !present.contains(id)).collect();
+        assert!(lost.is_empty(), "round {round}: acknowledged writes lost: {lost:?}");
+        let status = tokio::task::block_in_place(|| sqld.signal("TERM"));
+        assert!(status.success(), "round {round}: clean stop failed: {status}");
+        match compare_with_data(&data_dir, &data_dir.join("data")).unwrap() {
+            Comparison::Equal { .. } => {}
+            other => panic!("round {round}: replay differs from data: {other:?}"),
+        }
+        tokio::task::block_in_place(|| sqld.spawn(&[]));
+    }
+    assert!(resets_done >= 10, "resets ran under the load: {resets_done}");
+    assert!(acknowledged.len() > 100, "the load wrote {} rows", acknowledged.len());
+}

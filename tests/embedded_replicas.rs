@@ -8,4 +8,5 @@ mod common;
 
 mod foreign_clients;
 mod generation_switch;
+mod reset_replicas;
 mod sync_v2;

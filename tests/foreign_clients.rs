@@ -87,6 +87,34 @@ async fn bootstrap_follow_and_rebuild(client: Client) {
     assert_eq!(synced, primary_rows(&sqld).await, "{client:?}: follow a log rebuild");
 }
 
+/// A client follows `reset-replication` (a new log and generation) from its local files.
+async fn follow_a_reset(client: Client) {
+    let sqld = Sqld::start(&[]);
+    let conn = sqld.connect().await;
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
+    conn.execute("INSERT INTO t SELECT value, randomblob(64) FROM generate_series(1, 2000)", ()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("replica.db");
+    let url = sqld.url();
+    let synced = tokio::task::block_in_place(|| sync_with(client, &path, &url));
+    assert_eq!(synced, primary_rows(&sqld).await, "{client:?}: bootstrap");
+
+    crate::reset_replicas::reset(&sqld).await;
+    conn.execute("DELETE FROM t WHERE id % 3 = 0", ()).await.unwrap();
+    let synced = tokio::task::block_in_place(|| sync_with(client, &path, &url));
+    assert_eq!(synced, primary_rows(&sqld).await, "{client:?}: after a reset");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_embedded_replica_follows_a_reset() {
+    follow_a_reset(Client::Python).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_embedded_replica_follows_a_reset() {
+    follow_a_reset(Client::Node).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_embedded_replica_bootstraps_follows_and_survives_a_rebuild() {
     bootstrap_follow_and_rebuild(Client::Python).await;

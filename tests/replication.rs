@@ -422,3 +422,34 @@ fn a_log_without_an_opening_image_is_rebuilt_once() {
     primary.assert_replay_equals_data();
     primary.close();
 }
+
+/// A reset that fails at any step changes nothing the next open cannot use: after a crash
+/// there, every row is kept, the log replays to the data, and writes go on. A reset that
+/// fails without a crash leaves the namespace working on its old log or its new one.
+#[test]
+fn crashes_inside_reset_replication_recover_on_next_open() {
+    for point in ["recovery.after_checkpoint", "image.mid_frames", "recovery.before_swap", "recovery.after_swap"] {
+        for ignore_dirty in [false, true] {
+            let tmp = tempfile::tempdir().unwrap();
+            let options = RecoveryOptions { ignore_dirty, ..Default::default() };
+            let primary = Primary::open(tmp.path(), compact_every(200), options);
+            primary.exec("CREATE TABLE t (k, v); INSERT INTO t SELECT value, randomblob(2000) FROM generate_series(1, 1500);");
+            {
+                let _armed = failpoint::arm(point, tmp.path());
+                assert!(primary.db().reset_replication().is_err(), "{point}: the failpoint stops the reset");
+            }
+            // Without a crash, the namespace goes on (on its old log, or its new one).
+            primary.exec("INSERT INTO t VALUES (-1, 'after a failed reset')");
+            primary.crash();
+
+            let primary = Primary::open(tmp.path(), compact_every(200), options);
+            assert_eq!(primary.count("SELECT count(*) FROM t"), 1501, "{point}, ignore_dirty={ignore_dirty}");
+            primary.assert_replay_equals_data();
+            primary.exec("INSERT INTO t VALUES (-2, 'after recovery')");
+            primary.assert_replay_equals_data();
+            primary.db().reset_replication().unwrap();
+            primary.assert_replay_equals_data();
+            primary.close();
+        }
+    }
+}

@@ -141,6 +141,15 @@ impl Sqld {
         (status, serde_json::from_slice(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body))))
     }
 
+    /// A POST to the admin API with no body: the answer's status and JSON.
+    pub async fn admin_post(&self, path: &str) -> (hyper::StatusCode, serde_json::Value) {
+        let request = hyper::Request::post(format!("http://{}{path}", self.admin)).body(hyper::Body::empty()).unwrap();
+        let response = hyper::Client::new().request(request).await.expect("request");
+        let status = response.status();
+        let body = hyper::body::to_bytes(response.into_body()).await.expect("body");
+        (status, serde_json::from_slice(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body))))
+    }
+
     /// Sends a pipeline on a raw connection and returns the connection without reading the
     /// answer (a client that may vanish).
     pub async fn send_raw_pipeline(&self, body: serde_json::Value) -> tokio::net::TcpStream {

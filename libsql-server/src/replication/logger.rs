@@ -516,7 +516,13 @@ impl ReplicationLogger {
         self.wait_for_compactions();
         // Checkpoints record their position in `synced` under this lock: not meanwhile.
         let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
-        let rebuilt = recovery::rebuild(&self.dir, data, "reset-replication")?;
+        let rebuilt = match recovery::rebuild(&self.dir, data, "reset-replication") {
+            Ok(rebuilt) => rebuilt,
+            Err(e) => {
+                self.follow_swapped_log(&e);
+                return Err(e);
+            }
+        };
         let generation = generation::for_log(&self.dir, recovery::read_header(&self.dir.join(WALLOG))?.log_id, 0)?;
         let mut state = self.lock();
         let outgoing = Superseded { generation: state.generation.generation, file: state.file.clone(), frame_count: state.header.frame_count, at: Instant::now() };
@@ -532,6 +538,36 @@ impl ReplicationLogger {
             }
         }
         Ok((state.header.log_id, generation.generation, rebuilt.pages))
+    }
+}
+
+impl ReplicationLogger {
+    /// After a reset failed: if its new log was already swapped in, appending to the old one
+    /// (no longer the `wallog`) would lose writes, so the new one is taken up, or, if even that
+    /// fails, the log refuses writes until the next open rebuilds it.
+    fn follow_swapped_log(&self, why: &LogError) {
+        use std::os::unix::fs::MetadataExt;
+        let mut state = self.lock();
+        let path = self.dir.join(WALLOG);
+        let same = match (state.file.metadata(), std::fs::metadata(&path)) {
+            (Ok(ours), Ok(on_disk)) => (ours.dev(), ours.ino()) == (on_disk.dev(), on_disk.ino()),
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        let taken_up = recovery::read_header(&path)
+            .and_then(|header| generation::for_log(&self.dir, header.log_id, header.start_frame_no))
+            .and_then(|generation| LogState::read(&self.dir, generation));
+        match taken_up {
+            Ok(new) => {
+                self.generation.store(new.generation.generation, Ordering::Release);
+                *state = new;
+            }
+            Err(e) => {
+                state.poisoned = Some(format!("a reset failed after swapping in its new log ({why}), which could not be taken up: {e}"));
+            }
+        }
     }
 }
 
