@@ -313,3 +313,72 @@ fn a_namespace_with_a_corrupt_header_gets_a_verdict_and_a_clear_refusal() {
         Ok(())
     });
 }
+
+async fn rebuild(ns: &str) -> (StatusCode, Value) {
+    admin(Method::POST, &format!("/v1/namespaces/{ns}/rebuild-data"), "").await
+}
+
+/// Mode B repaired: a corrupt b-tree page of the data file, a log that verifies. The data
+/// file is rebuilt from the log, online; the log (and so every replica) is unchanged.
+#[test]
+fn corrupt_data_is_rebuilt_from_the_log() {
+    with_server(|dbs| async move {
+        namespace_with_rows("a").await;
+        exec("a", "UPDATE t SET v = x'01' WHERE id % 7 = 0").await;
+        let before = all_rows("a").await;
+        let root = table_root_page("a").await;
+        let log = stats("a").await["replication"].clone();
+        corrupt(&dbs.join("a/data"), (root - 1) * 4096);
+        assert_eq!(check("a", "").await["repair"], "rebuild-data");
+
+        let (status, answer) = rebuild("a").await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert!(answer["elapsed_ms"].is_u64() && answer["pages"].as_u64().unwrap() > 50, "{answer}");
+        assert_eq!(check("a", r#"{"full": true}"#).await["repair"], "none");
+        assert_eq!(all_rows("a").await, before);
+        let now = stats("a").await["replication"].clone();
+        assert_eq!((&now["log_id"], &now["last_frame_no"]), (&log["log_id"], &log["last_frame_no"]), "the log is unchanged");
+        // Writes go on, into the same log.
+        exec("a", "INSERT INTO t VALUES (1000, x'02')").await;
+        assert_replays_to_data(&dbs.join("a"));
+        Ok(())
+    });
+}
+
+/// Mode B with a header so damaged that the namespace cannot open: rebuilt while unloaded.
+#[test]
+fn a_data_file_with_a_corrupt_header_is_rebuilt_from_the_log() {
+    with_server(|dbs| async move {
+        namespace_with_rows("a").await;
+        let before = all_rows("a").await;
+        table_root_page("a").await;
+        for at in 0..16 {
+            corrupt(&dbs.join("a/data"), at);
+        }
+        let (status, answer) = rebuild("a").await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(check("a", r#"{"full": true}"#).await["repair"], "none");
+        assert_eq!(all_rows("a").await, before);
+        assert_replays_to_data(&dbs.join("a"));
+        Ok(())
+    });
+}
+
+/// No rebuild from a log that does not verify: 409 and the data file is left as it was.
+#[test]
+fn rebuild_data_refuses_a_corrupt_log_and_changes_nothing() {
+    with_server(|dbs| async move {
+        namespace_with_rows("a").await;
+        let root = table_root_page("a").await;
+        corrupt(&dbs.join("a/data"), (root - 1) * 4096);
+        corrupt(&dbs.join("a/wallog"), 64 + 5 * 4120 + 24 + 7);
+        let data = std::fs::read(dbs.join("a/data")).unwrap();
+        let (status, answer) = rebuild("a").await;
+        assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+        assert_eq!(answer["code"], "LOG_CORRUPT");
+        assert_eq!(std::fs::read(dbs.join("a/data")).unwrap(), data, "the data file is unchanged");
+        let (status, _) = rebuild("missing").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        Ok(())
+    });
+}

@@ -9,6 +9,7 @@ pub mod interrupt;
 mod memory;
 mod policy;
 mod push;
+mod rebuild;
 mod reset;
 mod write_gate;
 
@@ -25,6 +26,7 @@ use libsql_sys::wal::{Sqlite3Wal, Sqlite3WalManager, WalManager};
 pub use connection::{AccessError, Connection, ConnectionParts, SingleStatements, StmtKind, WriteAccess};
 pub use memory::install as meter_statement_memory;
 pub use check::{check_data_file, DataCheck};
+pub use rebuild::{replay_checked, RebuildError, Rebuilt};
 pub use reset::{Reset, ResetError};
 pub use push::{check_frames, PushError, PushOutcome, PushTarget};
 pub use write_gate::{WriteGate, WritePermit};

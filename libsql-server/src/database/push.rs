@@ -211,8 +211,17 @@ impl Database {
 /// through the WAL wrapper like any write, each commit frame ends a transaction. The caller
 /// holds the write gate, so no other writer moves the WAL meanwhile.
 fn insert_frames(conn: &rusqlite::Connection, body: &[u8]) -> Result<(), PushError> {
+    let mut frames = body.chunks_exact(FRAME);
+    insert_wal_frames(conn, |buf| Ok(frames.next().map(|frame| buf.copy_from_slice(frame)).is_some())).map_err(PushError::Apply)
+}
+
+/// Inserts frames (SQLite's WAL layout: big-endian page number and commit size, then the
+/// page) into the WAL of `conn` through libSQL's frame-insertion API, each commit frame
+/// ending a transaction. `next` fills the buffer with the next frame, or says there is none.
+/// The caller holds the write gate. An unfinished transaction is dropped.
+pub(super) fn insert_wal_frames(conn: &rusqlite::Connection, mut next: impl FnMut(&mut [u8]) -> Result<bool, String>) -> Result<(), String> {
     let db = unsafe { conn.handle() };
-    let fail = |what: &str, rc: i32| PushError::Apply(format!("{what}: {}", rusqlite::ffi::Error::new(rc)));
+    let fail = |what: &str, rc: i32| format!("{what}: {}", rusqlite::ffi::Error::new(rc));
     // Frame numbers past the WAL's end append (lower ones would be compared, not written).
     // Counted from the WAL's end before the first insert: a WAL restart only lowers its end.
     let mut wal_end: u32 = 0;
@@ -223,7 +232,15 @@ fn insert_frames(conn: &rusqlite::Connection, body: &[u8]) -> Result<(), PushErr
     let mut in_txn = false;
     let mut result = Ok(());
     let mut buf = vec![0u8; FRAME];
-    for (i, frame) in body.chunks_exact(FRAME).enumerate() {
+    for i in 0u32.. {
+        match next(&mut buf) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
         if !in_txn {
             let rc = unsafe { ffi::libsql_wal_insert_begin(db) };
             if rc != 0 {
@@ -232,15 +249,14 @@ fn insert_frames(conn: &rusqlite::Connection, body: &[u8]) -> Result<(), PushErr
             }
             in_txn = true;
         }
-        buf.copy_from_slice(frame);
+        let commit = u32::from_be_bytes(buf[4..8].try_into().unwrap()) != 0;
         let mut conflict = 0;
-        let frame_no = wal_end + 1 + i as u32;
-        let rc = unsafe { ffi::libsql_wal_insert_frame(db, frame_no, buf.as_mut_ptr().cast(), FRAME as u32, &mut conflict) };
+        let rc = unsafe { ffi::libsql_wal_insert_frame(db, wal_end + 1 + i, buf.as_mut_ptr().cast(), FRAME as u32, &mut conflict) };
         if rc != 0 {
             result = Err(fail("inserting a frame", rc));
             break;
         }
-        if u32::from_be_bytes(frame[4..8].try_into().unwrap()) != 0 {
+        if commit {
             let rc = unsafe { ffi::libsql_wal_insert_end(db) };
             in_txn = false;
             if rc != 0 {
@@ -250,7 +266,6 @@ fn insert_frames(conn: &rusqlite::Connection, body: &[u8]) -> Result<(), PushErr
         }
     }
     if in_txn {
-        // An unfinished transaction is dropped with its session.
         unsafe { ffi::libsql_wal_insert_end(db) };
     }
     result

@@ -43,6 +43,7 @@ pub fn router(hrana: Hrana, metrics: Arc<Metrics>, auth_key: Option<String>, lim
         .route("/v1/namespaces/:ns/checkpoint", post(checkpoint))
         .route("/v1/namespaces/:ns/integrity-check", post(integrity_check))
         .route("/v1/namespaces/:ns/reset-replication", post(reset_replication))
+        .route("/v1/namespaces/:ns/rebuild-data", post(rebuild_data))
         .route("/metrics", get(render_metrics))
         .route_layer(axum::middleware::from_fn_with_state((metrics, "admin"), track_requests))
         .fallback(no_route)
@@ -301,6 +302,30 @@ async fn reset_replication(
         Err(e) => {
             state.metrics.count("sqld_repair_reset_replication_refused_total", "reset-replication calls refused or failed; nothing was changed.", 1);
             tracing::warn!(namespace = %name, error = %e, "reset-replication refused");
+            Err(e.into())
+        }
+    }
+}
+
+/// Rebuilds a namespace's data file from its replication log (Mode B: the data is corrupt,
+/// the log verifies). The log does not change.
+async fn rebuild_data(
+    State(state): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let name = name_of(path)?;
+    let NoFields {} = optional_body(&body?)?;
+    tracing::info!(namespace = %name, "rebuild-data started");
+    match state.store.rebuild_data(&name).await {
+        Ok(rebuilt) => {
+            state.metrics.count("sqld_repair_rebuild_data_done_total", "rebuild-data calls that rebuilt the data file.", 1);
+            tracing::info!(namespace = %name, pages = rebuilt.pages, elapsed_ms = rebuilt.elapsed.as_millis() as u64, "rebuild-data done");
+            Ok(Json(json!({ "elapsed_ms": rebuilt.elapsed.as_millis() as u64, "pages": rebuilt.pages })))
+        }
+        Err(e) => {
+            state.metrics.count("sqld_repair_rebuild_data_refused_total", "rebuild-data calls refused or failed; nothing was changed.", 1);
+            tracing::warn!(namespace = %name, error = %e, "rebuild-data refused");
             Err(e.into())
         }
     }

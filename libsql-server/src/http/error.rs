@@ -7,7 +7,7 @@ use axum::Json;
 use serde_json::json;
 
 use crate::database::interrupt::Reason;
-use crate::database::{AccessError, ResetError};
+use crate::database::{AccessError, RebuildError, ResetError};
 use crate::hrana::budget::BudgetError;
 use crate::hrana::{RequestError, StmtError};
 use crate::namespace::{self, InvalidName};
@@ -55,6 +55,12 @@ impl From<namespace::Error> for ApiError {
             E::NamespacesDisabled => (StatusCode::BAD_REQUEST, "NAMESPACES_DISABLED"),
             E::DefaultNamespace => (StatusCode::BAD_REQUEST, "NAMESPACE_DEFAULT"),
             E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN"),
+            E::Rebuild { source, .. } => match source {
+                RebuildError::LogCorrupt(_) => (StatusCode::CONFLICT, "LOG_CORRUPT"),
+                RebuildError::ReplayCorrupt(_) => (StatusCode::CONFLICT, "REPLAY_CORRUPT"),
+                RebuildError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "REPAIR_BUSY"),
+                RebuildError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+            },
             E::Reset { source, .. } => match source {
                 ResetError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "REPAIR_BUSY"),
                 ResetError::DataCorrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, "DATA_CORRUPT"),

@@ -41,6 +41,8 @@ pub enum Error {
     Log { name: NamespaceName, source: LogError },
     #[error("namespace {name}: i/o on {path}: {source}", path = .path.display())]
     Io { name: NamespaceName, path: PathBuf, source: std::io::Error },
+    #[error("namespace {name}: rebuild-data: {source}")]
+    Rebuild { name: NamespaceName, source: crate::database::RebuildError },
     #[error("namespace {name}: reset-replication: {source}")]
     Reset { name: NamespaceName, source: crate::database::ResetError },
     #[error("the server is shutting down")]

@@ -14,8 +14,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::database::check_data_file;
-use crate::replication::{verify, LogError, DATA};
+use crate::database::{check_data_file, replay_checked, RebuildError, Rebuilt};
+use crate::durable;
+use crate::replication::{verify, LogError, DATA, DATA_WAL};
 
 /// The repair that fixes what a check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -90,4 +91,26 @@ fn log_verdict(dir: &Path, e: LogError) -> LogVerdict {
         other => (None, None, other.to_string()),
     };
     LogVerdict { ok: false, message, file, frame_no }
+}
+
+/// Rebuilds the data file of the namespace in `dir`, which is not loaded (it cannot open):
+/// the log's replay, checked, replaces the data file by rename, and SQLite's WAL and shared
+/// memory beside it go (the log holds every transaction they held). A crash before the rename
+/// leaves the old file, after it the new one. Blocking.
+pub fn rebuild_unloaded(dir: &Path) -> Result<Rebuilt, RebuildError> {
+    let started = Instant::now();
+    let failed = |e: std::io::Error| RebuildError::Failed(e.to_string());
+    let (scratch, pages) = replay_checked(dir)?;
+    let rebuilt = scratch.path().join(DATA);
+    durable::sync_file(&rebuilt).map_err(failed)?;
+    std::fs::rename(&rebuilt, dir.join(DATA)).map_err(failed)?;
+    durable::sync_dir(dir).map_err(failed)?;
+    for stale in [DATA_WAL.to_owned(), format!("{DATA}-shm")] {
+        match std::fs::remove_file(dir.join(stale)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(failed(e)),
+            _ => {}
+        }
+    }
+    durable::sync_dir(dir).map_err(failed)?;
+    Ok(Rebuilt { pages, elapsed: started.elapsed() })
 }

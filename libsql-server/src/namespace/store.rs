@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::repair::{self, Verdict};
 use super::{DatabaseConfig, Error, MetaStore, Namespace, NamespaceName};
 use crate::blocking;
-use crate::database::{check_data_file, CheckpointMode, Limits, Reset, ResetError};
+use crate::database::{check_data_file, CheckpointMode, Limits, RebuildError, Rebuilt, Reset, ResetError};
 use crate::durable;
 use crate::replication::{LogSettings, LogStats, RecoveryOptions};
 
@@ -271,6 +271,41 @@ impl NamespaceStore {
         };
         let name = name.clone();
         blocking::run(move || ns.db().reset_replication()).await.map_err(internal)?.map_err(|source| Error::Reset { name, source })
+    }
+
+    /// Rebuilds the namespace's data file from its replication log: online (see
+    /// `Database::rebuild_data`) when it can, otherwise (its data file's header is damaged,
+    /// say, so it cannot open or take the rebuilt pages) closed, rebuilt while unloaded under
+    /// its lifecycle lock, and opened again; streams still holding the closed one fail.
+    pub async fn rebuild_data(&self, name: &NamespaceName) -> Result<Rebuilt, Error> {
+        let rebuild_error = |source| Error::Rebuild { name: name.clone(), source };
+        match self.get(name).await {
+            Ok(ns) => match blocking::run(move || ns.db().rebuild_data()).await.map_err(internal)? {
+                Ok(rebuilt) => return Ok(rebuilt),
+                Err(RebuildError::Failed(e)) => {
+                    tracing::warn!(namespace = %name, error = %e, "rebuilding the data online failed: the namespace is closed and rebuilt unloaded")
+                }
+                Err(e) => return Err(rebuild_error(e)),
+            },
+            Err(e @ (Error::NotFound(_) | Error::Deleted(_) | Error::ShuttingDown | Error::InvalidName(_))) => return Err(e),
+            Err(e) => tracing::warn!(namespace = %name, error = %e, "the namespace cannot open: its data file is rebuilt while it is unloaded"),
+        }
+        let slot = self.slot(name);
+        let mut guard = slot.ns.lock().await;
+        if let Some(ns) = guard.take() {
+            self.inner.loaded.fetch_sub(1, Ordering::AcqRel);
+            blocking::run(move || {
+                if let Err(e) = ns.close() {
+                    tracing::warn!(namespace = %ns.name, error = %e, "closing a namespace for a rebuild of its data failed");
+                }
+            })
+            .await
+            .map_err(internal)?;
+        }
+        let dir = self.inner.dir_of(name);
+        let rebuilt = blocking::run(move || repair::rebuild_unloaded(&dir)).await.map_err(internal)?.map_err(rebuild_error)?;
+        self.load_locked(name, &slot, &mut guard).await?;
+        Ok(rebuilt)
     }
 
     /// Moves the namespace's SQLite WAL into its data file.

@@ -87,24 +87,44 @@ pub fn snapshots_of(dir: &Path, log_id: uuid::Uuid) -> Vec<(u64, u64, PathBuf)> 
 /// The database image the log describes: snapshots oldest first, then the wallog's frames.
 /// Fails with the first corruption found, or on a hole in the frame sequence.
 pub fn replay(dir: &Path) -> Result<Vec<u8>, LogError> {
-    let wallog = dir.join(WALLOG);
-    // Read the header first to know which snapshots belong to this log.
-    let header = read_log_header(&File::open(&wallog).map_err(|e| LogError::io(&wallog, e))?, &wallog)?;
     let mut image = Vec::new();
-    let mut size = 0u32;
-    let put = |image: &mut Vec<u8>, page_no: u32, page: &[u8]| {
+    let size = walk_pages(dir, |page_no, page| {
         let at = (page_no as usize - 1) * PAGE_SIZE;
         if image.len() < at + PAGE_SIZE {
             image.resize(at + PAGE_SIZE, 0);
         }
         image[at..at + PAGE_SIZE].copy_from_slice(page);
-    };
+        Ok(())
+    })?;
+    image.truncate(size as usize * PAGE_SIZE);
+    Ok(image)
+}
+
+/// [`replay`] into the file `out` (at `path`, for errors), a page at a time; the database's
+/// size in pages. The file is not synced.
+pub fn replay_into(dir: &Path, out: &File, path: &Path) -> Result<u64, LogError> {
+    let size = walk_pages(dir, |page_no, page| out.write_all_at(page, (page_no as u64 - 1) * PAGE_SIZE as u64).map_err(|e| LogError::io(path, e)))?;
+    out.set_len(u64::from(size) * PAGE_SIZE as u64).map_err(|e| LogError::io(path, e))?;
+    Ok(u64::from(size))
+}
+
+/// Every page the log holds, in the order that leaves each at its newest version (snapshots
+/// oldest first, then the wallog's committed frames); the database's final size in pages.
+fn walk_pages(dir: &Path, mut put: impl FnMut(u32, &[u8]) -> Result<(), LogError>) -> Result<u32, LogError> {
+    let wallog = dir.join(WALLOG);
+    let header = read_log_header(&File::open(&wallog).map_err(|e| LogError::io(&wallog, e))?, &wallog)?;
+    let mut size = 0u32;
+    let mut failed = None;
     let mut next = 0u64;
     for (start, end, path) in snapshots_of(dir, header.log_id) {
         if start != next {
             return Err(LogError::corrupt(&path, Some(next), format!("hole: frames {next}..{start} are in no snapshot")));
         }
-        let snap = walk_snapshot(&path, |fh, page| put(&mut image, fh.page_no, page))?;
+        let snap = walk_snapshot(&path, |fh, page| {
+            if failed.is_none() {
+                failed = put(fh.page_no, page).err();
+            }
+        })?;
         size = snap.size_after;
         next = end + 1;
     }
@@ -112,16 +132,16 @@ pub fn replay(dir: &Path) -> Result<Vec<u8>, LogError> {
         return Err(LogError::corrupt(&wallog, Some(next), format!("hole: frames {next}..{} are in no snapshot", header.start_frame_no)));
     }
     walk_wallog(&wallog, |fh, page| {
-        put(&mut image, fh.page_no, page);
+        if failed.is_none() {
+            failed = put(fh.page_no, page).err();
+        }
         if fh.size_after != 0 {
             size = fh.size_after;
         }
     })?;
-    image.truncate(size as usize * PAGE_SIZE);
-    Ok(image)
+    failed.map_or(Ok(size), Err)
 }
 
-/// Whether the log replays to exactly the data file.
 /// Checks the replication log of namespace directory `dir` without rebuilding the database:
 /// the wallog (header, frame numbers, checksum chain, a commit at its end), every snapshot
 /// and retired log of its log_id (their frames in order and in range), and that those cover
