@@ -9,17 +9,27 @@ use serde_json::{json, Value};
 pub struct Http {
     client: Client<hyper::client::HttpConnector>,
     url: String,
+    namespace: Option<String>,
 }
 
 impl Http {
     pub fn new(url: String) -> Self {
-        Http { client: Client::new(), url }
+        Http { client: Client::new(), url, namespace: None }
+    }
+
+    /// Pipelines to namespace `namespace` (the `x-namespace` header).
+    pub fn with_namespace(url: String, namespace: &str) -> Self {
+        Http { client: Client::new(), url, namespace: Some(namespace.to_owned()) }
     }
 
     /// The answer, or `None` if the request failed or was not a success.
     pub async fn try_pipeline(&self, requests: Vec<Value>) -> Option<Value> {
         let body = json!({ "requests": requests }).to_string();
-        let request = Request::builder().method(Method::POST).uri(&self.url).body(Body::from(body)).unwrap();
+        let mut request = Request::builder().method(Method::POST).uri(&self.url);
+        if let Some(namespace) = &self.namespace {
+            request = request.header("x-namespace", namespace);
+        }
+        let request = request.body(Body::from(body)).unwrap();
         let response = self.client.request(request).await.ok()?;
         if !response.status().is_success() {
             return None;

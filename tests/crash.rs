@@ -93,23 +93,33 @@ async fn kill_9_during_resets_under_write_load_keeps_every_acknowledged_write() 
     for round in 0..10 {
         let writer = tokio::spawn(write_until_killed(sqld.connect().await, next_id));
         let admin = sqld.admin;
+        let (first_done, first) = tokio::sync::oneshot::channel();
         let resetter = tokio::spawn(async move {
             let mut done = 0;
+            let mut first_done = Some(first_done);
             loop {
                 let request = hyper::Request::post(format!("http://{admin}/v1/namespaces/default/reset-replication"))
                     .body(hyper::Body::empty())
                     .unwrap();
                 match hyper::Client::new().request(request).await {
-                    Ok(response) if response.status() == 200 => done += 1,
+                    Ok(response) if response.status() == 200 => {
+                        done += 1;
+                        if let Some(tx) = first_done.take() {
+                            let _ = tx.send(());
+                        }
+                    }
                     Ok(response) => assert_eq!(response.status(), 503, "a reset either works or finds the namespace busy"),
                     Err(_) => return done,
                 }
             }
         });
+        // One reset is done under the load; the kill then lands at a pseudo-random moment of
+        // the ones that follow.
+        first.await.expect("a reset completes under the write load");
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        tokio::time::sleep(Duration::from_millis(50 + seed % 300)).await;
+        tokio::time::sleep(Duration::from_millis(seed % 300)).await;
         let status = tokio::task::block_in_place(|| sqld.signal("KILL"));
         assert!(!status.success());
         let acked = writer.await.unwrap();

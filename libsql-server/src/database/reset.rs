@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::check::check_data_file;
+use super::check::{check_data_file, DataCheck};
 use super::{open_engine_connection, Database, Error};
 use crate::replication::LogError;
 
@@ -48,15 +48,29 @@ impl Database {
         let started = Instant::now();
         let shared = &self.shared;
         let _permit = shared.gate.acquire(RESET_GATE_WAIT).ok_or(ResetError::Busy("the write lock stayed busy"))?;
-        let checkpointed = self.checkpoint_fully();
-        // A data file SQLite cannot even checkpoint is judged by the check too.
-        let check = check_data_file(&shared.path, false);
-        if !check.ok {
-            return Err(ResetError::DataCorrupt(check.message));
+        if let Err(e) = self.checkpoint_fully() {
+            // A data file SQLite cannot even checkpoint is judged by the check.
+            let check = check_data_file(&shared.path, false);
+            return Err(if check.ok { e } else { ResetError::DataCorrupt(check.message) });
         }
-        checkpointed?;
         let old_log_id = shared.logger.log_id();
-        let (log_id, generation, pages) = shared.logger.reset_from_data(&shared.path)?;
+        // The check runs beside the new log's image (the gate keeps the file still); the new
+        // log is swapped in only if the data passed it.
+        let reset = std::thread::scope(|scope| {
+            let checker = scope.spawn(|| check_data_file(&shared.path, false));
+            shared.logger.reset_from_data(&shared.path, || {
+                let check = checker.join().unwrap_or_else(|_| DataCheck { ok: false, message: "the check panicked".into() });
+                if check.ok {
+                    Ok(())
+                } else {
+                    Err(LogError::Abandoned(check.message))
+                }
+            })
+        });
+        let (log_id, generation, pages) = match reset {
+            Err(LogError::Abandoned(message)) => return Err(ResetError::DataCorrupt(message)),
+            other => other?,
+        };
         Ok(Reset { old_log_id, log_id, generation, pages, elapsed: started.elapsed() })
     }
 

@@ -54,6 +54,8 @@ pub enum LogError {
     Corrupt { path: PathBuf, frame_no: Option<u64>, what: String },
     #[error("the replication log is broken ({0}); writes are refused until it is rebuilt")]
     Poisoned(String),
+    #[error("the rebuild of the log was abandoned before its swap: {0}")]
+    Abandoned(String),
     #[error("the namespace was closed; its log takes no more writes")]
     Closed,
     #[error("{}: {1}", .0.display())]

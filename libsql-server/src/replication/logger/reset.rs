@@ -16,12 +16,12 @@ impl ReplicationLogger {
     /// The caller holds the namespace's write gate and has checkpointed SQLite's WAL into
     /// `data` and checked it. The old generation stays readable for sync clients part-way
     /// through it. A broken (poisoned) log is working again afterwards.
-    pub fn reset_from_data(&self, data: &Path) -> Result<(Uuid, u64, u64), LogError> {
+    pub fn reset_from_data(&self, data: &Path, approve: impl FnOnce() -> Result<(), LogError>) -> Result<(Uuid, u64, u64), LogError> {
         // No snapshot of the old log may land after the old ones are dropped.
         self.wait_for_compactions();
         // Checkpoints record their position in `synced` under this lock: not meanwhile.
         let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
-        let rebuilt = match recovery::rebuild(&self.dir, data, "reset-replication") {
+        let rebuilt = match recovery::rebuild_approved(&self.dir, data, "reset-replication", approve) {
             Ok(rebuilt) => rebuilt,
             Err(e) => {
                 self.follow_swapped_log(&e);
