@@ -15,14 +15,58 @@ where
 {
     tokio::task::spawn_blocking(f).await.map_err(|e| {
         let what = match e.try_into_panic() {
-            Ok(payload) => payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into()),
+            Ok(payload) => describe(payload.as_ref()),
             Err(e) => e.to_string(),
         };
         tracing::error!(panic = %what, "blocking task panicked");
         Panicked(what)
     })
+}
+
+/// Runs `f` on a thread of its own at background priority (CPU `nice` 10, the lowest
+/// best-effort I/O priority), which threads it starts inherit: an integrity check of one
+/// namespace yields the cores and the disk to every namespace's requests. (Not for work that
+/// holds a namespace's write lock: its writers would wait on a low-priority thread.) The
+/// thread ends with the work, so no pool thread keeps the lowered priority.
+pub async fn run_in_background<F, R>(f: F) -> Result<R, Panicked>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("sqld-background".into()).spawn(move || {
+        lower_priority();
+        let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+    });
+    if let Err(e) = spawned {
+        return Err(Panicked(format!("spawning a background thread: {e}")));
+    }
+    match rx.await {
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(payload)) => {
+            let what = describe(payload.as_ref());
+            tracing::error!(panic = %what, "background task panicked");
+            Err(Panicked(what))
+        }
+        Err(_) => Err(Panicked("the background thread ended without an answer".into())),
+    }
+}
+
+fn describe(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Lowers the calling thread's CPU and I/O priority (Linux: both are per thread).
+fn lower_priority() {
+    // SAFETY: plain system calls on the calling thread's id; failures only leave the priority.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+        // ioprio_set(IOPRIO_WHO_PROCESS, tid, class best-effort (2) << 13 | level 7).
+        libc::syscall(libc::SYS_ioprio_set, 1, tid, (2 << 13) | 7);
+    }
 }

@@ -249,7 +249,7 @@ impl NamespaceStore {
         let _turn = self.inner.checks.acquire().await.map_err(|_| Error::ShuttingDown)?;
         let dir = self.inner.dir_of(name);
         let name = name.clone();
-        blocking::run(move || if dir.is_dir() { Ok(repair::integrity_check(&dir, full)) } else { Err(Error::NotFound(name)) })
+        blocking::run_in_background(move || if dir.is_dir() { Ok(repair::integrity_check(&dir, full)) } else { Err(Error::NotFound(name)) })
             .await
             .map_err(internal)?
     }
@@ -264,7 +264,7 @@ impl NamespaceStore {
             Err(e) => {
                 // Say whether the data itself is what keeps it from opening.
                 let data = self.inner.dir_of(name).join(crate::replication::DATA);
-                let check = blocking::run(move || check_data_file(&data, false)).await.map_err(internal)?;
+                let check = blocking::run_in_background(move || check_data_file(&data, false)).await.map_err(internal)?;
                 let source = if check.ok { ResetError::Unopenable(e.to_string()) } else { ResetError::DataCorrupt(check.message) };
                 return Err(Error::Reset { name: name.clone(), source });
             }
