@@ -428,11 +428,11 @@ fn a_log_without_an_opening_image_is_rebuilt_once() {
 /// fails without a crash leaves the namespace working on its old log or its new one.
 #[test]
 fn crashes_inside_reset_replication_recover_on_next_open() {
-    for point in ["recovery.after_checkpoint", "image.mid_frames", "recovery.before_swap", "recovery.after_swap"] {
+    for point in ["image.mid_frames", "reset.before_swap", "reset.after_swap"] {
         for ignore_dirty in [false, true] {
             let tmp = tempfile::tempdir().unwrap();
             let options = RecoveryOptions { ignore_dirty, ..Default::default() };
-            let primary = Primary::open(tmp.path(), compact_every(200), options);
+            let primary = Primary::open(tmp.path(), no_compaction(), options);
             primary.exec("CREATE TABLE t (k, v); INSERT INTO t SELECT value, randomblob(2000) FROM generate_series(1, 1500);");
             {
                 let _armed = failpoint::arm(point, tmp.path());
@@ -442,7 +442,7 @@ fn crashes_inside_reset_replication_recover_on_next_open() {
             primary.exec("INSERT INTO t VALUES (-1, 'after a failed reset')");
             primary.crash();
 
-            let primary = Primary::open(tmp.path(), compact_every(200), options);
+            let primary = Primary::open(tmp.path(), no_compaction(), options);
             assert_eq!(primary.count("SELECT count(*) FROM t"), 1501, "{point}, ignore_dirty={ignore_dirty}");
             primary.assert_replay_equals_data();
             primary.exec("INSERT INTO t VALUES (-2, 'after recovery')");
@@ -452,4 +452,28 @@ fn crashes_inside_reset_replication_recover_on_next_open() {
             primary.close();
         }
     }
+}
+
+/// A reset holds writers only while it pins the data file and while it swaps the new log in:
+/// a write made while the new log's image is built is not held (it would wait for the write
+/// lock on this very thread, and fail), and it is in the new log.
+#[test]
+fn writes_go_on_while_a_reset_builds_the_new_log_and_land_in_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    primary.exec("CREATE TABLE t (k, v); INSERT INTO t SELECT value, randomblob(2000) FROM generate_series(1, 500);");
+    let old = primary.logger().log_id();
+    let reset = primary.db().reset_replication_with(|| {
+        primary.exec("INSERT INTO t VALUES (-1, 'written while the image was built')");
+        primary.exec("UPDATE t SET v = x'00' WHERE k % 10 = 0");
+    });
+    let reset = reset.unwrap();
+    assert_ne!(reset.log_id, old);
+    assert_eq!(primary.logger().log_id(), reset.log_id);
+    assert_eq!(primary.count("SELECT count(*) FROM t"), 501);
+    // The new log holds the image and the two transactions after it: it replays to the data.
+    primary.assert_replay_equals_data();
+    primary.exec("INSERT INTO t VALUES (-2, 'after')");
+    primary.assert_replay_equals_data();
+    primary.close();
 }

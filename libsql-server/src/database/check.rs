@@ -24,24 +24,45 @@ pub fn check_data_file(path: &Path, full: bool) -> DataCheck {
     if !path.exists() {
         return DataCheck { ok: true, message: "ok".into() };
     }
-    let failed = |e: &dyn std::fmt::Display| DataCheck { ok: false, message: e.to_string() };
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = match libsql_sys::Connection::open(path, flags, Sqlite3WalManager::new(), 0, None) {
-        Ok(conn) => conn,
-        Err(e) => return failed(&e),
-    };
-    // This connection only reads: it never checkpoints, even if it closes last.
-    if let Err(e) = conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true) {
-        return failed(&e);
+    match Checker::open(path) {
+        Ok(checker) => checker.check(full),
+        Err(e) => DataCheck { ok: false, message: e.to_string() },
     }
-    let pragma = if full { "PRAGMA integrity_check" } else { "PRAGMA quick_check" };
-    let lines = conn.prepare(pragma).and_then(|mut stmt| {
-        let rows = stmt.query_map([], |row| row.get::<_, String>(0))?;
-        rows.take(REPORT_LINES).collect::<Result<Vec<_>, _>>()
-    });
-    match lines {
-        Ok(lines) if lines == ["ok"] => DataCheck { ok: true, message: "ok".into() },
-        Ok(lines) => DataCheck { ok: false, message: lines.join("\n") },
-        Err(e) => failed(&e),
+}
+
+/// A connection of its own on a data file, for checks (and for holding a snapshot).
+pub struct Checker {
+    conn: libsql_sys::Connection<libsql_sys::wal::Sqlite3Wal>,
+}
+
+impl Checker {
+    pub fn open(path: &Path) -> Result<Self, libsql_sys::rusqlite::Error> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = libsql_sys::Connection::open(path, flags, Sqlite3WalManager::new(), 0, None)?;
+        // This connection only reads: it never checkpoints, even if it closes last.
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
+        Ok(Checker { conn })
+    }
+
+    /// Opens a read transaction and keeps it until dropped: the checks see the database as of
+    /// now. Begun while SQLite's WAL is empty, it also pins the data file (no checkpoint can
+    /// write into it while a reader reads only from it).
+    pub fn pin(self) -> Result<Self, libsql_sys::rusqlite::Error> {
+        self.conn.execute_batch("BEGIN")?;
+        self.conn.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
+        Ok(self)
+    }
+
+    pub fn check(&self, full: bool) -> DataCheck {
+        let pragma = if full { "PRAGMA integrity_check" } else { "PRAGMA quick_check" };
+        let lines = self.conn.prepare(pragma).and_then(|mut stmt| {
+            let rows = stmt.query_map([], |row| row.get::<_, String>(0))?;
+            rows.take(REPORT_LINES).collect::<Result<Vec<_>, _>>()
+        });
+        match lines {
+            Ok(lines) if lines == ["ok"] => DataCheck { ok: true, message: "ok".into() },
+            Ok(lines) => DataCheck { ok: false, message: lines.join("\n") },
+            Err(e) => DataCheck { ok: false, message: e.to_string() },
+        }
     }
 }

@@ -1,15 +1,17 @@
-//! `reset-replication`: a new replication log built from the live data file, online. The data
-//! file is checked first; nothing changes if it fails the check.
+//! `reset-replication`: a new replication log built from the live data file, online. Writers
+//! wait only while the data file is made whole and pinned, and for the swap; the image is
+//! written, and the data checked, while they go on. Nothing changes if the data fails the
+//! check.
 
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::check::{check_data_file, DataCheck};
+use super::check::{check_data_file, Checker, DataCheck};
 use super::{open_engine_connection, Database, Error};
 use crate::replication::LogError;
 
-/// How long a reset waits for the write gate (writers queue behind it meanwhile).
+/// How long each step of a reset waits for the write gate (writers queue behind it meanwhile).
 const RESET_GATE_WAIT: Duration = Duration::from_secs(30);
 /// How long each attempt at a full checkpoint waits for readers, and how many attempts.
 const READER_WAIT: Duration = Duration::from_millis(250);
@@ -41,36 +43,52 @@ pub struct Reset {
 
 impl Database {
     /// Rebuilds the namespace's replication log from its data file (see
-    /// `ReplicationLogger::reset_from_data`) under the write gate: writers wait, readers do
-    /// not. SQLite's WAL is checkpointed into the data file first, and the file must pass
-    /// `PRAGMA quick_check`.
+    /// `ReplicationLogger::prepare_reset` and `finish_reset`):
+    /// 1. with the write gate: SQLite's WAL is checkpointed into the data file, and a read
+    ///    transaction pins it (no checkpoint writes into it while that reader is open);
+    /// 2. without it: the pinned file is imaged into a new log beside the live one, and
+    ///    `quick_check` runs on the pinned snapshot beside the image;
+    /// 3. with it again, if the check passed: the transactions committed meanwhile are copied
+    ///    into the new log, which is swapped in.
     pub fn reset_replication(&self) -> Result<Reset, ResetError> {
+        self.reset_replication_with(|| {})
+    }
+
+    /// [`Self::reset_replication`], running `meanwhile` once the new log's image is written and
+    /// before the write gate is taken again (tests write there: writers are not held).
+    pub fn reset_replication_with(&self, meanwhile: impl FnOnce()) -> Result<Reset, ResetError> {
         let started = Instant::now();
         let shared = &self.shared;
-        let _permit = shared.gate.acquire(RESET_GATE_WAIT).ok_or(ResetError::Busy("the write lock stayed busy"))?;
-        if let Err(e) = self.checkpoint_fully() {
-            // A data file SQLite cannot even checkpoint is judged by the check.
-            let check = check_data_file(&shared.path, false);
-            return Err(if check.ok { e } else { ResetError::DataCorrupt(check.message) });
-        }
-        let old_log_id = shared.logger.log_id();
-        // The check runs beside the new log's image (the gate keeps the file still); the new
-        // log is swapped in only if the data passed it.
-        let reset = std::thread::scope(|scope| {
-            let checker = scope.spawn(|| check_data_file(&shared.path, false));
-            shared.logger.reset_from_data(&shared.path, || {
-                let check = checker.join().unwrap_or_else(|_| DataCheck { ok: false, message: "the check panicked".into() });
-                if check.ok {
-                    Ok(())
-                } else {
-                    Err(LogError::Abandoned(check.message))
-                }
-            })
-        });
-        let (log_id, generation, pages) = match reset {
-            Err(LogError::Abandoned(message)) => return Err(ResetError::DataCorrupt(message)),
-            other => other?,
+        let (pin, at) = {
+            let _permit = shared.gate.acquire(RESET_GATE_WAIT).ok_or(ResetError::Busy("the write lock stayed busy"))?;
+            if let Err(e) = self.checkpoint_fully() {
+                // A data file SQLite cannot even checkpoint is judged by the check.
+                let check = check_data_file(&shared.path, false);
+                return Err(if check.ok { e } else { ResetError::DataCorrupt(check.message) });
+            }
+            let pin = Checker::open(&shared.path).and_then(Checker::pin).map_err(Error::from)?;
+            (pin, shared.logger.position())
         };
+        let old_log_id = shared.logger.log_id();
+        let (prepared, check) = std::thread::scope(|scope| {
+            let checker = scope.spawn(move || {
+                let check = pin.check(false);
+                (pin, check)
+            });
+            let prepared = shared.logger.prepare_reset(&shared.path, at);
+            let (pin, check) = checker.join().unwrap_or_else(|_| panic!("the data check panicked"));
+            // The image is written: the data file may move on.
+            drop(pin);
+            (prepared, check)
+        });
+        let DataCheck { ok, message } = check;
+        if !ok {
+            return Err(ResetError::DataCorrupt(message));
+        }
+        let prepared = prepared?;
+        meanwhile();
+        let _permit = shared.gate.acquire(RESET_GATE_WAIT).ok_or(ResetError::Busy("the write lock stayed busy"))?;
+        let (log_id, generation, pages) = shared.logger.finish_reset(prepared, &shared.path)?;
         Ok(Reset { old_log_id, log_id, generation, pages, elapsed: started.elapsed() })
     }
 

@@ -22,6 +22,8 @@ use crate::durable;
 
 mod reset;
 
+pub use reset::{LogPosition, PreparedReset};
+
 /// When a log is retired into a snapshot.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LogSettings {
@@ -52,6 +54,8 @@ pub struct ReplicationLogger {
     snapshot_writer: Arc<Mutex<()>>,
     /// The log is full: the next chance, it should be retired (see [`Self::retire_with_image`]).
     retire_wanted: AtomicBool,
+    /// A reset is building the log's successor: no compaction replaces the log meanwhile.
+    resetting: AtomicBool,
     /// The last position recorded in `synced`: held while recording, so a checkpoint and a
     /// compaction of this namespace take turns, and an unchanged position costs no fsync.
     synced: Mutex<Option<SyncedThrough>>,
@@ -153,12 +157,14 @@ impl ReplicationLogger {
             superseded: Mutex::default(),
             written: Arc::default(),
             retire_wanted: AtomicBool::new(false),
+            resetting: AtomicBool::new(false),
             synced: Mutex::new(synced::read(dir)),
             generation: AtomicU64::new(generation.generation),
         });
         // Finish what a previous run left: redundant snapshots, and the snapshots of logs it
         // retired but did not get to write.
         compaction::prune(dir, true)?;
+        remove_leftovers(dir);
         for retired in compaction::pending(dir) {
             logger.spawn_snapshot(retired);
         }
@@ -281,6 +287,10 @@ impl ReplicationLogger {
     /// namespace's write lock and has checkpointed SQLite's WAL into `data`, so `data` is
     /// exactly the database as of the log's last frame.
     pub fn retire_with_image(&self, data: &Path) -> Result<(), LogError> {
+        if self.resetting.load(Ordering::Acquire) {
+            // The reset's new log replaces this one; the flag stays for after it.
+            return Ok(());
+        }
         let mut state = self.lock();
         if let Some(why) = &state.poisoned {
             return Err(LogError::Poisoned(why.clone()));
@@ -689,6 +699,17 @@ pub(super) fn create_log_file(path: &Path, header: &LogHeader) -> Result<File, L
     file.write_all_at(&header.encode(), 0).and_then(|()| file.sync_all()).map_err(|e| LogError::io(path, e))?;
     durable::sync_parent(path).map_err(|e| LogError::io(path, e))?;
     Ok(file)
+}
+
+/// What an interrupted reset or data rebuild left beside the log: a half-built log
+/// (`wallog.rebuild`) and scratch replays (`.rebuild-*`). Nothing reads them.
+fn remove_leftovers(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join(super::WALLOG_REBUILD));
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(".rebuild-")) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn count_files(dir: &Path, extension: &str) -> usize {

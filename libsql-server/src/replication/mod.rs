@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use libsql_sys::rusqlite;
 
-pub use logger::{LogSettings, LogStats, ReplicationLogger};
+pub use logger::{LogPosition, LogSettings, LogStats, PreparedReset, ReplicationLogger};
 pub use recovery::{Rebuild, RecoveryOptions};
 
 /// The SQLite database file of a namespace, and SQLite's own WAL beside it.

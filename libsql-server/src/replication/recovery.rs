@@ -199,12 +199,6 @@ fn finish_interrupted_retire(dir: &Path) -> Result<(), LogError> {
 /// start frame 0) holding every page as one transaction beside the old one, swap it in, and
 /// drop the snapshots and retired logs of the old log.
 pub fn rebuild(dir: &Path, data: &Path, reason: &'static str) -> Result<Rebuild, LogError> {
-    rebuild_approved(dir, data, reason, || Ok(()))
-}
-
-/// [`rebuild`], with `approve` asked once the new log is written and before it is swapped in:
-/// an error leaves the old log in place (and the new one is removed).
-pub fn rebuild_approved(dir: &Path, data: &Path, reason: &'static str, approve: impl FnOnce() -> Result<(), LogError>) -> Result<Rebuild, LogError> {
     let started = Instant::now();
     checkpoint_data_file(data)?;
     // The new log is made from the data file, which SQLite did not sync.
@@ -221,10 +215,6 @@ pub fn rebuild_approved(dir: &Path, data: &Path, reason: &'static str, approve: 
         log.sync_data().map_err(|e| io(&new_path, e))?;
         header.frame_count = pages;
         log.write_all_at(&header.encode(), 0).and_then(|()| log.sync_all()).map_err(|e| io(&new_path, e))?;
-    }
-    if let Err(e) = approve() {
-        let _ = std::fs::remove_file(&new_path);
-        return Err(e);
     }
     failpoint::check("recovery.before_swap", &new_path).map_err(|e| LogError::io(&new_path, e))?;
     let wallog = dir.join(WALLOG);

@@ -1,34 +1,114 @@
-//! `reset-replication` on the logger: a new log from the data file, taken up in place.
+//! `reset-replication` on the logger: a new log built beside the live one from the data file,
+//! caught up with what the live log committed meanwhile, swapped in and taken up in place.
 
-use std::path::Path;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use uuid::Uuid;
 
-use super::{LogState, ReplicationLogger, Superseded};
-use crate::replication::{generation, recovery, synced, LogError, WALLOG};
+use super::{create_log_file, frame_offset, LogState, ReplicationLogger, Superseded};
+use crate::durable;
+use crate::replication::format::{checksum, FrameHeader, LogHeader, FRAME_SIZE};
+use crate::replication::image::{write_image, ImageTarget};
+use crate::replication::synced::{self, SyncedThrough};
+use crate::replication::{
+    failpoint, generation, recovery, LogError, LOG_UNTRUSTED, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG, WALLOG_NEW, WALLOG_REBUILD,
+};
+
+/// Where the live log stood when the data file was pinned: its identity and committed frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogPosition {
+    log_id: Uuid,
+    start_frame_no: u64,
+    frame_count: u64,
+}
+
+/// A new log written beside the live one (`wallog.rebuild`), removed if dropped unfinished.
+/// While it exists, compactions wait (they would replace the live log it catches up from).
+pub struct PreparedReset<'a> {
+    logger: &'a ReplicationLogger,
+    path: PathBuf,
+    file: File,
+    header: LogHeader,
+    last_checksum: u64,
+    image_pages: u64,
+    at: LogPosition,
+    done: bool,
+}
+
+impl Drop for PreparedReset<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        self.logger.resetting.store(false, Ordering::Release);
+    }
+}
 
 impl ReplicationLogger {
-    /// Replaces the log with a new one built from `data`: a new log_id, frame 0 on, one
-    /// transaction carrying every page, no snapshots or retired logs, a new generation (see
-    /// `recovery::rebuild`, which builds it beside the old one and swaps it in by rename).
-    /// The caller holds the namespace's write gate and has checkpointed SQLite's WAL into
-    /// `data` and checked it. The old generation stays readable for sync clients part-way
-    /// through it. A broken (poisoned) log is working again afterwards.
-    pub fn reset_from_data(&self, data: &Path, approve: impl FnOnce() -> Result<(), LogError>) -> Result<(Uuid, u64, u64), LogError> {
+    /// Where the live log stands. Taken with the write gate held, so no commit is in flight.
+    pub fn position(&self) -> LogPosition {
+        let state = self.lock();
+        LogPosition { log_id: state.header.log_id, start_frame_no: state.header.start_frame_no, frame_count: state.header.frame_count }
+    }
+
+    /// Writes a new log (new log_id, frame 0 on) opening with a full image of `data`, beside
+    /// the live log. `data` must hold exactly the state of position `at` and stay so until
+    /// this returns (the caller pins it: a read transaction begun on an empty SQLite WAL keeps
+    /// any checkpoint from writing into it); writers go on meanwhile, into the live log.
+    pub fn prepare_reset(&self, data: &Path, at: LogPosition) -> Result<PreparedReset<'_>, LogError> {
+        // The new log's image is the data file: it must be durable before a roll-forward
+        // would start after that image.
+        durable::sync_file(data).map_err(|e| LogError::io(data, e))?;
+        let path = self.dir.join(WALLOG_REBUILD);
+        let mut header = LogHeader::new(Uuid::new_v4(), 0, 0);
+        self.resetting.store(true, Ordering::Release);
+        let file = match create_log_file(&path, &header) {
+            Ok(file) => file,
+            Err(e) => {
+                self.resetting.store(false, Ordering::Release);
+                return Err(e);
+            }
+        };
+        let mut prepared =
+            PreparedReset { logger: self, path, file, header, last_checksum: header.start_checksum, image_pages: 0, at, done: false };
+        let target = ImageTarget { log: &prepared.file, log_path: &prepared.path, first_index: 0, first_frame_no: 0, previous_checksum: header.start_checksum };
+        let (pages, last_checksum) = write_image(target, data)?;
+        header.frame_count = pages;
+        prepared.header = header;
+        prepared.last_checksum = last_checksum;
+        prepared.image_pages = pages;
+        Ok(prepared)
+    }
+
+    /// With the write gate held: appends the transactions the live log committed since the
+    /// prepared log's image, makes the new log durable and swaps it in by rename, drops the
+    /// snapshots and retired logs of the old one, and takes the new log up (a new generation).
+    /// The old generation stays readable for sync clients part-way through it; a broken
+    /// (poisoned) log works again. A failure before the rename leaves the old log; after it,
+    /// the new one is taken up (or the log refuses writes until the next open rebuilds it).
+    pub fn finish_reset(&self, mut prepared: PreparedReset<'_>, data: &Path) -> Result<(Uuid, u64, u64), LogError> {
         // No snapshot of the old log may land after the old ones are dropped.
         self.wait_for_compactions();
         // Checkpoints record their position in `synced` under this lock: not meanwhile.
         let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
-        let rebuilt = match recovery::rebuild_approved(&self.dir, data, "reset-replication", approve) {
-            Ok(rebuilt) => rebuilt,
-            Err(e) => {
-                self.follow_swapped_log(&e);
-                return Err(e);
-            }
-        };
-        let generation = generation::for_log(&self.dir, recovery::read_header(&self.dir.join(WALLOG))?.log_id, 0)?;
+        self.catch_up(&mut prepared)?;
+        let io = |p: &Path, e| LogError::io(p, e);
+        let (path, file) = (&prepared.path, &prepared.file);
+        file.sync_data().map_err(|e| io(path, e))?;
+        file.write_all_at(&prepared.header.encode(), 0).and_then(|()| file.sync_all()).map_err(|e| io(path, e))?;
+        failpoint::check("reset.before_swap", path).map_err(|e| io(path, e))?;
+        let wallog = self.dir.join(WALLOG);
+        std::fs::rename(path, &wallog).map_err(|e| io(path, e))?;
+        prepared.done = true;
+        if let Err(e) = self.after_swap(data, &prepared) {
+            self.follow_swapped_log(&e);
+            return Err(e);
+        }
+        let generation = generation::for_log(&self.dir, prepared.header.log_id, 0)?;
         let mut state = self.lock();
         let outgoing = Superseded { generation: state.generation.generation, file: state.file.clone(), frame_count: state.header.frame_count, at: Instant::now() };
         *state = LogState::read(&self.dir, generation)?;
@@ -38,7 +118,52 @@ impl ReplicationLogger {
         if outgoing.frame_count > 0 {
             self.supersede(outgoing);
         }
-        Ok((state.header.log_id, generation.generation, rebuilt.pages))
+        Ok((state.header.log_id, generation.generation, prepared.image_pages))
+    }
+
+    /// Copies the live log's frames committed after the prepared image into the new log,
+    /// renumbered after the image and chained on from it.
+    fn catch_up(&self, prepared: &mut PreparedReset<'_>) -> Result<(), LogError> {
+        let state = self.lock();
+        let now = LogPosition { log_id: state.header.log_id, start_frame_no: state.header.start_frame_no, frame_count: state.header.frame_count };
+        if (now.log_id, now.start_frame_no) != (prepared.at.log_id, prepared.at.start_frame_no) || now.frame_count < prepared.at.frame_count {
+            return Err(LogError::Abandoned("the live log was replaced while the new one was built; try again".into()));
+        }
+        let live = self.dir.join(WALLOG);
+        let mut frame = vec![0u8; FRAME_SIZE];
+        for index in prepared.at.frame_count..now.frame_count {
+            state.file.read_exact_at(&mut frame, frame_offset(index)).map_err(|e| LogError::io(&live, e))?;
+            let old = FrameHeader::decode(&frame[..24]);
+            prepared.last_checksum = checksum(prepared.last_checksum, &frame[24..]);
+            let at = prepared.header.frame_count;
+            FrameHeader { frame_no: at, checksum: prepared.last_checksum, page_no: old.page_no, size_after: old.size_after }.encode_into(&mut frame[..24]);
+            prepared.file.write_all_at(&frame, frame_offset(at)).map_err(|e| LogError::io(&prepared.path, e))?;
+            prepared.header.frame_count += 1;
+        }
+        Ok(())
+    }
+
+    /// After the new log is the wallog: the old log's snapshots and retired logs go, and the
+    /// data file is recorded durable through the new log's image.
+    fn after_swap(&self, data: &Path, prepared: &PreparedReset<'_>) -> Result<(), LogError> {
+        let io = |p: &Path, e| LogError::io(p, e);
+        durable::sync_dir(&self.dir).map_err(|e| io(&self.dir, e))?;
+        failpoint::check("reset.after_swap", &self.dir).map_err(|e| io(&self.dir, e))?;
+        for stale in [SNAPSHOTS_DIR, TO_COMPACT_DIR] {
+            let path = self.dir.join(stale);
+            match std::fs::remove_dir_all(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&path, e)),
+                _ => {}
+            }
+        }
+        let _ = std::fs::remove_file(self.dir.join(WALLOG_NEW));
+        let _ = std::fs::remove_file(self.dir.join(LOG_UNTRUSTED));
+        durable::sync_dir(&self.dir).map_err(|e| io(&self.dir, e))?;
+        if prepared.image_pages > 0 {
+            let through = SyncedThrough { log_id: prepared.header.log_id, start_frame_no: 0, frame_no: prepared.image_pages - 1 };
+            synced::record(&self.dir, data, through);
+        }
+        Ok(())
     }
 
     /// After a reset failed: if its new log was already swapped in, appending to the old one
@@ -69,4 +194,3 @@ impl ReplicationLogger {
         }
     }
 }
-
