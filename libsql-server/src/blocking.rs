@@ -60,8 +60,9 @@ fn describe(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-/// Lowers the calling thread's CPU and I/O priority (Linux: both are per thread).
-fn lower_priority() {
+/// Lowers the calling thread's CPU and I/O priority (Linux: both are per thread). For threads
+/// that end with their work and hold no lock others wait for.
+pub fn lower_priority() {
     // SAFETY: plain system calls on the calling thread's id; failures only leave the priority.
     unsafe {
         let tid = libc::gettid();

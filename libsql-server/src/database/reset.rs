@@ -70,12 +70,19 @@ impl Database {
             (pin, shared.logger.position())
         };
         let old_log_id = shared.logger.log_id();
+        // No lock is held here, so the image and the check run at background priority: the
+        // other namespaces' requests (and this one's) come first.
         let (prepared, check) = std::thread::scope(|scope| {
             let checker = scope.spawn(move || {
+                crate::blocking::lower_priority();
                 let check = pin.check(false);
                 (pin, check)
             });
-            let prepared = shared.logger.prepare_reset(&shared.path, at);
+            let imager = scope.spawn(|| {
+                crate::blocking::lower_priority();
+                shared.logger.prepare_reset(&shared.path, at)
+            });
+            let prepared = imager.join().unwrap_or_else(|_| panic!("writing the new log's image panicked"));
             let (pin, check) = checker.join().unwrap_or_else(|_| panic!("the data check panicked"));
             // The image is written: the data file may move on.
             drop(pin);

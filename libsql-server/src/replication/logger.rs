@@ -126,6 +126,8 @@ pub struct LogStats {
     pub wallog_bytes: u64,
     pub snapshot_count: usize,
     pub pending_compactions: usize,
+    /// The log is full and waits for a compaction to retire it.
+    pub compaction_wanted: bool,
     /// Since the log was opened (this process): compactions, frames of transactions logged,
     /// frames of opening images and frames written into snapshots. The log's write
     /// amplification is (transaction + image + snapshot frames) / transaction frames.
@@ -493,6 +495,7 @@ impl ReplicationLogger {
             wallog_bytes: frame_offset(h.frame_count),
             snapshot_count: count_files(&self.dir.join(SNAPSHOTS_DIR), "snap"),
             pending_compactions: compaction::pending(&self.dir).len(),
+            compaction_wanted: self.retire_wanted(),
             compactions: self.written.compactions.load(Ordering::Relaxed),
             transaction_frames: self.written.transaction_frames.load(Ordering::Relaxed),
             image_frames: self.written.image_frames.load(Ordering::Relaxed),
