@@ -477,3 +477,40 @@ fn writes_go_on_while_a_reset_builds_the_new_log_and_land_in_it() {
     primary.assert_replay_equals_data();
     primary.close();
 }
+
+/// `rebuild-data` stopped at any step changes nothing the next open cannot use: online it is
+/// one WAL transaction (all of it or none), unloaded one rename; each is reopened and checked.
+#[test]
+fn crashes_inside_rebuild_data_recover_on_next_open() {
+    for point in ["rebuild.mid_insert", "rebuild.before_rename", "rebuild.after_rename"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+        primary.exec("CREATE TABLE t (k, v); INSERT INTO t SELECT value, randomblob(2000) FROM generate_series(1, 800);");
+        let primary = if point == "rebuild.mid_insert" {
+            let _armed = failpoint::arm(point, tmp.path());
+            assert!(primary.db().rebuild_data().is_err(), "{point}: the failpoint stops the rebuild");
+            drop(_armed);
+            assert_eq!(primary.count("SELECT count(*) FROM t"), 800, "{point}: nothing changed");
+            primary.exec("INSERT INTO t VALUES (-1, 'after a failed rebuild')");
+            primary.crash();
+            Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default())
+        } else {
+            primary.close();
+            {
+                let _armed = failpoint::arm(point, tmp.path());
+                assert!(libsql_server::namespace::repair::rebuild_unloaded(tmp.path()).is_err(), "{point}");
+            }
+            let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+            primary.exec("INSERT INTO t VALUES (-1, 'after a failed rebuild')");
+            primary
+        };
+        assert_eq!(primary.count("SELECT count(*) FROM t"), 801, "{point}");
+        assert_eq!(primary.integrity(), "ok", "{point}");
+        primary.assert_replay_equals_data();
+        // And the rebuild then works.
+        primary.db().rebuild_data().unwrap();
+        assert_eq!(primary.count("SELECT count(*) FROM t"), 801, "{point}");
+        primary.assert_replay_equals_data();
+        primary.close();
+    }
+}

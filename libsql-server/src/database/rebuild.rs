@@ -17,7 +17,7 @@ use super::check::check_data_file;
 use super::push::insert_wal_frames;
 use super::{Database, PAGE_SIZE};
 use crate::replication::format::FRAME_HEADER_SIZE;
-use crate::replication::{verify, LogError};
+use crate::replication::{failpoint, verify, LogError};
 
 /// How long a rebuild waits for the write gate (writers queue behind it meanwhile).
 const REBUILD_GATE_WAIT: Duration = Duration::from_secs(30);
@@ -89,8 +89,10 @@ impl Database {
             if page == pages {
                 frame[4..8].copy_from_slice(&(pages as u32).to_be_bytes());
             }
-            image.read_exact_at(&mut frame[FRAME_HEADER_SIZE..], (page - 1) * PAGE_SIZE as u64).map_err(|e| e.to_string())
-                .map(|()| true)
+            if page == pages / 2 {
+                failpoint::check("rebuild.mid_insert", &self.shared.path).map_err(|e| e.to_string())?;
+            }
+            image.read_exact_at(&mut frame[FRAME_HEADER_SIZE..], (page - 1) * PAGE_SIZE as u64).map_err(|e| e.to_string()).map(|()| true)
         })
         .map_err(RebuildError::Failed)?;
         // Into the data file too, if no reader holds the WAL (otherwise a later checkpoint does).

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::database::{check_data_file, replay_checked, RebuildError, Rebuilt};
 use crate::durable;
-use crate::replication::{verify, LogError, DATA, DATA_WAL};
+use crate::replication::{failpoint, verify, LogError, DATA, DATA_WAL};
 
 /// The repair that fixes what a check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -103,8 +103,10 @@ pub fn rebuild_unloaded(dir: &Path) -> Result<Rebuilt, RebuildError> {
     let (scratch, pages) = replay_checked(dir)?;
     let rebuilt = scratch.path().join(DATA);
     durable::sync_file(&rebuilt).map_err(failed)?;
+    failpoint::check("rebuild.before_rename", dir).map_err(failed)?;
     std::fs::rename(&rebuilt, dir.join(DATA)).map_err(failed)?;
     durable::sync_dir(dir).map_err(failed)?;
+    failpoint::check("rebuild.after_rename", dir).map_err(failed)?;
     for stale in [DATA_WAL.to_owned(), format!("{DATA}-shm")] {
         match std::fs::remove_file(dir.join(stale)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(failed(e)),
