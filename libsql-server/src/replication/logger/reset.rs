@@ -75,7 +75,13 @@ impl ReplicationLogger {
         };
         let mut prepared =
             PreparedReset { logger: self, path, file, header, last_checksum: header.start_checksum, image_pages: 0, at, done: false };
-        let target = ImageTarget { log: &prepared.file, log_path: &prepared.path, first_index: 0, first_frame_no: 0, previous_checksum: header.start_checksum };
+        let target = ImageTarget {
+            log: &prepared.file,
+            log_path: &prepared.path,
+            first_index: 0,
+            first_frame_no: 0,
+            previous_checksum: header.start_checksum,
+        };
         let (pages, last_checksum) = write_image(target, data)?;
         header.frame_count = pages;
         prepared.header = header;
@@ -110,7 +116,12 @@ impl ReplicationLogger {
         }
         let generation = generation::for_log(&self.dir, prepared.header.log_id, 0)?;
         let mut state = self.lock();
-        let outgoing = Superseded { generation: state.generation.generation, file: state.file.clone(), frame_count: state.header.frame_count, at: Instant::now() };
+        let outgoing = Superseded {
+            generation: state.generation.generation,
+            file: state.file.clone(),
+            frame_count: state.header.frame_count,
+            at: Instant::now(),
+        };
         *state = LogState::read(&self.dir, generation)?;
         *synced = synced::read(&self.dir);
         self.generation.store(generation.generation, Ordering::Release);
@@ -125,8 +136,10 @@ impl ReplicationLogger {
     /// renumbered after the image and chained on from it.
     fn catch_up(&self, prepared: &mut PreparedReset<'_>) -> Result<(), LogError> {
         let state = self.lock();
-        let now = LogPosition { log_id: state.header.log_id, start_frame_no: state.header.start_frame_no, frame_count: state.header.frame_count };
-        if (now.log_id, now.start_frame_no) != (prepared.at.log_id, prepared.at.start_frame_no) || now.frame_count < prepared.at.frame_count {
+        let now =
+            LogPosition { log_id: state.header.log_id, start_frame_no: state.header.start_frame_no, frame_count: state.header.frame_count };
+        if (now.log_id, now.start_frame_no) != (prepared.at.log_id, prepared.at.start_frame_no) || now.frame_count < prepared.at.frame_count
+        {
             return Err(LogError::Abandoned("the live log was replaced while the new one was built; try again".into()));
         }
         let live = self.dir.join(WALLOG);
@@ -136,7 +149,8 @@ impl ReplicationLogger {
             let old = FrameHeader::decode(&frame[..24]);
             prepared.last_checksum = checksum(prepared.last_checksum, &frame[24..]);
             let at = prepared.header.frame_count;
-            FrameHeader { frame_no: at, checksum: prepared.last_checksum, page_no: old.page_no, size_after: old.size_after }.encode_into(&mut frame[..24]);
+            FrameHeader { frame_no: at, checksum: prepared.last_checksum, page_no: old.page_no, size_after: old.size_after }
+                .encode_into(&mut frame[..24]);
             prepared.file.write_all_at(&frame, frame_offset(at)).map_err(|e| LogError::io(&prepared.path, e))?;
             prepared.header.frame_count += 1;
         }
