@@ -60,6 +60,9 @@ pub struct Namespace {
     /// Set once the namespace is deleted, so streams still holding it stop using it.
     deleted: AtomicBool,
     recovery: replication::RecoveryOptions,
+    /// Held by a repair from start to end, and by `close`: repairs of one namespace take
+    /// turns, and a delete, an eviction or a shutdown waits for the one in flight.
+    repairing: std::sync::Mutex<()>,
 }
 
 impl Namespace {
@@ -73,7 +76,7 @@ impl Namespace {
             .map_err(|source| Error::Log { name: name.clone(), source })?;
         let db = Database::open(&data, config, settings.limits.clone(), logger)
             .map_err(|source| Error::Database { name: name.clone(), source })?;
-        Ok(Namespace { name, dir, db, deleted: AtomicBool::new(false), recovery: settings.recovery })
+        Ok(Namespace { name, dir, db, deleted: AtomicBool::new(false), recovery: settings.recovery, repairing: Default::default() })
     }
 
     pub fn name(&self) -> &NamespaceName {
@@ -100,6 +103,14 @@ impl Namespace {
         Ok(())
     }
 
+    /// Runs the repair `f` on the namespace's database, after any repair in flight and never
+    /// beside a close; not at all once the namespace is deleted. Blocking.
+    pub fn repair<T>(&self, f: impl FnOnce(&Database) -> T) -> Result<T, Error> {
+        let _turn = self.repairing.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_live()?;
+        Ok(f(&self.db))
+    }
+
     pub fn database_error(&self, source: database::Error) -> Error {
         Error::Database { name: self.name.clone(), source }
     }
@@ -107,6 +118,7 @@ impl Namespace {
     /// Checkpoints, closes the idle connections, and marks the log clean (the sentinel goes).
     /// Blocking. After an error the sentinel stays, so the next open rebuilds the log.
     fn close(&self) -> Result<(), Error> {
+        let _no_repair = self.repairing.lock().unwrap_or_else(|e| e.into_inner());
         self.db.close().map_err(|e| self.database_error(e))?;
         replication::recovery::close(self.db.logger(), self.recovery).map_err(|source| Error::Log { name: self.name.clone(), source })
     }

@@ -270,7 +270,7 @@ impl NamespaceStore {
             }
         };
         let name = name.clone();
-        blocking::run(move || ns.db().reset_replication()).await.map_err(internal)?.map_err(|source| Error::Reset { name, source })
+        blocking::run(move || ns.repair(|db| db.reset_replication())).await.map_err(internal)??.map_err(|source| Error::Reset { name, source })
     }
 
     /// Rebuilds the namespace's data file from its replication log: online (see
@@ -280,7 +280,7 @@ impl NamespaceStore {
     pub async fn rebuild_data(&self, name: &NamespaceName) -> Result<Rebuilt, Error> {
         let rebuild_error = |source| Error::Rebuild { name: name.clone(), source };
         match self.get(name).await {
-            Ok(ns) => match blocking::run(move || ns.db().rebuild_data()).await.map_err(internal)? {
+            Ok(ns) => match blocking::run(move || ns.repair(|db| db.rebuild_data())).await.map_err(internal)?? {
                 Ok(rebuilt) => return Ok(rebuilt),
                 Err(RebuildError::Failed(e)) => {
                     tracing::warn!(namespace = %name, error = %e, "rebuilding the data online failed: the namespace is closed and rebuilt unloaded")
