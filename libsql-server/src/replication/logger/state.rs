@@ -47,10 +47,13 @@ impl LogState {
 
 /// How the committed frames of a log begin: the number of frames of its opening full image
 /// (0 if its first transaction is not one), and the database's size after its last
-/// transaction. Reads frame headers only.
+/// transaction. Reads frame headers only, and for an image as this server writes them (page
+/// `i` at index `i - 1`, committing at its last page) only a few: its end is found by
+/// bisection, so opening a namespace does not read its whole image. Any other first
+/// transaction is walked to its commit.
 fn opening_image(file: &File, header: &LogHeader, path: &Path) -> Result<(u64, u64), LogError> {
-    let mut frame = [0u8; 24];
-    let mut read = |index: u64| {
+    let read = |index: u64| {
+        let mut frame = [0u8; 24];
         file.read_exact_at(&mut frame, frame_offset(index))
             .map_err(|_| LogError::corrupt(path, Some(header.start_frame_no + index), "header counts more frames than the file holds"))
             .map(|()| FrameHeader::decode(&frame))
@@ -59,6 +62,25 @@ fn opening_image(file: &File, header: &LogHeader, path: &Path) -> Result<(u64, u
         return Ok((0, 0));
     }
     let db_pages = u64::from(read(header.frame_count - 1)?.size_after);
+    let in_image = |index: u64, fh: &FrameHeader| u64::from(fh.page_no) == index + 1 && fh.size_after == 0;
+    if in_image(0, &read(0)?) {
+        // Frames 0..=lo are inside an image; hi is past its last uncommitted page.
+        let (mut lo, mut hi) = (0, header.frame_count);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if in_image(mid, &read(mid)?) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        if hi < header.frame_count {
+            let end = read(hi)?;
+            if u64::from(end.page_no) == hi + 1 && u64::from(end.size_after) == hi + 1 {
+                return Ok((hi + 1, db_pages));
+            }
+        }
+    }
     let (mut highest, mut count) = (0u32, 0u64);
     for index in 0..header.frame_count {
         let fh = read(index)?;
