@@ -147,12 +147,7 @@ impl Shared {
             tracing::warn!(path = %self.path.display(), "compaction postponed: the write lock stayed busy");
             return false;
         };
-        let checkpointed = open_engine_connection(&self.path, &self.logger).and_then(|conn| {
-            conn.busy_timeout(COMPACTION_READER_WAIT)?;
-            let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
-            Ok(busy == 0)
-        });
-        match checkpointed {
+        match self.checkpoint_fully(1) {
             Ok(true) => match self.logger.retire_with_image(&self.path) {
                 Ok(()) => true,
                 Err(e) => {
@@ -172,9 +167,25 @@ impl Shared {
     }
 }
 
-/// How long a compaction waits for readers to let the WAL be checkpointed; writers queue
-/// meanwhile, so it is short.
-const COMPACTION_READER_WAIT: Duration = Duration::from_millis(250);
+impl Shared {
+    /// With the write gate held: moves all of SQLite's WAL into the data file and empties it,
+    /// on a connection of its own, making up to `attempts` tries of waiting
+    /// [`CHECKPOINT_READER_WAIT`] for readers. False if readers kept it from finishing.
+    fn checkpoint_fully(&self, attempts: usize) -> Result<bool, Error> {
+        let conn = open_engine_connection(&self.path, &self.logger)?;
+        conn.busy_timeout(CHECKPOINT_READER_WAIT)?;
+        for _ in 0..attempts {
+            if conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0))? == 0 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// How long each try at a full checkpoint waits for readers; writers queue meanwhile (the
+/// caller holds the write gate), so it is short.
+const CHECKPOINT_READER_WAIT: Duration = Duration::from_millis(250);
 
 /// How long after a postponed or failed compaction the next attempt waits.
 const COMPACTION_RETRY_AFTER: Duration = Duration::from_secs(10);

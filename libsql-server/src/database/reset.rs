@@ -8,13 +8,12 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::check::{check_data_file, Checker, DataCheck};
-use super::{open_engine_connection, Database, Error};
+use super::{Database, Error};
 use crate::replication::LogError;
 
 /// How long each step of a reset waits for the write gate (writers queue behind it meanwhile).
 const RESET_GATE_WAIT: Duration = Duration::from_secs(30);
-/// How long each attempt at a full checkpoint waits for readers, and how many attempts.
-const READER_WAIT: Duration = Duration::from_millis(250);
+/// How many tries a full checkpoint gets before a reset gives up (readers hold the WAL).
 const CHECKPOINT_ATTEMPTS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +60,12 @@ impl Database {
         let shared = &self.shared;
         let (pin, at) = {
             let _permit = shared.gate.acquire(RESET_GATE_WAIT).ok_or(ResetError::Busy("the write lock stayed busy"))?;
-            if let Err(e) = self.checkpoint_fully() {
+            let checkpointed = match shared.checkpoint_fully(CHECKPOINT_ATTEMPTS) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(ResetError::Busy("readers kept SQLite's WAL from a full checkpoint")),
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = checkpointed {
                 // A data file SQLite cannot even checkpoint is judged by the check.
                 let check = check_data_file(&shared.path, false);
                 return Err(if check.ok { e } else { ResetError::DataCorrupt(check.message) });
@@ -97,17 +101,5 @@ impl Database {
         let _permit = shared.gate.acquire(RESET_GATE_WAIT).ok_or(ResetError::Busy("the write lock stayed busy"))?;
         let (log_id, generation, pages) = shared.logger.finish_reset(prepared, &shared.path)?;
         Ok(Reset { old_log_id, log_id, generation, pages, elapsed: started.elapsed() })
-    }
-
-    /// Moves all of SQLite's WAL into the data file, waiting a little for readers each try.
-    fn checkpoint_fully(&self) -> Result<(), ResetError> {
-        let conn = open_engine_connection(&self.shared.path, &self.shared.logger)?;
-        conn.busy_timeout(READER_WAIT).map_err(Error::from)?;
-        for _ in 0..CHECKPOINT_ATTEMPTS {
-            if conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0)).map_err(Error::from)? == 0 {
-                return Ok(());
-            }
-        }
-        Err(ResetError::Busy("readers kept SQLite's WAL from a full checkpoint"))
     }
 }

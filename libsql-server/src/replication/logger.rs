@@ -106,6 +106,13 @@ struct Superseded {
     at: Instant,
 }
 
+impl LogState {
+    /// The current generation, as it will be kept once superseded.
+    fn outgoing(&self) -> Superseded {
+        Superseded { generation: self.generation.generation, file: self.file.clone(), frame_count: self.header.frame_count, at: Instant::now() }
+    }
+}
+
 /// How long a superseded generation stays readable, and how many at most: a client pulls a
 /// transaction in one sync call (seconds, even for a full image), so this outlasts any pull
 /// in progress while bounding the disk the old logs keep.
@@ -299,12 +306,7 @@ impl ReplicationLogger {
             return Err(LogError::Poisoned(why.clone()));
         }
         if state.header.frame_count > 0 {
-            let outgoing = Superseded {
-                generation: state.generation.generation,
-                file: state.file.clone(),
-                frame_count: state.header.frame_count,
-                at: Instant::now(),
-            };
+            let outgoing = state.outgoing();
             // SQLite does not sync the data file (the log is the durable copy): once the log
             // retires, until its successor holds its image, the data file is the only one.
             durable::sync_file(data).map_err(|e| LogError::io(data, e))?;

@@ -206,14 +206,11 @@ pub fn rebuild(dir: &Path, data: &Path, reason: &'static str) -> Result<Rebuild,
     failpoint::check("recovery.after_checkpoint", data).map_err(|e| LogError::io(data, e))?;
 
     let new_path = dir.join(super::WALLOG_REBUILD);
-    let mut header = LogHeader::new(Uuid::new_v4(), 0, 0);
-    let log = create_log_file(&new_path, &header)?;
+    let (log, header, _) = new_log_with_image(&new_path, data)?;
+    let pages = header.frame_count;
     let io = |p: &Path, e| LogError::io(p, e);
-    let target = ImageTarget { log: &log, log_path: &new_path, first_index: 0, first_frame_no: 0, previous_checksum: header.start_checksum };
-    let (pages, _) = write_image(target, data)?;
     if pages > 0 {
         log.sync_data().map_err(|e| io(&new_path, e))?;
-        header.frame_count = pages;
         log.write_all_at(&header.encode(), 0).and_then(|()| log.sync_all()).map_err(|e| io(&new_path, e))?;
     }
     failpoint::check("recovery.before_swap", &new_path).map_err(|e| LogError::io(&new_path, e))?;
@@ -221,7 +218,28 @@ pub fn rebuild(dir: &Path, data: &Path, reason: &'static str) -> Result<Rebuild,
     std::fs::rename(&new_path, &wallog).map_err(|e| io(&new_path, e))?;
     durable::sync_dir(dir).map_err(|e| io(dir, e))?;
     failpoint::check("recovery.after_swap", &wallog).map_err(|e| LogError::io(&wallog, e))?;
+    drop_old_log(dir, data, header.log_id, pages)?;
+    Ok(Rebuild { reason, pages, took: started.elapsed() })
+}
 
+/// A new log file at `path` (new log_id, frame 0 on) holding a full image of `data` as its
+/// first transaction; returned with its header counting the image, neither synced nor the
+/// header written yet. Also the checksum of the image's last frame.
+pub(super) fn new_log_with_image(path: &Path, data: &Path) -> Result<(File, LogHeader, u64), LogError> {
+    let mut header = LogHeader::new(Uuid::new_v4(), 0, 0);
+    let log = create_log_file(path, &header)?;
+    let target = ImageTarget { log: &log, log_path: path, first_index: 0, first_frame_no: 0, previous_checksum: header.start_checksum };
+    let (pages, last_checksum) = write_image(target, data)?;
+    header.frame_count = pages;
+    Ok((log, header, last_checksum))
+}
+
+/// Once a new log (`log_id`, opening with an image of `image_pages` pages of `data`) is the
+/// wallog: the old log's snapshots, retired logs and marks go, and the data file is recorded
+/// durable through the image (it was synced before the image was taken), so a roll-forward
+/// replays only what comes after it.
+pub(super) fn drop_old_log(dir: &Path, data: &Path, log_id: Uuid, image_pages: u64) -> Result<(), LogError> {
+    let io = |p: &Path, e| LogError::io(p, e);
     for stale in [SNAPSHOTS_DIR, TO_COMPACT_DIR] {
         let path = dir.join(stale);
         match std::fs::remove_dir_all(&path) {
@@ -233,12 +251,10 @@ pub fn rebuild(dir: &Path, data: &Path, reason: &'static str) -> Result<Rebuild,
     let _ = std::fs::remove_file(dir.join(WALLOG_NEW));
     let _ = std::fs::remove_file(dir.join(LOG_UNTRUSTED));
     durable::sync_dir(dir).map_err(|e| io(dir, e))?;
-    if pages > 0 {
-        // The new log is an image of the data file: once that is synced, a roll-forward
-        // replays only what comes after the image.
-        synced::record(dir, data, SyncedThrough { log_id: header.log_id, start_frame_no: 0, frame_no: pages - 1 });
+    if image_pages > 0 {
+        synced::record(dir, data, SyncedThrough { log_id, start_frame_no: 0, frame_no: image_pages - 1 });
     }
-    Ok(Rebuild { reason, pages, took: started.elapsed() })
+    Ok(())
 }
 
 /// Moves everything in SQLite's WAL into the data file (a directory written by the libSQL

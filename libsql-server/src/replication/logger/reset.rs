@@ -5,18 +5,14 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use uuid::Uuid;
 
-use super::{create_log_file, frame_offset, LogState, ReplicationLogger, Superseded};
+use super::{frame_offset, LogState, ReplicationLogger};
 use crate::durable;
 use crate::replication::format::{checksum, FrameHeader, LogHeader, FRAME_SIZE};
-use crate::replication::image::{write_image, ImageTarget};
-use crate::replication::synced::{self, SyncedThrough};
-use crate::replication::{
-    failpoint, generation, recovery, LogError, LOG_UNTRUSTED, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG, WALLOG_NEW, WALLOG_REBUILD,
-};
+use crate::replication::synced;
+use crate::replication::{failpoint, generation, recovery, LogError, WALLOG, WALLOG_REBUILD};
 
 /// Where the live log stood when the data file was pinned: its identity and committed frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,30 +60,17 @@ impl ReplicationLogger {
         // would start after that image.
         durable::sync_file(data).map_err(|e| LogError::io(data, e))?;
         let path = self.dir.join(WALLOG_REBUILD);
-        let mut header = LogHeader::new(Uuid::new_v4(), 0, 0);
         self.resetting.store(true, Ordering::Release);
-        let file = match create_log_file(&path, &header) {
-            Ok(file) => file,
-            Err(e) => {
-                self.resetting.store(false, Ordering::Release);
-                return Err(e);
+        match recovery::new_log_with_image(&path, data) {
+            Ok((file, header, last_checksum)) => {
+                Ok(PreparedReset { logger: self, path, file, header, last_checksum, image_pages: header.frame_count, at, done: false })
             }
-        };
-        let mut prepared =
-            PreparedReset { logger: self, path, file, header, last_checksum: header.start_checksum, image_pages: 0, at, done: false };
-        let target = ImageTarget {
-            log: &prepared.file,
-            log_path: &prepared.path,
-            first_index: 0,
-            first_frame_no: 0,
-            previous_checksum: header.start_checksum,
-        };
-        let (pages, last_checksum) = write_image(target, data)?;
-        header.frame_count = pages;
-        prepared.header = header;
-        prepared.last_checksum = last_checksum;
-        prepared.image_pages = pages;
-        Ok(prepared)
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                self.resetting.store(false, Ordering::Release);
+                Err(e)
+            }
+        }
     }
 
     /// With the write gate held: appends the transactions the live log committed since the
@@ -116,12 +99,7 @@ impl ReplicationLogger {
         }
         let generation = generation::for_log(&self.dir, prepared.header.log_id, 0)?;
         let mut state = self.lock();
-        let outgoing = Superseded {
-            generation: state.generation.generation,
-            file: state.file.clone(),
-            frame_count: state.header.frame_count,
-            at: Instant::now(),
-        };
+        let outgoing = state.outgoing();
         *state = LogState::read(&self.dir, generation)?;
         *synced = synced::read(&self.dir);
         self.generation.store(generation.generation, Ordering::Release);
@@ -163,21 +141,7 @@ impl ReplicationLogger {
         let io = |p: &Path, e| LogError::io(p, e);
         durable::sync_dir(&self.dir).map_err(|e| io(&self.dir, e))?;
         failpoint::check("reset.after_swap", &self.dir).map_err(|e| io(&self.dir, e))?;
-        for stale in [SNAPSHOTS_DIR, TO_COMPACT_DIR] {
-            let path = self.dir.join(stale);
-            match std::fs::remove_dir_all(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&path, e)),
-                _ => {}
-            }
-        }
-        let _ = std::fs::remove_file(self.dir.join(WALLOG_NEW));
-        let _ = std::fs::remove_file(self.dir.join(LOG_UNTRUSTED));
-        durable::sync_dir(&self.dir).map_err(|e| io(&self.dir, e))?;
-        if prepared.image_pages > 0 {
-            let through = SyncedThrough { log_id: prepared.header.log_id, start_frame_no: 0, frame_no: prepared.image_pages - 1 };
-            synced::record(&self.dir, data, through);
-        }
-        Ok(())
+        recovery::drop_old_log(&self.dir, data, prepared.header.log_id, prepared.image_pages)
     }
 
     /// After a reset failed: if its new log was already swapped in, appending to the old one
