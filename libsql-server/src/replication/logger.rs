@@ -2,7 +2,7 @@
 //! `wallog`, and retires a full log to `to_compact/` so it becomes a snapshot.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,11 +17,15 @@ use super::format::{checksum, FrameHeader, LogHeader, SnapshotHeader, FRAME_SIZE
 use super::generation::{self, GenerationRecord};
 use super::synced::{self, SyncedThrough};
 use super::image::{write_image, ImageTarget};
-use super::{compaction, failpoint, pagecache, LogError, DATA, DATA_WAL, LOG_UNTRUSTED, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG};
+use super::{compaction, failpoint, pagecache, LogError, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG};
 use crate::durable;
 
+mod files;
 mod reset;
 mod state;
+
+use files::{count_files, mark_untrusted, preallocate, remove_leftovers};
+pub(super) use files::{create_log_file, frame_offset, read_log_header};
 
 pub use reset::{LogPosition, PreparedReset};
 
@@ -118,9 +122,6 @@ impl LogState {
 /// in progress while bounding the disk the old logs keep.
 const SUPERSEDED_FOR: Duration = Duration::from_secs(60);
 const KEEP_SUPERSEDED: usize = 4;
-
-/// How far ahead of the frames the file is filled with zeros.
-const PREALLOCATE: u64 = 4 << 20;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LogStats {
@@ -575,17 +576,6 @@ impl StagedCommit<'_> {
     }
 }
 
-/// Marks the log of `dir` as holding frames that must not be rolled forward; recovery then
-/// trusts the data file, and the rebuild removes the mark.
-fn mark_untrusted(dir: &Path) -> std::io::Result<()> {
-    // Trusted from now on, the data file must hold every acknowledged transaction durably:
-    // SQLite does not sync it, so it is synced here (with its WAL) before the mark says so.
-    durable::sync_file(&dir.join(DATA))?;
-    durable::sync_file(&dir.join(DATA_WAL))?;
-    File::create(dir.join(LOG_UNTRUSTED))?.sync_all()?;
-    durable::sync_dir(dir)
-}
-
 /// Encodes `pages` as the frames that follow the log's last one into the state's buffer, and
 /// returns the checksum of the last.
 fn encode_frames(state: &mut LogState, pages: &[(u32, &[u8])], size_after: u32) -> u64 {
@@ -601,63 +591,4 @@ fn encode_frames(state: &mut LogState, pages: &[(u32, &[u8])], size_after: u32) 
         frame[24..].copy_from_slice(page);
     }
     sum
-}
-
-/// Fills the file with zeros up to past `needed`, a chunk at a time.
-fn preallocate(file: &File, allocated: &mut u64, needed: u64) -> std::io::Result<()> {
-    if needed <= *allocated {
-        return Ok(());
-    }
-    let target = needed.div_ceil(PREALLOCATE) * PREALLOCATE;
-    let zeros = vec![0u8; 1 << 20];
-    let mut at = *allocated;
-    while at < target {
-        let n = (target - at).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], at)?;
-        at += n as u64;
-    }
-    *allocated = target;
-    Ok(())
-}
-
-pub(super) fn frame_offset(index: u64) -> u64 {
-    LOG_HEADER_SIZE as u64 + index * FRAME_SIZE as u64
-}
-
-/// Reads and checks the header of the log file `file` (at `path`, for errors).
-pub(super) fn read_log_header(file: &File, path: &Path) -> Result<LogHeader, LogError> {
-    let mut bytes = [0u8; LOG_HEADER_SIZE];
-    file.read_exact_at(&mut bytes, 0).map_err(|_| LogError::corrupt(path, None, "shorter than its header"))?;
-    LogHeader::decode(&bytes).map_err(|e| LogError::corrupt(path, None, e.to_string()))
-}
-
-/// Creates a log file holding only `header`, durably.
-pub(super) fn create_log_file(path: &Path, header: &LogHeader) -> Result<File, LogError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| LogError::io(path, e))?;
-    file.write_all_at(&header.encode(), 0).and_then(|()| file.sync_all()).map_err(|e| LogError::io(path, e))?;
-    durable::sync_parent(path).map_err(|e| LogError::io(path, e))?;
-    Ok(file)
-}
-
-/// What an interrupted reset or data rebuild left beside the log: a half-built log
-/// (`wallog.rebuild`) and scratch replays (`.rebuild-*`). Nothing reads them.
-fn remove_leftovers(dir: &Path) {
-    let _ = std::fs::remove_file(dir.join(super::WALLOG_REBUILD));
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(".rebuild-")) {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-fn count_files(dir: &Path, extension: &str) -> usize {
-    std::fs::read_dir(dir)
-        .map(|entries| entries.filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == extension)).count())
-        .unwrap_or(0)
 }
