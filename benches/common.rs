@@ -2,6 +2,11 @@
 
 #![allow(dead_code)]
 
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
 use hyper::{Body, Client, Method, Request};
 use serde_json::{json, Value};
 
@@ -52,4 +57,30 @@ pub fn close() -> Value {
 
 pub fn int(i: i64) -> Value {
     json!({"type": "integer", "value": i.to_string()})
+}
+
+/// This build's `sqld` on free local ports (user, admin), data in `dir`, with `args`; returns
+/// once it accepts connections.
+pub fn spawn_sqld(dir: &Path, args: &[&str]) -> (Child, SocketAddr, SocketAddr) {
+    let port = || TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (user, admin) = (port(), port());
+    let child = Command::new(env!("CARGO_BIN_EXE_sqld"))
+        .args(["--db-path", dir.to_str().unwrap(), "--http-listen-addr", &user.to_string(), "--admin-listen-addr", &admin.to_string()])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(user).is_err() {
+        assert!(Instant::now() < deadline, "sqld did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (child, user, admin)
+}
+
+/// Stops a `sqld` started by [`spawn_sqld`] with SIGTERM and waits for it.
+pub fn stop_sqld(mut child: Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
 }

@@ -15,9 +15,8 @@
 //! `cargo bench --bench log_bounds` prints a table and writes `bench-results/log_bounds.json`.
 //! `LOG_BOUNDS_BENCH_SCALE=0.1` shrinks the large namespace (a quick run).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +25,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{close, stmt, Http};
+use common::{close, spawn_sqld, stmt, stop_sqld, Http};
 
 const INSERTS: usize = 10_000;
 const BIG_TRANSACTIONS: usize = 100;
@@ -46,20 +45,7 @@ struct Sqld {
 
 impl Sqld {
     fn start(dir: &Path, flags: &[&str]) -> Sqld {
-        let port = || TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let (user, admin) = (port(), port());
-        let child = Command::new(env!("CARGO_BIN_EXE_sqld"))
-            .args(["--db-path", dir.to_str().unwrap(), "--http-listen-addr", &user.to_string(), "--admin-listen-addr", &admin.to_string()])
-            .args(flags)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(user).is_err() {
-            assert!(Instant::now() < deadline, "sqld did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let (child, user, admin) = spawn_sqld(dir, flags);
         Sqld { child, http: Http::new(format!("http://{user}/v2/pipeline")), admin: format!("http://{admin}"), dir: dir.join("dbs/default") }
     }
 
@@ -93,9 +79,8 @@ impl Sqld {
         unreachable!()
     }
 
-    fn stop(mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
+    fn stop(self) {
+        stop_sqld(self.child);
     }
 }
 

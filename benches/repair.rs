@@ -9,9 +9,8 @@
 //! `cargo bench --bench repair` prints a table and writes `bench-results/repair.json`.
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +19,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{close, int, stmt, Http};
+use common::{close, int, spawn_sqld, stmt, stop_sqld, Http};
 
 struct Sqld {
     child: Child,
@@ -31,20 +30,7 @@ struct Sqld {
 
 impl Sqld {
     fn start(dir: &Path) -> Sqld {
-        let port = || TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let (user, admin) = (port(), port());
-        let child = Command::new(env!("CARGO_BIN_EXE_sqld"))
-            .args(["--db-path", dir.to_str().unwrap(), "--enable-namespaces"])
-            .args(["--http-listen-addr", &user.to_string(), "--admin-listen-addr", &admin.to_string()])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(user).is_err() {
-            assert!(Instant::now() < deadline, "sqld did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let (child, user, admin) = spawn_sqld(dir, &["--enable-namespaces"]);
         Sqld { child, user: format!("http://{user}/v2/pipeline"), admin: format!("http://{admin}"), dir: dir.join("dbs") }
     }
 
@@ -62,9 +48,8 @@ impl Sqld {
         (status, serde_json::from_slice(&body).unwrap_or(Value::Null), started.elapsed())
     }
 
-    fn stop(mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
+    fn stop(self) {
+        stop_sqld(self.child);
     }
 }
 

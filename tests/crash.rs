@@ -3,6 +3,7 @@
 //! replication log replays to exactly the data file.
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::time::Duration;
 
 use libsql_server::replication::verify::{compare_with_data, Comparison};
@@ -19,6 +20,29 @@ async fn write_until_killed(conn: libsql::Connection, first_id: i64) -> Vec<i64>
         }
     }
     acknowledged
+}
+
+/// After a kill: restarts, checks every acknowledged id is there, stops cleanly and checks the
+/// log offline (it replays to exactly the data file), then starts again.
+async fn restart_and_check(sqld: &mut Sqld, args: &[&str], acknowledged: &[i64], data_dir: &Path, round: usize) {
+    tokio::task::block_in_place(|| sqld.spawn(args));
+    let conn = sqld.connect().await;
+    let mut rows = conn.query("SELECT id FROM t", ()).await.unwrap();
+    let mut present = HashSet::new();
+    while let Some(row) = rows.next().await.unwrap() {
+        present.insert(row.get::<i64>(0).unwrap());
+    }
+    let lost: Vec<_> = acknowledged.iter().filter(|id| !present.contains(id)).collect();
+    assert!(lost.is_empty(), "round {round}: acknowledged writes lost: {lost:?}");
+
+    let status = tokio::task::block_in_place(|| sqld.signal("TERM"));
+    assert!(status.success(), "round {round}: clean stop failed: {status}");
+    assert!(!data_dir.join(".sentinel").exists(), "a clean stop removes the sentinel");
+    match compare_with_data(data_dir, &data_dir.join("data")).unwrap() {
+        Comparison::Equal { .. } => {}
+        other => panic!("round {round}: replay differs from data: {other:?}"),
+    }
+    tokio::task::block_in_place(|| sqld.spawn(args));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,25 +80,7 @@ async fn kill_9_under_write_load_keeps_every_acknowledged_write() {
         next_id = acked.last().map_or(next_id, |id| id + 1) + 1;
         acknowledged.extend(acked);
 
-        tokio::task::block_in_place(|| sqld.spawn(&args));
-        let conn = sqld.connect().await;
-        let mut rows = conn.query("SELECT id FROM t", ()).await.unwrap();
-        let mut present = HashSet::new();
-        while let Some(row) = rows.next().await.unwrap() {
-            present.insert(row.get::<i64>(0).unwrap());
-        }
-        let lost: Vec<_> = acknowledged.iter().filter(|id| !present.contains(id)).collect();
-        assert!(lost.is_empty(), "round {round}: acknowledged writes lost: {lost:?}");
-
-        // Stop cleanly and check the log offline: it replays to exactly the data file.
-        let status = tokio::task::block_in_place(|| sqld.signal("TERM"));
-        assert!(status.success(), "round {round}: clean stop failed: {status}");
-        assert!(!data_dir.join(".sentinel").exists(), "a clean stop removes the sentinel");
-        match compare_with_data(&data_dir, &data_dir.join("data")).unwrap() {
-            Comparison::Equal { .. } => {}
-            other => panic!("round {round}: replay differs from data: {other:?}"),
-        }
-        tokio::task::block_in_place(|| sqld.spawn(&args));
+        restart_and_check(&mut sqld, &args, &acknowledged, &data_dir, round).await;
     }
     assert!(acknowledged.len() > 100, "the load wrote {} rows", acknowledged.len());
 }
@@ -127,22 +133,7 @@ async fn kill_9_during_resets_under_write_load_keeps_every_acknowledged_write() 
         next_id = acked.last().map_or(next_id, |id| id + 1) + 1;
         acknowledged.extend(acked);
 
-        tokio::task::block_in_place(|| sqld.spawn(&[]));
-        let conn = sqld.connect().await;
-        let mut rows = conn.query("SELECT id FROM t", ()).await.unwrap();
-        let mut present = HashSet::new();
-        while let Some(row) = rows.next().await.unwrap() {
-            present.insert(row.get::<i64>(0).unwrap());
-        }
-        let lost: Vec<_> = acknowledged.iter().filter(|id| !present.contains(id)).collect();
-        assert!(lost.is_empty(), "round {round}: acknowledged writes lost: {lost:?}");
-        let status = tokio::task::block_in_place(|| sqld.signal("TERM"));
-        assert!(status.success(), "round {round}: clean stop failed: {status}");
-        match compare_with_data(&data_dir, &data_dir.join("data")).unwrap() {
-            Comparison::Equal { .. } => {}
-            other => panic!("round {round}: replay differs from data: {other:?}"),
-        }
-        tokio::task::block_in_place(|| sqld.spawn(&[]));
+        restart_and_check(&mut sqld, &[], &acknowledged, &data_dir, round).await;
     }
     assert!(resets_done >= 10, "resets ran under the load: {resets_done}");
     // Writers queue behind each reset, so the load is slower than without them.

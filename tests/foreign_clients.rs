@@ -59,6 +59,12 @@ async fn primary_rows(sqld: &Sqld) -> Vec<(i64, String)> {
     out
 }
 
+/// Syncs `client`'s replica at `path` from `url` and checks it holds exactly the primary's rows.
+async fn assert_synced(client: Client, sqld: &Sqld, path: &Path, url: &str, what: &str) {
+    let synced = tokio::task::block_in_place(|| sync_with(client, path, url));
+    assert_eq!(synced, primary_rows(sqld).await, "{client:?}: {what}");
+}
+
 async fn bootstrap_follow_and_rebuild(client: Client) {
     let mut sqld = Sqld::start(&[]);
     let conn = sqld.connect().await;
@@ -68,12 +74,10 @@ async fn bootstrap_follow_and_rebuild(client: Client) {
     let path = dir.path().join("replica.db");
     let url = sqld.url();
 
-    let synced = tokio::task::block_in_place(|| sync_with(client, &path, &url));
-    assert_eq!(synced, primary_rows(&sqld).await, "{client:?}: bootstrap");
+    assert_synced(client, &sqld, &path, &url, "bootstrap").await;
 
     conn.execute("INSERT INTO t VALUES (5000, randomblob(10))", ()).await.unwrap();
-    let synced = tokio::task::block_in_place(|| sync_with(client, &path, &url));
-    assert_eq!(synced, primary_rows(&sqld).await, "{client:?}: follow a write");
+    assert_synced(client, &sqld, &path, &url, "follow a write").await;
 
     // kill -9: the log is rebuilt (a new generation); the replica follows from its files.
     tokio::task::block_in_place(|| {
@@ -83,8 +87,7 @@ async fn bootstrap_follow_and_rebuild(client: Client) {
     let conn = sqld.connect().await;
     conn.execute("DELETE FROM t WHERE id % 2 = 0", ()).await.unwrap();
     conn.execute("INSERT INTO t VALUES (6000, randomblob(10))", ()).await.unwrap();
-    let synced = tokio::task::block_in_place(|| sync_with(client, &path, &url));
-    assert_eq!(synced, primary_rows(&sqld).await, "{client:?}: follow a log rebuild");
+    assert_synced(client, &sqld, &path, &url, "follow a log rebuild").await;
 }
 
 /// A client follows `reset-replication` (a new log and generation) from its local files.
@@ -96,13 +99,11 @@ async fn follow_a_reset(client: Client) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("replica.db");
     let url = sqld.url();
-    let synced = tokio::task::block_in_place(|| sync_with(client, &path, &url));
-    assert_eq!(synced, primary_rows(&sqld).await, "{client:?}: bootstrap");
+    assert_synced(client, &sqld, &path, &url, "bootstrap").await;
 
     crate::reset_replicas::reset(&sqld).await;
     conn.execute("DELETE FROM t WHERE id % 3 = 0", ()).await.unwrap();
-    let synced = tokio::task::block_in_place(|| sync_with(client, &path, &url));
-    assert_eq!(synced, primary_rows(&sqld).await, "{client:?}: after a reset");
+    assert_synced(client, &sqld, &path, &url, "after a reset").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,14 +143,12 @@ async fn compactions_mid_transaction(client: Client) {
     let url = format!("http://{proxy}");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("replica.db");
-    let synced = tokio::task::block_in_place(|| sync_with(client, &path, &url));
-    assert_eq!(synced, primary_rows(&sqld).await, "{client:?}: bootstrap");
+    assert_synced(client, &sqld, &path, &url, "bootstrap").await;
 
     conn.execute("INSERT INTO t SELECT 1 + value, randomblob(3000) FROM generate_series(1, 1000)", ()).await.unwrap();
     armed.store(true, Ordering::SeqCst);
-    let synced = tokio::task::block_in_place(|| sync_with(client, &path, &url));
+    assert_synced(client, &sqld, &path, &url, "after compactions mid-transaction").await;
     assert!(!armed.load(Ordering::SeqCst), "{client:?}: the proxy made compactions mid-transaction");
-    assert_eq!(synced, primary_rows(&sqld).await, "{client:?}: after compactions mid-transaction");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -299,11 +299,7 @@ async fn reset_replication(
                 "pages": reset.pages,
             })))
         }
-        Err(e) => {
-            state.metrics.count("sqld_repair_reset_replication_refused_total", "reset-replication calls refused or failed; nothing was changed.", 1);
-            tracing::warn!(namespace = %name, error = %e, "reset-replication refused");
-            Err(e.into())
-        }
+        Err(e) => Err(refused(&state, "sqld_repair_reset_replication_refused_total", &name, "reset-replication", e)),
     }
 }
 
@@ -323,12 +319,15 @@ async fn rebuild_data(
             tracing::info!(namespace = %name, pages = rebuilt.pages, elapsed_ms = rebuilt.elapsed.as_millis() as u64, "rebuild-data done");
             Ok(Json(json!({ "elapsed_ms": rebuilt.elapsed.as_millis() as u64, "pages": rebuilt.pages })))
         }
-        Err(e) => {
-            state.metrics.count("sqld_repair_rebuild_data_refused_total", "rebuild-data calls refused or failed; nothing was changed.", 1);
-            tracing::warn!(namespace = %name, error = %e, "rebuild-data refused");
-            Err(e.into())
-        }
+        Err(e) => Err(refused(&state, "sqld_repair_rebuild_data_refused_total", &name, "rebuild-data", e)),
     }
+}
+
+/// A repair refused or failed (nothing was changed): counted in `counter`, logged, answered.
+fn refused(state: &AdminState, counter: &'static str, name: &NamespaceName, repair: &str, e: crate::namespace::Error) -> ApiError {
+    state.metrics.count(counter, "Repair calls refused or failed; nothing was changed.", 1);
+    tracing::warn!(namespace = %name, error = %e, "{repair} refused");
+    e.into()
 }
 
 async fn render_metrics(State(state): State<AdminState>, _headers: HeaderMap) -> Response {

@@ -51,6 +51,14 @@ pub enum Error {
     Internal(String),
 }
 
+impl Error {
+    /// Whether the namespace exists but could not be opened (its files), rather than being
+    /// missing, deleted, misnamed or the server stopping.
+    pub fn is_open_failure(&self) -> bool {
+        !matches!(self, Error::NotFound(_) | Error::Deleted(_) | Error::ShuttingDown | Error::InvalidName(_))
+    }
+}
+
 /// One loaded namespace. Held in an `Arc` by the store and by every request using it; the
 /// store closes it only when nobody else holds it.
 pub struct Namespace {

@@ -260,7 +260,7 @@ impl NamespaceStore {
     pub async fn reset_replication(&self, name: &NamespaceName) -> Result<Reset, Error> {
         let ns = match self.get(name).await {
             Ok(ns) => ns,
-            Err(e @ (Error::NotFound(_) | Error::Deleted(_) | Error::ShuttingDown | Error::InvalidName(_))) => return Err(e),
+            Err(e) if !e.is_open_failure() => return Err(e),
             Err(e) => {
                 // Say whether the data itself is what keeps it from opening.
                 let data = self.inner.dir_of(name).join(crate::replication::DATA);
@@ -287,7 +287,7 @@ impl NamespaceStore {
                 }
                 Err(e) => return Err(rebuild_error(e)),
             },
-            Err(e @ (Error::NotFound(_) | Error::Deleted(_) | Error::ShuttingDown | Error::InvalidName(_))) => return Err(e),
+            Err(e) if !e.is_open_failure() => return Err(e),
             Err(e) => tracing::warn!(namespace = %name, error = %e, "the namespace cannot open: its data file is rebuilt while it is unloaded"),
         }
         let slot = self.slot(name);
