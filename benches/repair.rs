@@ -1,9 +1,10 @@
 //! What the repair calls cost, against a real `sqld`, each beside a baseline of the same run.
 //!
 //! For a namespace of 20k rows, 200k rows and about 1 GiB (`REPAIR_BENCH_GIB` changes the
-//! last): `reset-replication` and `rebuild-data` (5 and 3 calls) beside copying the data file
-//! with an fsync (5 times), `integrity-check` quick and full; point-read p99 of the namespace
-//! being reset and of a bystander namespace, idle and during back-to-back resets; and the
+//! last): `reset-replication` and `rebuild-data` beside copying the data file with an fsync
+//! (each 20 times, 5 at the largest size, so a p95 is more than the slowest run), `integrity-check` quick and full; point-read p99 of the namespace
+//! being reset and of a bystander namespace, idle, during back-to-back resets and during
+//! back-to-back copies of the data file (the I/O baseline); and the
 //! longest write stall on the namespace while it is reset.
 //!
 //! `cargo bench --bench repair` prints a table and writes `bench-results/repair.json`.
@@ -107,26 +108,41 @@ async fn read_loop(http: Http, rows: u64, stop: Arc<AtomicBool>) -> Vec<f64> {
     latencies
 }
 
-/// Read p99 of `ns` and of `bystander` over `window`, while `during` runs (if any).
-async fn read_p99s(sqld: &Sqld, rows: u64, during: Option<&str>, window: Duration) -> (f64, f64, usize) {
+/// What runs while the reads are timed.
+enum During<'a> {
+    Nothing,
+    /// Back-to-back admin calls to this path.
+    Calls(&'a str),
+    /// Back-to-back copies (with fsync) of this data file to that path: the I/O any rebuild
+    /// of the file makes at least, as a baseline for the calls'.
+    Copies(&'a Path, &'a Path),
+}
+
+/// Read p99 of `a` and of `bystander` over `window`, while `during` runs; and how many
+/// calls or copies ran.
+async fn read_p99s(sqld: &Sqld, rows: u64, during: During<'_>, window: Duration) -> (f64, f64, usize) {
     let stop = Arc::new(AtomicBool::new(false));
     let mine = tokio::spawn(read_loop(sqld.http("a"), rows, stop.clone()));
     let other = tokio::spawn(read_loop(sqld.http("bystander"), 20_000, stop.clone()));
     let started = Instant::now();
-    let mut resets = 0;
+    let mut runs = 0;
     while started.elapsed() < window {
         match during {
-            Some(path) => {
+            During::Calls(path) => {
                 let (status, body, _) = sqld.admin(path, "").await;
                 assert_eq!(status, 200, "{body}");
-                resets += 1;
             }
-            None => tokio::time::sleep(Duration::from_millis(50)).await,
+            During::Copies(data, to) => {
+                let (data, to) = (data.to_owned(), to.to_owned());
+                tokio::task::spawn_blocking(move || copy_with_fsync(&data, &to)).await.unwrap();
+            }
+            During::Nothing => tokio::time::sleep(Duration::from_millis(50)).await,
         }
+        runs += 1;
     }
     stop.store(true, Ordering::Relaxed);
     let (mine, other) = (mine.await.unwrap(), other.await.unwrap());
-    (percentile(mine, 0.99), percentile(other, 0.99), resets)
+    (percentile(mine, 0.99), percentile(other, 0.99), runs)
 }
 
 /// The longest single-row insert on `a` while one reset runs.
@@ -161,7 +177,8 @@ async fn run(name: &str, rows: u64, row_bytes: u64) -> Value {
     let data_mb = std::fs::metadata(&data).unwrap().len() as f64 / 1e6;
     eprintln!("{name}: {data_mb:.0} MB");
 
-    let copies: Vec<f64> = (0..5).map(|_| ms(copy_with_fsync(&data, &tmp.path().join("copy")))).collect();
+    let samples = if data_mb < 200.0 { 20 } else { 5 };
+    let copies: Vec<f64> = (0..samples).map(|_| ms(copy_with_fsync(&data, &tmp.path().join("copy")))).collect();
     let call = |path: &'static str, n: usize| {
         let sqld = &sqld;
         async move {
@@ -174,8 +191,8 @@ async fn run(name: &str, rows: u64, row_bytes: u64) -> Value {
             took
         }
     };
-    let resets = call("/v1/namespaces/a/reset-replication", 5).await;
-    let rebuilds = call("/v1/namespaces/a/rebuild-data", 3).await;
+    let resets = call("/v1/namespaces/a/reset-replication", samples).await;
+    let rebuilds = call("/v1/namespaces/a/rebuild-data", samples).await;
     let checks = |full: bool| {
         let sqld = &sqld;
         async move {
@@ -192,8 +209,10 @@ async fn run(name: &str, rows: u64, row_bytes: u64) -> Value {
     let quick = checks(false).await;
     let full = checks(true).await;
     let window = Duration::from_secs(4);
-    let (idle_a, idle_b, _) = read_p99s(&sqld, rows, None, window).await;
-    let (busy_a, busy_b, resets_during) = read_p99s(&sqld, rows, Some("/v1/namespaces/a/reset-replication"), window).await;
+    let (idle_a, idle_b, _) = read_p99s(&sqld, rows, During::Nothing, window).await;
+    let (busy_a, busy_b, resets_during) = read_p99s(&sqld, rows, During::Calls("/v1/namespaces/a/reset-replication"), window).await;
+    let copy_to = tmp.path().join("copy");
+    let (copying_a, copying_b, _) = read_p99s(&sqld, rows, During::Copies(&data, &copy_to), window).await;
     let stall = write_stall_during_reset(&sqld).await;
     sqld.stop();
     let copy_p95 = percentile(copies.clone(), 0.95);
@@ -212,6 +231,8 @@ async fn run(name: &str, rows: u64, row_bytes: u64) -> Value {
         "bystander_read_p99_idle_ms": idle_b,
         "bystander_read_p99_during_resets_ms": busy_b,
         "resets_during_reads": resets_during,
+        "read_p99_during_copies_ms": copying_a,
+        "bystander_read_p99_during_copies_ms": copying_b,
         "longest_write_stall_ms": stall,
         "all": {"copies": copies, "resets": resets, "rebuilds": rebuilds},
     })
@@ -227,15 +248,15 @@ fn main() {
     writeln!(out, "\nrepair calls, client-side elapsed (2-core VM); baseline: copy + fsync of the data file").unwrap();
     writeln!(
         out,
-        "{:<10} {:>7} {:>9} {:>9} {:>6} {:>10} {:>6} {:>8} {:>8} {:>16} {:>16} {:>9}",
-        "size", "MB", "copy p95", "reset p95", "×copy", "rebuild p95", "×copy", "quick", "full", "read p99 idle/rst", "bystander p99", "w stall"
+        "{:<10} {:>7} {:>9} {:>9} {:>6} {:>10} {:>6} {:>8} {:>8} {:>24} {:>24} {:>9}",
+        "size", "MB", "copy p95", "reset p95", "×copy", "rebuild p95", "×copy", "quick", "full", "read p99 idle/reset/copy", "bystander p99", "w stall"
     )
     .unwrap();
     for r in &results {
         let f = |k: &str| r[k].as_f64().unwrap();
         writeln!(
             out,
-            "{:<10} {:>7.0} {:>9.1} {:>9.1} {:>6.2} {:>10.1} {:>6.2} {:>8.1} {:>8.1} {:>7.2} / {:>6.2} {:>7.2} / {:>6.2} {:>9.1}",
+            "{:<10} {:>7.0} {:>9.1} {:>9.1} {:>6.2} {:>10.1} {:>6.2} {:>8.1} {:>8.1} {:>6.2} /{:>6.2} /{:>6.2}    {:>6.2} /{:>6.2} /{:>6.2} {:>9.1}",
             r["namespace"].as_str().unwrap(),
             f("data_mb"),
             f("copy_fsync_p95_ms"),
@@ -247,8 +268,10 @@ fn main() {
             f("check_full_median_ms"),
             f("read_p99_idle_ms"),
             f("read_p99_during_resets_ms"),
+            f("read_p99_during_copies_ms"),
             f("bystander_read_p99_idle_ms"),
             f("bystander_read_p99_during_resets_ms"),
+            f("bystander_read_p99_during_copies_ms"),
             f("longest_write_stall_ms"),
         )
         .unwrap();

@@ -38,6 +38,8 @@ pub struct Reset {
     pub generation: u64,
     pub pages: u64,
     pub elapsed: Duration,
+    /// How long writers waited: while the data file was made whole and pinned, and for the swap.
+    pub writers_held: (Duration, Duration),
 }
 
 impl Database {
@@ -73,6 +75,7 @@ impl Database {
             let pin = Checker::open(&shared.path).and_then(Checker::pin).map_err(Error::from)?;
             (pin, shared.logger.position())
         };
+        let pinned = started.elapsed();
         let old_log_id = shared.logger.log_id();
         // No lock is held here, so the image and the check run at background priority: the
         // other namespaces' requests (and this one's) come first.
@@ -99,7 +102,8 @@ impl Database {
         let prepared = prepared?;
         meanwhile();
         let _permit = shared.gate.acquire(RESET_GATE_WAIT).ok_or(ResetError::Busy("the write lock stayed busy"))?;
-        let (log_id, generation, pages) = shared.logger.finish_reset(prepared, &shared.path)?;
-        Ok(Reset { old_log_id, log_id, generation, pages, elapsed: started.elapsed() })
+        let swapping = Instant::now();
+        let (log_id, generation, pages) = shared.logger.finish_reset(prepared)?;
+        Ok(Reset { old_log_id, log_id, generation, pages, elapsed: started.elapsed(), writers_held: (pinned, swapping.elapsed()) })
     }
 }

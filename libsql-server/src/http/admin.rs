@@ -291,7 +291,7 @@ async fn reset_replication(
     match state.store.reset_replication(&name).await {
         Ok(reset) => {
             state.metrics.count("sqld_repair_reset_replication_done_total", "reset-replication calls that rebuilt the log.", 1);
-            tracing::info!(namespace = %name, old_log_id = %reset.old_log_id, log_id = %reset.log_id, generation = reset.generation, pages = reset.pages, elapsed_ms = reset.elapsed.as_millis() as u64, "reset-replication done");
+            tracing::info!(namespace = %name, old_log_id = %reset.old_log_id, log_id = %reset.log_id, generation = reset.generation, pages = reset.pages, elapsed_ms = reset.elapsed.as_millis() as u64, pin_ms = reset.writers_held.0.as_secs_f64() * 1e3, swap_ms = reset.writers_held.1.as_secs_f64() * 1e3, "reset-replication done");
             Ok(Json(json!({
                 "elapsed_ms": reset.elapsed.as_millis() as u64,
                 "log_id": reset.log_id.hyphenated().to_string(),

@@ -384,8 +384,14 @@ impl ReplicationLogger {
     fn supersede(&self, outgoing: Superseded) {
         let mut superseded = self.superseded.lock().unwrap_or_else(|e| e.into_inner());
         superseded.push_back(outgoing);
+        let mut evicted = Vec::new();
         while superseded.len() > KEEP_SUPERSEDED || superseded.front().is_some_and(|s| s.at.elapsed() > SUPERSEDED_FOR) {
-            superseded.pop_front();
+            evicted.extend(superseded.pop_front());
+        }
+        // Closing the last handle on a removed log frees its blocks (milliseconds per 10 MB):
+        // not under the log's lock, which writers wait on.
+        if !evicted.is_empty() {
+            crate::blocking::drop_in_background(evicted);
         }
     }
 

@@ -209,16 +209,14 @@ pub fn rebuild(dir: &Path, data: &Path, reason: &'static str) -> Result<Rebuild,
     let (log, header, _) = new_log_with_image(&new_path, data)?;
     let pages = header.frame_count;
     let io = |p: &Path, e| LogError::io(p, e);
-    if pages > 0 {
-        log.sync_data().map_err(|e| io(&new_path, e))?;
-        log.write_all_at(&header.encode(), 0).and_then(|()| log.sync_all()).map_err(|e| io(&new_path, e))?;
-    }
+    // One sync for frames and header: nothing reads this file before the rename.
+    log.write_all_at(&header.encode(), 0).and_then(|()| log.sync_all()).map_err(|e| io(&new_path, e))?;
     failpoint::check("recovery.before_swap", &new_path).map_err(|e| LogError::io(&new_path, e))?;
     let wallog = dir.join(WALLOG);
     std::fs::rename(&new_path, &wallog).map_err(|e| io(&new_path, e))?;
     durable::sync_dir(dir).map_err(|e| io(dir, e))?;
     failpoint::check("recovery.after_swap", &wallog).map_err(|e| LogError::io(&wallog, e))?;
-    drop_old_log(dir, data, header.log_id, pages)?;
+    drop_old_log(dir, header.log_id, pages)?;
     Ok(Rebuild { reason, pages, took: started.elapsed() })
 }
 
@@ -227,7 +225,9 @@ pub fn rebuild(dir: &Path, data: &Path, reason: &'static str) -> Result<Rebuild,
 /// header written yet. Also the checksum of the image's last frame.
 pub(super) fn new_log_with_image(path: &Path, data: &Path) -> Result<(File, LogHeader, u64), LogError> {
     let mut header = LogHeader::new(Uuid::new_v4(), 0, 0);
-    let log = create_log_file(path, &header)?;
+    // Nothing trusts this file before its header is written and synced and it is renamed
+    // into place, so its creation needs no sync of its own.
+    let log = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).map_err(|e| LogError::io(path, e))?;
     let target = ImageTarget { log: &log, log_path: path, first_index: 0, first_frame_no: 0, previous_checksum: header.start_checksum };
     let (pages, last_checksum) = write_image(target, data)?;
     header.frame_count = pages;
@@ -238,7 +238,7 @@ pub(super) fn new_log_with_image(path: &Path, data: &Path) -> Result<(File, LogH
 /// wallog: the old log's snapshots, retired logs and marks go, and the data file is recorded
 /// durable through the image (it was synced before the image was taken), so a roll-forward
 /// replays only what comes after it.
-pub(super) fn drop_old_log(dir: &Path, data: &Path, log_id: Uuid, image_pages: u64) -> Result<(), LogError> {
+pub(super) fn drop_old_log(dir: &Path, log_id: Uuid, image_pages: u64) -> Result<(), LogError> {
     let io = |p: &Path, e| LogError::io(p, e);
     for stale in [SNAPSHOTS_DIR, TO_COMPACT_DIR] {
         let path = dir.join(stale);
@@ -252,7 +252,7 @@ pub(super) fn drop_old_log(dir: &Path, data: &Path, log_id: Uuid, image_pages: u
     let _ = std::fs::remove_file(dir.join(LOG_UNTRUSTED));
     durable::sync_dir(dir).map_err(|e| io(dir, e))?;
     if image_pages > 0 {
-        synced::record(dir, data, SyncedThrough { log_id, start_frame_no: 0, frame_no: image_pages - 1 });
+        synced::record_presynced(dir, SyncedThrough { log_id, start_frame_no: 0, frame_no: image_pages - 1 });
     }
     Ok(())
 }

@@ -34,9 +34,19 @@ pub fn read(dir: &Path) -> Option<SyncedThrough> {
 /// `ReplicationLogger::record_data_synced`. The record only saves recovery work, so a failure
 /// is logged and reported as `false`, not returned.
 pub fn record(dir: &Path, data: &Path, position: SyncedThrough) -> bool {
+    store(dir, position, durable::sync_file(data))
+}
+
+/// [`record`] for a data file the caller fsynced after it held everything through `position`
+/// (a log's image is taken from a data file synced first).
+pub fn record_presynced(dir: &Path, position: SyncedThrough) -> bool {
+    store(dir, position, Ok(()))
+}
+
+fn store(dir: &Path, position: SyncedThrough, data_synced: std::io::Result<()>) -> bool {
     let path = dir.join(SYNCED_FILE);
     let bytes = serde_json::to_vec(&position).expect("a record serialises");
-    let written = durable::sync_file(data).and_then(|()| durable::write_file(&path, &bytes));
+    let written = data_synced.and_then(|()| durable::write_file(&path, &bytes));
     if let Err(e) = &written {
         tracing::warn!(path = %path.display(), error = %e, "could not record how far the data file is durable; a recovery would walk more of the log");
     }

@@ -79,7 +79,7 @@ impl ReplicationLogger {
     /// The old generation stays readable for sync clients part-way through it; a broken
     /// (poisoned) log works again. A failure before the rename leaves the old log; after it,
     /// the new one is taken up (or the log refuses writes until the next open rebuilds it).
-    pub fn finish_reset(&self, mut prepared: PreparedReset<'_>, data: &Path) -> Result<(Uuid, u64, u64), LogError> {
+    pub fn finish_reset(&self, mut prepared: PreparedReset<'_>) -> Result<(Uuid, u64, u64), LogError> {
         // No snapshot of the old log may land after the old ones are dropped.
         self.wait_for_compactions();
         // Checkpoints record their position in `synced` under this lock: not meanwhile.
@@ -87,13 +87,13 @@ impl ReplicationLogger {
         self.catch_up(&mut prepared)?;
         let io = |p: &Path, e| LogError::io(p, e);
         let (path, file) = (&prepared.path, &prepared.file);
-        file.sync_data().map_err(|e| io(path, e))?;
+        // One sync for frames and header: nothing reads this file before the rename.
         file.write_all_at(&prepared.header.encode(), 0).and_then(|()| file.sync_all()).map_err(|e| io(path, e))?;
         failpoint::check("reset.before_swap", path).map_err(|e| io(path, e))?;
         let wallog = self.dir.join(WALLOG);
         std::fs::rename(path, &wallog).map_err(|e| io(path, e))?;
         prepared.done = true;
-        if let Err(e) = self.after_swap(data, &prepared) {
+        if let Err(e) = self.after_swap(&prepared) {
             self.follow_swapped_log(&e);
             return Err(e);
         }
@@ -137,11 +137,11 @@ impl ReplicationLogger {
 
     /// After the new log is the wallog: the old log's snapshots and retired logs go, and the
     /// data file is recorded durable through the new log's image.
-    fn after_swap(&self, data: &Path, prepared: &PreparedReset<'_>) -> Result<(), LogError> {
+    fn after_swap(&self, prepared: &PreparedReset<'_>) -> Result<(), LogError> {
         let io = |p: &Path, e| LogError::io(p, e);
         durable::sync_dir(&self.dir).map_err(|e| io(&self.dir, e))?;
         failpoint::check("reset.after_swap", &self.dir).map_err(|e| io(&self.dir, e))?;
-        recovery::drop_old_log(&self.dir, data, prepared.header.log_id, prepared.image_pages)
+        recovery::drop_old_log(&self.dir, prepared.header.log_id, prepared.image_pages)
     }
 
     /// After a reset failed: if its new log was already swapped in, appending to the old one
