@@ -8,6 +8,7 @@ mod crash;
 
 mod abuse;
 mod admin;
+mod auth;
 mod bad_input;
 mod client;
 mod hrana;

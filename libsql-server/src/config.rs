@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use clap::Parser;
 
+use crate::auth::{Auth, ConfigError as AuthConfigError};
 use crate::database::Limits;
+use crate::limit_hits::LimitHits;
 use crate::hrana::StreamLimits;
 
 use crate::namespace::StoreOptions;
@@ -35,6 +37,19 @@ pub struct Config {
     /// Bearer key every admin API request must carry (`Authorization: Bearer <key>`).
     #[arg(long, env = "LIBSQL_ADMIN_AUTH_KEY", hide_env_values = true)]
     pub admin_auth_key: Option<String>,
+
+    /// File of Ed25519 public keys (PEM `PUBLIC KEY` blocks, or raw 32-byte keys in URL-safe
+    /// base64, one a line) verifying users' JWTs: with it, every user request needs a token.
+    #[arg(long, env = "SQLD_AUTH_JWT_KEY_FILE")]
+    pub auth_jwt_key_file: Option<PathBuf>,
+
+    /// The same keys as text (besides or instead of the file).
+    #[arg(long, env = "SQLD_AUTH_JWT_KEY", hide_env_values = true)]
+    pub auth_jwt_key: Option<String>,
+
+    /// Legacy basic credential for the user API: `basic:<base64 of user:password>`.
+    #[arg(long, env = "SQLD_HTTP_AUTH", hide_env_values = true)]
+    pub http_auth: Option<String>,
 
     /// Serve many databases: a request's namespace comes from `x-namespace-bin`,
     /// `x-namespace` or the first label of `Host`. Without it every request uses `default`.
@@ -157,6 +172,16 @@ impl Config {
             log: LogSettings::from_flags(self.max_log_size, self.max_log_duration),
             recovery: RecoveryOptions::from_env(),
         }
+    }
+
+    /// Users' authentication: the keys of the file and of `--auth-jwt-key`, and `--http-auth`.
+    pub fn auth(&self, hits: Arc<LimitHits>) -> Result<Auth, AuthConfigError> {
+        let mut keys = self.auth_jwt_key.clone();
+        if let Some(path) = &self.auth_jwt_key_file {
+            let text = std::fs::read_to_string(path).map_err(|source| AuthConfigError::KeyFile { path: path.clone(), source })?;
+            keys = Some(keys.map_or(text.clone(), |k| format!("{k}\n{text}")));
+        }
+        Auth::new(keys.as_deref(), self.http_auth.as_deref(), hits)
     }
 
     pub fn stream_limits(&self) -> StreamLimits {

@@ -8,7 +8,7 @@
 //!
 //! ```text
 //!   http (user API: Hrana; admin API)  ──►  hrana (streams, statements, batons)
-//!        │                                      │
+//!        │  └──►  auth (credentials → access)    │
 //!        └──────────────►  namespace (NamespaceStore: lifecycle, per-namespace lock)
 //!                                               │
 //!                                      database (connections, write gate, pool)
@@ -19,11 +19,14 @@
 //!   one namespace with a per-namespace lock.
 //! * [`database::Database`] is one namespace's SQLite file: pooled connections, and the
 //!   [`database::WriteGate`] every writer queues on (bounded) instead of meeting SQLITE_BUSY.
+//! * [`auth`] turns the credential a transport carried into a namespace's access (read-only
+//!   or read-write), or a refusal; every user-facing transport calls it.
 //! * [`hrana`] runs the Hrana protocol on those connections; [`http`] parses HTTP requests
 //!   and maps every error to a status in one place (`http::error`).
 //! * All SQLite calls, fsyncs and directory scans run on tokio's blocking pool
 //!   ([`blocking::run`]), so one namespace's slow work never stalls another's requests.
 
+pub mod auth;
 pub mod blocking;
 pub mod config;
 pub mod database;

@@ -83,6 +83,11 @@ impl Metrics {
         for (limit, hits) in self.hits.all() {
             let _ = writeln!(out, "sqld_limit_hits_total{{limit=\"{limit}\"}} {hits}");
         }
+        out.push_str("# HELP sqld_auth_refused_total User requests refused by authentication or authorization, by reason.\n");
+        out.push_str("# TYPE sqld_auth_refused_total counter\n");
+        for (reason, refused) in self.hits.refusals() {
+            let _ = writeln!(out, "sqld_auth_refused_total{{reason=\"{reason}\"}} {refused}");
+        }
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         }

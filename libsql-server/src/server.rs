@@ -8,6 +8,7 @@ use std::sync::Arc;
 use axum::Router;
 use tokio::sync::{mpsc, watch};
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::hrana::budget::ResponseBudgets;
 use crate::hrana::Hrana;
@@ -23,8 +24,18 @@ const ADMIN_MAX_CONCURRENT: usize = 64;
 /// Largest admin request body (configurations are small).
 const ADMIN_MAX_BODY_SIZE: usize = 1 << 20;
 
+/// Why a server could not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Namespace(#[from] namespace::Error),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::ConfigError),
+}
+
 pub struct Server {
     config: Config,
+    auth: Arc<Auth>,
     hrana: Hrana,
     metrics: Arc<Metrics>,
     /// Raised once in-flight requests had their time: stops every statement still running.
@@ -33,15 +44,16 @@ pub struct Server {
 
 impl Server {
     /// Opens the data directory (creating it and the `default` namespace on first start).
-    pub async fn open(config: Config) -> Result<Self, namespace::Error> {
+    pub async fn open(config: Config) -> Result<Self, OpenError> {
         let metrics = Arc::new(Metrics::default());
+        let auth = Arc::new(config.auth(metrics.hits.clone())?);
         let mut options = config.store_options();
         options.limits.hits = metrics.hits.clone();
         let halt = options.limits.halt.clone();
         let store = NamespaceStore::open(&config.db_path, options).await?;
         let budgets = ResponseBudgets::new(config.max_response_size, config.max_total_response_size, metrics.hits.clone());
         let hrana = Hrana::new(store, config.stream_limits(), budgets, metrics.hits.clone());
-        Ok(Server { config, hrana, metrics, halt })
+        Ok(Server { config, auth, hrana, metrics, halt })
     }
 
     pub fn store(&self) -> &NamespaceStore {
@@ -55,7 +67,7 @@ impl Server {
             self.config.max_concurrent_requests as usize,
             self.metrics.hits.clone(),
         );
-        http::user::router(self.hrana.clone(), self.metrics.clone(), limits)
+        http::user::router(self.hrana.clone(), self.auth.clone(), self.metrics.clone(), limits)
     }
 
     /// The admin API has its own places, so a flood of user requests never locks the

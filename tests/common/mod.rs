@@ -5,6 +5,7 @@
 
 pub mod primary;
 pub mod process;
+pub mod tokens;
 
 use std::path::PathBuf;
 use std::sync::Arc;

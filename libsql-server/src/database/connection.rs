@@ -13,7 +13,7 @@ use super::interrupt::{self, Interrupt, Reason};
 use super::memory::Meter;
 use super::policy::{self, PolicyState};
 use super::{synchronous_pragma, EngineConnection, Shared, WritePermit};
-use crate::limit_hits::Limit;
+use crate::limit_hits::{Limit, Refusal};
 
 /// Prepared statements kept per connection: a client's working set of queries.
 const STATEMENT_CACHE_CAPACITY: usize = 128;
@@ -38,6 +38,14 @@ impl StmtKind {
     }
 }
 
+/// What the client using a connection may do: read only, or read and write (its credential's
+/// grant on the namespace; see `auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
+}
+
 /// Pages the temporary database of a connection may hold (temporary tables and indexes).
 const TEMP_MAX_PAGES: u32 = 4096;
 
@@ -47,6 +55,8 @@ pub enum AccessError {
     ReadsBlocked(Option<String>),
     #[error("writes are blocked on this namespace{}", reason_suffix(.0))]
     WritesBlocked(Option<String>),
+    #[error("the credential grants read-only access to this namespace: writes are refused")]
+    ReadOnly,
     #[error("timed out waiting for the namespace's write lock (another transaction is writing)")]
     WriteLockTimeout,
     #[error("{}", interrupted_message(.0))]
@@ -125,6 +135,8 @@ pub struct WriteAccess {
     policy: Arc<PolicyState>,
     interrupt: Arc<Interrupt>,
     meter: Arc<Meter>,
+    /// The current client's grant: a read-only one never takes the write gate.
+    access: Access,
 }
 
 impl Connection {
@@ -157,7 +169,7 @@ impl Connection {
         temp?;
         let mut conn = Connection {
             conn,
-            access: WriteAccess { permit: None, shared, config_seen: None, policy, interrupt, meter: Arc::default() },
+            access: WriteAccess { permit: None, shared, config_seen: None, policy, interrupt, meter: Arc::default(), access: Access::ReadWrite },
             single_statements: SingleStatements::default(),
         };
         conn.access.apply_config(&conn.conn)?;
@@ -210,6 +222,11 @@ impl Connection {
         self.access.policy.holds_gate.store(held, Ordering::Relaxed);
     }
 
+    /// What the client using this connection may do (read-only grants never write).
+    pub fn set_access(&mut self, access: Access) {
+        self.access.set_access(access);
+    }
+
     pub fn parts(&mut self) -> ConnectionParts<'_> {
         ConnectionParts { sqlite: &self.conn, access: &mut self.access, single_statements: &mut self.single_statements }
     }
@@ -220,6 +237,11 @@ impl WriteAccess {
     /// so call it once per preparation.
     pub fn kind_of(&self, stmt: &rusqlite::Statement<'_>, sql: &str) -> StmtKind {
         StmtKind::of(stmt, sql, self.policy.wants_gate.swap(false, Ordering::Relaxed))
+    }
+
+    /// Sets what the client using this connection may do, for its statements from now on.
+    pub fn set_access(&mut self, access: Access) {
+        self.access = access;
     }
 
     /// Forgets a mark left by a preparation that did not run (a `describe`, a refused text):
@@ -254,6 +276,9 @@ impl WriteAccess {
             return Err(AccessError::ReadsBlocked(config.block_reason.clone()));
         }
         if kind == StmtKind::Write {
+            if self.access == Access::ReadOnly {
+                return Err(self.refuse_write());
+            }
             if config.block_writes {
                 return Err(AccessError::WritesBlocked(config.block_reason.clone()));
             }
@@ -323,7 +348,9 @@ impl WriteAccess {
         // wait on that lock in turn): the gate is free now, or the write is rolled back.
         if self.permit.is_none() && write_transaction_open(conn) {
             let config = self.shared.config();
-            let refused = if config.block_writes {
+            let refused = if self.access == Access::ReadOnly {
+                Some(self.refuse_write())
+            } else if config.block_writes {
                 Some(AccessError::WritesBlocked(config.block_reason.clone()))
             } else {
                 self.take_gate_now(&config).err()
@@ -335,6 +362,12 @@ impl WriteAccess {
         }
         self.release_if_done(conn);
         result
+    }
+
+    /// A write on a read-only grant: counted with the other authentication refusals.
+    fn refuse_write(&self) -> AccessError {
+        self.shared.limits.hits.refuse(Refusal::ReadOnly, format_args!("{}: a write on a read-only grant", self.shared.path.display()));
+        AccessError::ReadOnly
     }
 
     fn hit(&self, reason: Reason) {

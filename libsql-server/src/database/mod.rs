@@ -23,7 +23,7 @@ use libsql_sys::rusqlite::{self, OpenFlags};
 use libsql_sys::wal::wrapper::WrappedWal;
 use libsql_sys::wal::{Sqlite3Wal, Sqlite3WalManager, WalManager};
 
-pub use connection::{AccessError, Connection, ConnectionParts, SingleStatements, StmtKind, WriteAccess};
+pub use connection::{Access, AccessError, Connection, ConnectionParts, SingleStatements, StmtKind, WriteAccess};
 pub use memory::install as meter_statement_memory;
 pub use check::{check_data_file, DataCheck};
 pub use rebuild::{replay_checked, RebuildError, Rebuilt};

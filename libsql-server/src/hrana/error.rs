@@ -56,6 +56,7 @@ impl StmtError {
             StmtError::StreamClosed => "STREAM_CLOSED".into(),
             StmtError::Access(AccessError::ReadsBlocked(_) | AccessError::WritesBlocked(_)) => "BLOCKED".into(),
             StmtError::Access(AccessError::WriteLockTimeout) => "SQLITE_BUSY".into(),
+            StmtError::Access(AccessError::ReadOnly) => "AUTH_READ_ONLY".into(),
             StmtError::Access(AccessError::Interrupted(reason)) => match reason {
                 Reason::StatementTimeout(_) => "STATEMENT_TIMEOUT".into(),
                 Reason::TransactionTimeout(_) => "TRANSACTION_TIMEOUT".into(),

@@ -19,6 +19,7 @@ pub use stream::{Stream, StreamLimits, StreamRegistry};
 
 use crate::blocking;
 use crate::database::interrupt::CancelOnDrop;
+use crate::database::Access;
 use crate::limit_hits::{Limit, LimitHits};
 use crate::namespace::{NamespaceName, NamespaceStore};
 
@@ -68,6 +69,7 @@ impl Hrana {
     pub async fn pipeline(
         &self,
         ns: &NamespaceName,
+        access: Access,
         body: PipelineReqBody,
         origin: Option<u64>,
         hold: Hold,
@@ -76,7 +78,7 @@ impl Hrana {
         let stream = self.stream_for(ns, body.baton.as_deref(), parks, origin).await?;
         let requests = body.requests;
         let (baton, results, budget) =
-            self.run_on(stream, hold, move |stream, budget| requests.iter().map(|r| stream.handle(r, budget)).collect()).await?;
+            self.run_on(stream, access, hold, move |stream, budget| requests.iter().map(|r| stream.handle(r, budget)).collect()).await?;
         Ok(Answered { answer: PipelineRespBody { baton, base_url: None, results }, budget })
     }
 
@@ -84,13 +86,14 @@ impl Hrana {
     pub async fn cursor(
         &self,
         ns: &NamespaceName,
+        access: Access,
         baton: Option<&str>,
         batch: Batch,
         origin: Option<u64>,
         hold: Hold,
     ) -> Result<Answered<(Option<String>, Vec<CursorEntry>)>, RequestError> {
         let stream = self.stream_for(ns, baton, true, origin).await?;
-        let (baton, result, budget) = self.run_on(stream, hold, move |stream, budget| stream.run_batch(&batch, budget)).await?;
+        let (baton, result, budget) = self.run_on(stream, access, hold, move |stream, budget| stream.run_batch(&batch, budget)).await?;
         let entries = match result {
             Ok(result) => batch::cursor_entries(result),
             Err(e) => vec![CursorEntry::Error { error: e.to_proto() }],
@@ -103,6 +106,7 @@ impl Hrana {
     async fn run_on<R: Send + 'static>(
         &self,
         stream: Stream,
+        access: Access,
         hold: Hold,
         f: impl FnOnce(&mut Stream, &mut ResponseBudget) -> R + Send + 'static,
     ) -> Result<(Option<String>, R, ResponseBudget), RequestError> {
@@ -111,6 +115,7 @@ impl Hrana {
         let mut budget = self.budgets.start(hold);
         let (stream, result, budget) = blocking::run(move || {
             let mut stream = stream;
+            stream.grant(access);
             let result = f(&mut stream, &mut budget);
             (stream, result, budget)
         })
@@ -120,19 +125,32 @@ impl Hrana {
     }
 
     /// Runs one statement on a fresh stream that is closed afterwards (Hrana v1 over HTTP).
-    pub async fn execute_once(&self, ns: &NamespaceName, stmt: Stmt, hold: Hold) -> Result<Answered<Result<StmtResult, StmtError>>, RequestError> {
-        self.once(ns, hold, move |stream, budget| stream.execute(&stmt, budget)).await
+    pub async fn execute_once(
+        &self,
+        ns: &NamespaceName,
+        access: Access,
+        stmt: Stmt,
+        hold: Hold,
+    ) -> Result<Answered<Result<StmtResult, StmtError>>, RequestError> {
+        self.once(ns, access, hold, move |stream, budget| stream.execute(&stmt, budget)).await
     }
 
     /// Runs one batch on a fresh stream that is closed afterwards (Hrana v1 over HTTP).
-    pub async fn batch_once(&self, ns: &NamespaceName, batch: Batch, hold: Hold) -> Result<Answered<Result<BatchResult, StmtError>>, RequestError> {
-        self.once(ns, hold, move |stream, budget| stream.run_batch(&batch, budget)).await
+    pub async fn batch_once(
+        &self,
+        ns: &NamespaceName,
+        access: Access,
+        batch: Batch,
+        hold: Hold,
+    ) -> Result<Answered<Result<BatchResult, StmtError>>, RequestError> {
+        self.once(ns, access, hold, move |stream, budget| stream.run_batch(&batch, budget)).await
     }
 
     /// Runs `f` on a fresh stream on the blocking pool, then closes the stream.
     pub async fn once<R: Send + 'static>(
         &self,
         ns: &NamespaceName,
+        access: Access,
         hold: Hold,
         f: impl FnOnce(&mut Stream, &mut ResponseBudget) -> R + Send + 'static,
     ) -> Result<Answered<R>, RequestError> {
@@ -143,6 +161,7 @@ impl Hrana {
         let result = blocking::run(move || -> Result<Answered<R>, RequestError> {
             let mut stream = Stream::open(ns, None)?;
             stream.attach(&target);
+            stream.grant(access);
             let answer = f(&mut stream, &mut budget);
             stream.close();
             Ok(Answered { answer, budget })

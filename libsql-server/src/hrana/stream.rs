@@ -20,7 +20,7 @@ use super::budget::ResponseBudget;
 use super::stmt::{self, SqlStore};
 use super::{batch, RequestError, StmtError};
 use crate::database::interrupt::CancelTarget;
-use crate::database::Connection;
+use crate::database::{Access, Connection};
 use crate::limit_hits::{Limit, LimitHits};
 use crate::namespace::{Namespace, NamespaceName};
 
@@ -50,6 +50,14 @@ impl Stream {
     pub fn attach(&self, target: &CancelTarget) {
         if let Some(conn) = &self.conn {
             target.attach(conn.interrupt());
+        }
+    }
+
+    /// What the current request's client may do on this stream: a stream outlives requests,
+    /// each of which is authenticated on its own.
+    pub fn grant(&mut self, access: Access) {
+        if let Some(conn) = &mut self.conn {
+            conn.set_access(access);
         }
     }
 

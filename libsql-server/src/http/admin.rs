@@ -58,7 +58,7 @@ async fn require_auth<B>(State(key): State<Arc<Option<String>>>, request: Reques
         let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         let ok = given
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .is_some_and(|token| constant_time_eq(token.trim().as_bytes(), key.as_bytes()));
+            .is_some_and(|token| crate::auth::constant_time_eq(token.trim().as_bytes(), key.as_bytes()));
         if !ok {
             return ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "missing or wrong admin key (Authorization: Bearer <key>)")
                 .into_response();
@@ -67,8 +67,15 @@ async fn require_auth<B>(State(key): State<Arc<Option<String>>>, request: Reques
     next.run(request).await
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// A namespace's `jwt_key` as given (an empty one is none), refused if it holds no usable key.
+fn namespace_key(key: Option<String>) -> Result<Option<String>, ApiError> {
+    match key.filter(|k| !k.trim().is_empty()) {
+        None => Ok(None),
+        Some(key) => match crate::auth::check_namespace_key(&key) {
+            Ok(()) => Ok(Some(key)),
+            Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, "JWT_KEY_INVALID", format!("jwt_key: {e}"))),
+        },
+    }
 }
 
 fn name_of(path: Result<Path<String>, PathRejection>) -> Result<NamespaceName, ApiError> {
@@ -121,7 +128,7 @@ async fn create_namespace(
     }
     let config = DatabaseConfig {
         max_db_pages: body.max_db_size.map(|s| s.pages()).unwrap_or(0),
-        jwt_key: body.jwt_key,
+        jwt_key: namespace_key(body.jwt_key)?,
         txn_timeout_s: body.txn_timeout_s,
         allow_attach: body.allow_attach.unwrap_or(false),
         bottomless_db_id: body.bottomless_db_id,
@@ -201,8 +208,8 @@ impl ConfigBody {
         if self.heartbeat_url.is_some() {
             c.heartbeat_url = self.heartbeat_url;
         }
-        if self.jwt_key.is_some() {
-            c.jwt_key = self.jwt_key;
+        if let Some(key) = self.jwt_key {
+            c.jwt_key = Some(key).filter(|k| !k.is_empty());
         }
         if let Some(v) = self.allow_attach {
             c.allow_attach = v;
@@ -228,7 +235,11 @@ async fn set_config(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ConfigBody>, ApiError> {
     let name = name_of(path)?;
-    let update: ConfigBody = parse_json(&body?)?;
+    let mut update: ConfigBody = parse_json(&body?)?;
+    if let Some(key) = update.jwt_key.take() {
+        // An empty key removes the namespace's key.
+        update.jwt_key = Some(namespace_key(Some(key))?.unwrap_or_default());
+    }
     let config = state.store.update_config(&name, move |current| update.apply(current)).await?;
     Ok(Json(ConfigBody::from_config(&config)))
 }

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::auth::AuthError;
 use crate::database::interrupt::Reason;
 use crate::database::{AccessError, RebuildError, ResetError};
 use crate::hrana::budget::BudgetError;
@@ -75,6 +76,22 @@ impl From<namespace::Error> for ApiError {
     }
 }
 
+/// A refused credential: 401, the reason in the code and message (never the credential).
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let code = match &e {
+            AuthError::Missing => "AUTH_MISSING",
+            AuthError::Malformed(_) => "AUTH_MALFORMED",
+            AuthError::BadSignature => "AUTH_BAD_SIGNATURE",
+            AuthError::Expired => "AUTH_EXPIRED",
+            AuthError::WrongNamespace(_) => "AUTH_WRONG_NAMESPACE",
+            AuthError::BadPassword => "AUTH_BAD_PASSWORD",
+            AuthError::ReadOnly => "AUTH_READ_ONLY",
+        };
+        ApiError::new(StatusCode::UNAUTHORIZED, code, e.to_string())
+    }
+}
+
 impl From<InvalidName> for ApiError {
     fn from(e: InvalidName) -> Self {
         namespace::Error::from(e).into()
@@ -114,6 +131,7 @@ impl From<StmtError> for ApiError {
                 return e.into();
             }
             StmtError::Access(AccessError::WriteLockTimeout) => StatusCode::SERVICE_UNAVAILABLE,
+            StmtError::Access(AccessError::ReadOnly) => StatusCode::UNAUTHORIZED,
             StmtError::Budget(BudgetError::ServerFull) => StatusCode::SERVICE_UNAVAILABLE,
             StmtError::Access(AccessError::Interrupted(Reason::ShuttingDown | Reason::ClientGone)) => StatusCode::SERVICE_UNAVAILABLE,
             // A statement over its time limit and a database at its quota are the client's.

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value as Json_};
 
 use super::ApiError;
+use crate::database::Access;
 use crate::hrana::budget::Hold;
 use crate::hrana::Hrana;
 use crate::namespace::NamespaceName;
@@ -40,7 +41,7 @@ enum Params {
     Named(Map<String, Json_>),
 }
 
-pub async fn run(hrana: &Hrana, ns: &NamespaceName, request: QueryRequest, hold: Hold) -> Result<Response, ApiError> {
+pub async fn run(hrana: &Hrana, ns: &NamespaceName, access: Access, request: QueryRequest, hold: Hold) -> Result<Response, ApiError> {
     let count = request.statements.len() as u32;
     let mut steps = vec![BatchStep { condition: None, stmt: Stmt::new("BEGIN", false) }];
     for (i, statement) in request.statements.into_iter().enumerate() {
@@ -52,7 +53,7 @@ pub async fn run(hrana: &Hrana, ns: &NamespaceName, request: QueryRequest, hold:
         stmt: Stmt::new("ROLLBACK", false),
     });
     // The budget stays held until the answer is built.
-    let answered = hrana.batch_once(ns, Batch { steps, replication_index: None }, hold).await?;
+    let answered = hrana.batch_once(ns, access, Batch { steps, replication_index: None }, hold).await?;
     let result = answered.answer.map_err(ApiError::from)?;
 
     if let Some(error) = result.step_errors.iter().flatten().next() {

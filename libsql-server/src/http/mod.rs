@@ -1,6 +1,7 @@
 //! HTTP transports: the user API (Hrana) and the admin API, both axum routers.
 
 pub mod admin;
+mod auth;
 mod error;
 mod legacy;
 pub mod limits;

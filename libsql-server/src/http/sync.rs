@@ -6,11 +6,12 @@
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use super::auth::Authorized;
 use super::limits::{LimitedBody, Place};
 use super::user::UserState;
 use super::ApiError;
@@ -21,8 +22,7 @@ use crate::replication::sync::{self, Pull};
 /// Most frames one pull may ask for (clients ask for 128).
 pub const MAX_PULL_FRAMES: u64 = 4096;
 
-pub async fn info(State(state): State<UserState>, _place: Place, headers: HeaderMap) -> Result<Response, ApiError> {
-    let ns = state.namespace(&headers)?;
+pub async fn info(State(state): State<UserState>, Authorized { ns, .. }: Authorized, _place: Place) -> Result<Response, ApiError> {
     let ns = state.hrana.store().get(&ns).await?;
     let generation = ns.db().logger().generation();
     Ok(Json(json!({ "current_generation": generation })).into_response())
@@ -34,13 +34,12 @@ pub async fn info(State(state): State<UserState>, _place: Place, headers: Header
 /// every page twice).
 pub async fn export(
     State(state): State<UserState>,
+    Authorized { ns, .. }: Authorized,
     _place: Place,
-    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let Path(generation) = path?;
     let generation = parse_number("generation", &generation)?;
-    let ns = state.namespace(&headers)?;
     let ns = state.hrana.store().get(&ns).await?;
     let current = ns.db().logger().generation();
     if generation != current {
@@ -56,8 +55,8 @@ pub async fn export(
 
 pub async fn pull(
     State(state): State<UserState>,
+    Authorized { ns, .. }: Authorized,
     _place: Place,
-    headers: HeaderMap,
     path: Result<Path<(String, String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let Path((generation, start, end)) = path?;
@@ -70,7 +69,6 @@ pub async fn pull(
     if end - start > MAX_PULL_FRAMES {
         return Err(ApiError::bad_request(format!("at most {MAX_PULL_FRAMES} frames may be pulled at once")));
     }
-    let ns = state.namespace(&headers)?;
     let ns = state.hrana.store().get(&ns).await?;
     let answer = blocking::run(move || sync::pull(ns.db().logger(), generation, start, end))
         .await?
@@ -100,26 +98,27 @@ type PushPath = (String, String, String);
 
 pub async fn push(
     state: State<UserState>,
-    headers: HeaderMap,
+    authorized: Authorized,
     path: Result<Path<PushPath>, PathRejection>,
     body: LimitedBody,
 ) -> Result<Response, ApiError> {
-    push_frames(state, headers, path.map(|Path(p)| p)?, body.bytes).await
+    push_frames(state, authorized, path.map(|Path(p)| p)?, body.bytes).await
 }
 
 /// The same push with a baton: batons tie the requests of one push together for the client;
 /// this server applies each request on its own, so it accepts and ignores them.
 pub async fn push_with_baton(
     state: State<UserState>,
-    headers: HeaderMap,
+    authorized: Authorized,
     path: Result<Path<(String, String, String, String)>, PathRejection>,
     body: LimitedBody,
 ) -> Result<Response, ApiError> {
     let Path((generation, start, end, _baton)) = path?;
-    push_frames(state, headers, (generation, start, end), body.bytes).await
+    push_frames(state, authorized, (generation, start, end), body.bytes).await
 }
 
-async fn push_frames(State(state): State<UserState>, headers: HeaderMap, path: PushPath, body: Bytes) -> Result<Response, ApiError> {
+async fn push_frames(State(state): State<UserState>, authorized: Authorized, path: PushPath, body: Bytes) -> Result<Response, ApiError> {
+    authorized.require_write(&state.auth)?;
     let (generation, start, end) = path;
     let generation = parse_number("generation", &generation)?;
     let start = parse_number("start frame", &start)?;
@@ -131,8 +130,7 @@ async fn push_frames(State(state): State<UserState>, headers: HeaderMap, path: P
     if count as u64 != end - start {
         return Err(ApiError::bad_request(format!("the body holds {count} frames, the path says {}", end - start)));
     }
-    let ns = state.namespace(&headers)?;
-    let ns = state.hrana.store().get(&ns).await?;
+    let ns = state.hrana.store().get(&authorized.ns).await?;
     let outcome = blocking::run(move || ns.db().apply_push(generation, start, &body)).await?.map_err(push_error)?;
     let (status, target) = match outcome {
         PushOutcome::Applied(target) => {

@@ -13,8 +13,10 @@ use serde_json::json;
 
 use super::error::{no_route, parse_json};
 use super::limits::{answer_buffer, budgeted, method_not_allowed, LimitedBody, RequestLimits};
+use super::auth::Authorized;
 use super::{legacy, namespace_of, sync, track_requests, ApiError};
 use crate::hrana::budget::ResponseBudget;
+use crate::auth::Auth;
 use crate::hrana::{Answered, Hrana};
 use crate::metrics::Metrics;
 use crate::namespace::NamespaceName;
@@ -25,6 +27,7 @@ const JSON: &str = "application/json";
 #[derive(Clone)]
 pub struct UserState {
     pub hrana: Hrana,
+    pub auth: Arc<Auth>,
     pub metrics: Arc<Metrics>,
     pub limits: Arc<RequestLimits>,
 }
@@ -44,7 +47,7 @@ impl UserState {
 /// The user API. Its limits (body size and time, running requests) are taken by the handlers'
 /// extractors (`LimitedBody`, `Place`) rather than by a middleware on every route; a wrong
 /// method gets the JSON 405 from each route's fallback.
-pub fn router(hrana: Hrana, metrics: Arc<Metrics>, limits: RequestLimits) -> Router {
+pub fn router(hrana: Hrana, auth: Arc<Auth>, metrics: Arc<Metrics>, limits: RequestLimits) -> Router {
     Router::new()
         .route("/", post(legacy_query).fallback(method_not_allowed))
         .route("/health", get(|| async { StatusCode::OK }).fallback(method_not_allowed))
@@ -63,7 +66,7 @@ pub fn router(hrana: Hrana, metrics: Arc<Metrics>, limits: RequestLimits) -> Rou
         .route("/sync/:generation/:start/:end/:baton", post(sync::push_with_baton).fallback(method_not_allowed))
         .route_layer(axum::middleware::from_fn_with_state((metrics.clone(), "user"), track_requests))
         .fallback(no_route)
-        .with_state(UserState { hrana, metrics, limits: Arc::new(limits) })
+        .with_state(UserState { hrana, auth, metrics, limits: Arc::new(limits) })
 }
 
 /// Hrana clients send their bodies with or without `content-type` (the libSQL Rust crate sends
@@ -71,13 +74,12 @@ pub fn router(hrana: Hrana, metrics: Arc<Metrics>, limits: RequestLimits) -> Rou
 async fn pipeline(
     State(state): State<UserState>,
     origin: Option<Extension<ConnectionId>>,
-    headers: HeaderMap,
+    Authorized { ns, access }: Authorized,
     body: LimitedBody,
 ) -> Result<Response, ApiError> {
     let LimitedBody { bytes: body, place } = body;
-    let ns = state.namespace(&headers)?;
     let request: PipelineReqBody = parse_json(&body)?;
-    let Answered { answer, budget } = state.hrana.pipeline(&ns, request, origin.map(|o| o.0 .0), Some(Box::new(place))).await?;
+    let Answered { answer, budget } = state.hrana.pipeline(&ns, access, request, origin.map(|o| o.0 .0), Some(Box::new(place))).await?;
     Ok(budgeted(JSON, to_json(&answer, &budget)?, budget))
 }
 
@@ -85,14 +87,13 @@ async fn pipeline(
 async fn cursor(
     State(state): State<UserState>,
     origin: Option<Extension<ConnectionId>>,
-    headers: HeaderMap,
+    Authorized { ns, access }: Authorized,
     body: LimitedBody,
 ) -> Result<Response, ApiError> {
     let LimitedBody { bytes: body, place } = body;
-    let ns = state.namespace(&headers)?;
     let request: CursorReqBody = parse_json(&body)?;
     let origin = origin.map(|o| o.0 .0);
-    let Answered { answer: (baton, entries), budget } = state.hrana.cursor(&ns, request.baton.as_deref(), request.batch, origin, Some(Box::new(place))).await?;
+    let Answered { answer: (baton, entries), budget } = state.hrana.cursor(&ns, access, request.baton.as_deref(), request.batch, origin, Some(Box::new(place))).await?;
     let mut out = to_json(&CursorRespBody { baton, base_url: None }, &budget)?;
     for entry in entries {
         out.push(b'\n');
@@ -112,33 +113,26 @@ struct BatchV1 {
     batch: Batch,
 }
 
-async fn execute_v1(State(state): State<UserState>, headers: HeaderMap, body: LimitedBody) -> Result<Response, ApiError> {
+async fn execute_v1(State(state): State<UserState>, Authorized { ns, access }: Authorized, body: LimitedBody) -> Result<Response, ApiError> {
     let LimitedBody { bytes: body, place } = body;
-    let ns = state.namespace(&headers)?;
     let request: ExecuteV1 = parse_json(&body)?;
-    let Answered { answer, budget } = state.hrana.execute_once(&ns, request.stmt, Some(Box::new(place))).await?;
+    let Answered { answer, budget } = state.hrana.execute_once(&ns, access, request.stmt, Some(Box::new(place))).await?;
     let result = answer?;
     Ok(budgeted(JSON, to_json(&json!({ "result": result }), &budget)?, budget))
 }
 
-async fn batch_v1(State(state): State<UserState>, headers: HeaderMap, body: LimitedBody) -> Result<Response, ApiError> {
+async fn batch_v1(State(state): State<UserState>, Authorized { ns, access }: Authorized, body: LimitedBody) -> Result<Response, ApiError> {
     let LimitedBody { bytes: body, place } = body;
-    let ns = state.namespace(&headers)?;
     let request: BatchV1 = parse_json(&body)?;
-    let Answered { answer, budget } = state.hrana.batch_once(&ns, request.batch, Some(Box::new(place))).await?;
+    let Answered { answer, budget } = state.hrana.batch_once(&ns, access, request.batch, Some(Box::new(place))).await?;
     let result = answer?;
     Ok(budgeted(JSON, to_json(&json!({ "result": result }), &budget)?, budget))
 }
 
-async fn legacy_query(
-    State(state): State<UserState>,
-    headers: HeaderMap,
-    body: LimitedBody,
-) -> Result<Response, ApiError> {
+async fn legacy_query(State(state): State<UserState>, Authorized { ns, access }: Authorized, body: LimitedBody) -> Result<Response, ApiError> {
     let LimitedBody { bytes: body, place } = body;
-    let ns = state.namespace(&headers)?;
     let request: legacy::QueryRequest = parse_json(&body)?;
-    legacy::run(&state.hrana, &ns, request, Some(Box::new(place))).await
+    legacy::run(&state.hrana, &ns, access, request, Some(Box::new(place))).await
 }
 
 /// An answer as JSON, in a buffer sized from its budget.

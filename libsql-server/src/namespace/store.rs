@@ -215,6 +215,22 @@ impl NamespaceStore {
         .map_err(internal)?
     }
 
+    /// The configuration of `name` as its loaded namespace has it, or as stored (the default
+    /// for a namespace never configured, or that does not exist), without loading it: what a
+    /// request's authentication needs before the request is even read.
+    pub async fn stored_config(&self, name: &NamespaceName) -> Result<Arc<DatabaseConfig>, Error> {
+        // Looked up without making a slot: names that do not exist leave nothing behind.
+        let slot = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned();
+        if let Some(slot) = slot {
+            if let Some(ns) = slot.ns.lock().await.as_ref() {
+                return Ok(ns.db().config());
+            }
+        }
+        let meta = self.inner.meta.clone();
+        let name = name.clone();
+        Ok(Arc::new(blocking::run(move || meta.get(&name)).await.map_err(internal)??))
+    }
+
     pub async fn config(&self, name: &NamespaceName) -> Result<Arc<DatabaseConfig>, Error> {
         Ok(self.get(name).await?.db().config())
     }
