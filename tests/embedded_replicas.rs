@@ -6,6 +6,8 @@
 
 mod common;
 
+mod auth_clients;
+
 mod foreign_clients;
 mod generation_switch;
 mod reset_replicas;

@@ -11,12 +11,12 @@ use libsql::Value;
 use crate::common::process::Sqld;
 
 #[derive(Clone, Copy, Debug)]
-enum Client {
+pub enum Client {
     Python,
     Node,
 }
 
-fn clients_dir() -> PathBuf {
+pub fn clients_dir() -> PathBuf {
     PathBuf::from(std::env::var("SQLD_TEST_CLIENTS_DIR").expect(
         "SQLD_TEST_CLIENTS_DIR is not set: run the suite with ./scripts/test.sh, which installs the Python and npm clients",
     ))
@@ -24,6 +24,18 @@ fn clients_dir() -> PathBuf {
 
 /// Runs one sync of `client` on the local database `path`; the replica's rows.
 fn sync_with(client: Client, path: &Path, url: &str) -> Vec<(i64, String)> {
+    let output = run_sync(client, path, url, None);
+    assert!(
+        output.status.success(),
+        "{client:?} client failed: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{client:?} printed no rows ({e}): {}", String::from_utf8_lossy(&output.stdout)))
+}
+
+/// Runs one sync of `client` on `path` from `url`, with `token` if given; the process's output.
+pub fn run_sync(client: Client, path: &Path, url: &str, token: Option<&str>) -> std::process::Output {
     let dir = clients_dir();
     let mut command = match client {
         Client::Python => {
@@ -38,17 +50,10 @@ fn sync_with(client: Client, path: &Path, url: &str) -> Vec<(i64, String)> {
             c
         }
     };
-    let output = command.arg(path).arg(url).current_dir(&dir).output().expect("running the client");
-    assert!(
-        output.status.success(),
-        "{client:?} client failed: {}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{client:?} printed no rows ({e}): {}", String::from_utf8_lossy(&output.stdout)))
+    command.arg(path).arg(url).args(token).current_dir(&dir).output().expect("running the client")
 }
 
-async fn primary_rows(sqld: &Sqld) -> Vec<(i64, String)> {
+pub async fn primary_rows(sqld: &Sqld) -> Vec<(i64, String)> {
     let conn = sqld.connect().await;
     let mut rows = conn.query("SELECT id, hex(v) FROM t ORDER BY id", ()).await.unwrap();
     let mut out = Vec::new();

@@ -98,9 +98,14 @@ impl Sqld {
     /// behind a lock the future must not hold). The crate's own TLS connector is not compiled
     /// in, so a plain hyper connector is given.
     pub fn connect_owned(&self) -> impl std::future::Future<Output = libsql::Connection> + Send + 'static {
+        self.connect_as(String::new())
+    }
+
+    /// [`Self::connect_owned`] with `token` as its auth token.
+    pub fn connect_as(&self, token: String) -> impl std::future::Future<Output = libsql::Connection> + Send + 'static {
         let url = self.url();
         async move {
-            libsql::Builder::new_remote(url, String::new())
+            libsql::Builder::new_remote(url, token)
                 .connector(hyper::client::HttpConnector::new())
                 .build()
                 .await
