@@ -15,16 +15,23 @@ pub struct Http {
     client: Client<hyper::client::HttpConnector>,
     url: String,
     namespace: Option<String>,
+    /// The `authorization` value every request carries.
+    credential: Option<String>,
 }
 
 impl Http {
     pub fn new(url: String) -> Self {
-        Http { client: Client::new(), url, namespace: None }
+        Http { client: Client::new(), url, namespace: None, credential: None }
     }
 
     /// Pipelines to namespace `namespace` (the `x-namespace` header).
     pub fn with_namespace(url: String, namespace: &str) -> Self {
-        Http { client: Client::new(), url, namespace: Some(namespace.to_owned()) }
+        Http { namespace: Some(namespace.to_owned()), ..Http::new(url) }
+    }
+
+    /// Every request carries `authorization: Bearer <token>`.
+    pub fn with_token(self, token: Option<String>) -> Self {
+        Http { credential: token.map(|t| format!("Bearer {t}")), ..self }
     }
 
     /// The answer, or `None` if the request failed or was not a success.
@@ -33,6 +40,9 @@ impl Http {
         let mut request = Request::builder().method(Method::POST).uri(&self.url);
         if let Some(namespace) = &self.namespace {
             request = request.header("x-namespace", namespace);
+        }
+        if let Some(credential) = &self.credential {
+            request = request.header("authorization", credential);
         }
         let request = request.body(Body::from(body)).unwrap();
         let response = self.client.request(request).await.ok()?;

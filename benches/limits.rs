@@ -1,7 +1,9 @@
-//! What the isolation and limits cost: point reads and single-row inserts over HTTP against
-//! this build's `sqld`, beside a baseline `sqld` binary in the same run (a build from before
-//! the limits, given as `SQLD_BASELINE_BIN`; without it, this build again with every limit
-//! flag at its loosest, which leaves the authorizer and the progress handler in place).
+//! What the isolation, limits and authentication cost: point reads and single-row inserts over
+//! HTTP against this build's `sqld`, beside a baseline `sqld` binary in the same run (a build
+//! from before the limits, given as `SQLD_BASELINE_BIN`; without it, this build again with
+//! every limit flag at its loosest, which leaves the authorizer and the progress handler in
+//! place). With `LIMITS_BENCH_AUTH=1` the two sides are this build with authentication off
+//! and on (a key file, and a JWT on every request).
 //!
 //! `cargo bench --bench limits` prints a table and writes `bench-results/limits.json`.
 //! With `LIMITS_BENCH_CALLGRIND=1` it counts instructions instead (valgrind's callgrind; the
@@ -49,7 +51,9 @@ const LOOSE: &[&str] = &[
 struct Side {
     name: String,
     bin: String,
-    args: Vec<&'static str>,
+    args: Vec<String>,
+    /// The token every request carries.
+    token: Option<String>,
     inserts: Vec<f64>,
     reads: Vec<f64>,
     insert_cpu_us: Vec<f64>,
@@ -57,8 +61,9 @@ struct Side {
 }
 
 impl Side {
-    fn new(name: String, bin: String, args: Vec<&'static str>) -> Self {
-        Side { name, bin, args, inserts: vec![], reads: vec![], insert_cpu_us: vec![], read_cpu_us: vec![] }
+    fn new(name: String, bin: String, args: &[&str]) -> Self {
+        let args = args.iter().map(|a| a.to_string()).collect();
+        Side { name, bin, args, token: None, inserts: vec![], reads: vec![], insert_cpu_us: vec![], read_cpu_us: vec![] }
     }
 }
 
@@ -72,11 +77,19 @@ struct Round {
 
 fn main() {
     let this = env!("CARGO_BIN_EXE_sqld").to_owned();
-    let baseline = match std::env::var("SQLD_BASELINE_BIN") {
-        Ok(bin) => Side::new(format!("baseline ({bin})"), bin, vec![]),
-        Err(_) => Side::new("this build, limits loosest".into(), this.clone(), LOOSE.to_vec()),
+    let keys = tempfile::tempdir().unwrap();
+    let mut sides = if std::env::var("LIMITS_BENCH_AUTH").is_ok() {
+        let (key_file, token) = auth_key(keys.path());
+        let mut on = Side::new("this build, auth on".into(), this.clone(), &["--auth-jwt-key-file", &key_file]);
+        on.token = Some(token);
+        [Side::new("this build, auth off".into(), this, &[]), on]
+    } else {
+        let baseline = match std::env::var("SQLD_BASELINE_BIN") {
+            Ok(bin) => Side::new(format!("baseline ({bin})"), bin, &[]),
+            Err(_) => Side::new("this build, limits loosest".into(), this.clone(), LOOSE),
+        };
+        [baseline, Side::new("this build, defaults".into(), this, &[])]
     };
-    let mut sides = [baseline, Side::new("this build, defaults".into(), this, vec![])];
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     if std::env::var("LIMITS_BENCH_CALLGRIND").is_ok() {
         return rt.block_on(count_instructions(&sides));
@@ -86,7 +99,7 @@ fn main() {
         let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             let side = &mut sides[i];
-            let r = rt.block_on(measure(&side.bin, &side.args));
+            let r = rt.block_on(measure(side));
             eprintln!(
                 "round {round}: {}: {:.0} inserts/s ({:.1} us CPU each), {:.0} reads/s ({:.1} us CPU each)",
                 side.name, r.inserts, r.insert_cpu_us, r.reads, r.read_cpu_us
@@ -143,7 +156,8 @@ fn cpu_us(pid: u32) -> f64 {
 
 /// Starts `bin` (run by `launcher`, valgrind say, when given) on `dir` and a free port, and
 /// waits (bounded) until it answers.
-async fn start(launcher: Option<Command>, bin: &str, args: &[&str], dir: &std::path::Path) -> (Child, Http) {
+async fn start(launcher: Option<Command>, side: &Side, dir: &std::path::Path) -> (Child, Http) {
+    let (bin, args) = (&side.bin, &side.args);
     let addr: SocketAddr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let slow = launcher.is_some();
     let mut command = match launcher {
@@ -162,7 +176,7 @@ async fn start(launcher: Option<Command>, bin: &str, args: &[&str], dir: &std::p
         .stdout(Stdio::null())
         .spawn()
         .expect("starting sqld (and valgrind, for instruction counts)");
-    let http = Http::new(format!("http://{addr}/v2/pipeline"));
+    let http = Http::new(format!("http://{addr}/v2/pipeline")).with_token(side.token.clone());
     let deadline = Instant::now() + Duration::from_secs(if slow { 120 } else { 30 });
     while http.try_pipeline(vec![stmt("SELECT 1", vec![]), close()]).await.is_none() {
         assert!(Instant::now() < deadline, "sqld did not start");
@@ -172,9 +186,9 @@ async fn start(launcher: Option<Command>, bin: &str, args: &[&str], dir: &std::p
 }
 
 /// Starts `bin` on a fresh directory, runs both workloads, stops it.
-async fn measure(bin: &str, args: &[&str]) -> Round {
+async fn measure(side: &Side) -> Round {
     let dir = tempfile::tempdir().unwrap();
-    let (child, http) = start(None, bin, args, dir.path()).await;
+    let (child, http) = start(None, side, dir.path()).await;
     let server = Server(child);
     let http = Arc::new(http);
     http.pipeline(vec![stmt("CREATE TABLE kv (k INTEGER PRIMARY KEY, v BLOB)", vec![]), close()]).await;
@@ -228,8 +242,8 @@ async fn count_instructions(sides: &[Side; 2]) {
     {
         let mut per_side = Vec::new();
         for side in sides {
-            let few = instructions(&side.bin, &side.args, sql, 200).await;
-            let many = instructions(&side.bin, &side.args, sql, 1_200).await;
+            let few = instructions(side, sql, 200).await;
+            let many = instructions(side, sql, 1_200).await;
             let per_request = many.saturating_sub(few) as f64 / 1_000.0;
             eprintln!("{workload}: {}: {per_request:.0} instructions a request", side.name);
             per_side.push(per_request);
@@ -252,12 +266,12 @@ async fn count_instructions(sides: &[Side; 2]) {
 }
 
 /// Instructions `bin` runs (start-up and shutdown included) to answer `n` requests of `sql`.
-async fn instructions(bin: &str, args: &[&str], sql: &str, n: usize) -> u64 {
+async fn instructions(side: &Side, sql: &str, n: usize) -> u64 {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("callgrind.out");
     let mut valgrind = Command::new("valgrind");
     valgrind.arg("--tool=callgrind").arg(format!("--callgrind-out-file={}", out.display())).stderr(Stdio::null());
-    let (mut child, http) = start(Some(valgrind), bin, args, dir.path()).await;
+    let (mut child, http) = start(Some(valgrind), side, dir.path()).await;
     http.pipeline(vec![
         stmt("CREATE TABLE kv (k INTEGER PRIMARY KEY, v BLOB)", vec![]),
         stmt("INSERT INTO kv SELECT value, randomblob(100) FROM generate_series(1, 2000)", vec![]),
@@ -273,4 +287,18 @@ async fn instructions(bin: &str, args: &[&str], sql: &str, n: usize) -> u64 {
     child.wait().unwrap();
     let counts = std::fs::read_to_string(&out).unwrap();
     counts.lines().find_map(|l| l.strip_prefix("totals: ")).and_then(|t| t.trim().parse().ok()).expect("callgrind totals")
+}
+
+/// A key file in `dir` for a new Ed25519 key pair, and a token it verifies (read-write, every
+/// namespace, no expiry): what an operator's issuer hands a client.
+fn auth_key(dir: &std::path::Path) -> (String, String) {
+    use ring::signature::KeyPair;
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    let public = libsql_server::auth::PublicKey(pair.public_key().as_ref().try_into().unwrap());
+    let path = dir.join("jwt.pem");
+    std::fs::write(&path, libsql_server::auth::keys::to_pem(&public)).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_ed_der(pkcs8.as_ref());
+    let token = jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA), &json!({"a": "rw"}), &key).unwrap();
+    (path.to_str().unwrap().to_owned(), token)
 }

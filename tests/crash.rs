@@ -89,6 +89,17 @@ async fn kill_9_under_write_load_keeps_every_acknowledged_write() {
 /// pseudo-random moment: every acknowledged write survives and the log replays to the data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_resets_under_write_load_keeps_every_acknowledged_write() {
+    stop_during_resets_under_write_load("KILL").await;
+}
+
+/// The same with a graceful stop (SIGTERM) racing the resets: the process exits 0, leaves no
+/// half-built log, and every acknowledged write is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_during_resets_under_write_load_is_clean_and_keeps_every_write() {
+    stop_during_resets_under_write_load("TERM").await;
+}
+
+async fn stop_during_resets_under_write_load(signal: &str) {
     let mut sqld = Sqld::start(&[]);
     sqld.connect().await.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
     let data_dir = sqld.db_path().join("dbs/default");
@@ -126,8 +137,14 @@ async fn kill_9_during_resets_under_write_load_keeps_every_acknowledged_write() 
         seed ^= seed >> 7;
         seed ^= seed << 17;
         tokio::time::sleep(Duration::from_millis(seed % 300)).await;
-        let status = tokio::task::block_in_place(|| sqld.signal("KILL"));
-        assert!(!status.success());
+        let status = tokio::task::block_in_place(|| sqld.signal(signal));
+        if signal == "KILL" {
+            assert!(!status.success());
+        } else {
+            assert!(status.success(), "round {round}: a graceful stop during resets failed: {status}");
+            assert!(!data_dir.join(".sentinel").exists(), "round {round}: a clean stop removes the sentinel");
+            assert!(!data_dir.join("wallog.rebuild").exists(), "round {round}: a half-built log was left behind");
+        }
         let acked = writer.await.unwrap();
         resets_done += resetter.await.unwrap();
         next_id = acked.last().map_or(next_id, |id| id + 1) + 1;
