@@ -86,6 +86,12 @@ fn every_user_route_checks_the_token_and_says_why_it_refused() {
         (Some(format!("Bearer {}", k1.token(json!({"exp": epoch_secs(-3600)})))), "AUTH_EXPIRED"),
         (Some(format!("Bearer {}", k1.token(json!({"a": "rw", "id": "b"})))), "AUTH_WRONG_NAMESPACE"),
         (Some(format!("Bearer {}", k2.token(json!({"p": {"rw": {"ns": ["b"]}}})))), "AUTH_WRONG_NAMESPACE"),
+        // `id` alone names one namespace; with `p`, a legacy `a` never widens it.
+        (Some(format!("Bearer {}", k1.token(json!({"id": "b"})))), "AUTH_WRONG_NAMESPACE"),
+        (Some(format!("Bearer {}", k1.token(json!({"a": "rw", "p": {"ro": {"ns": ["b"]}}})))), "AUTH_WRONG_NAMESPACE"),
+        // Over HTTP a token comes with its scheme.
+        (Some(k1.token(json!({}))), "AUTH_MALFORMED"),
+        (Some(format!("Bearer {}", k1.token(json!({"exp": "soon"})))), "AUTH_MALFORMED"),
     ];
     run_sim(
         move |config| config.auth_jwt_key = Some(keys.clone()),
@@ -144,6 +150,15 @@ fn every_user_route_checks_the_token_and_says_why_it_refused() {
             assert_eq!(error_code(&answer, 1), "AUTH_READ_ONLY", "{answer}");
             assert_eq!(rows(&answer, 2).len(), 1, "{answer}");
 
+            // Nor commit a write transaction another grant began on it: it can only close the
+            // stream, which rolls the transaction back.
+            let (_, answer) = user(Method::POST, "/v2/pipeline", "a", Some(&owner), json!({"requests": [execute("BEGIN"), execute("INSERT INTO t VALUES (3)")]}).to_string()).await;
+            let baton = answer["baton"].as_str().unwrap().to_owned();
+            let (_, answer) = user(Method::POST, "/v2/pipeline", "a", Some(&ro), json!({"baton": baton, "requests": [execute("COMMIT"), close()]}).to_string()).await;
+            assert_eq!(error_code(&answer, 0), "AUTH_READ_ONLY", "{answer}");
+            let (_, answer) = user(Method::POST, "/v2/pipeline", "a", Some(&owner), json!({"requests": [execute("SELECT count(*) FROM t WHERE x = 3"), close()]}).to_string()).await;
+            assert_eq!(rows(&answer, 0)[0][0]["value"], "0", "{answer}");
+
             // Probes stay open.
             let (status, _) = user(Method::GET, "/health", "a", None, String::new()).await;
             assert_eq!(status, StatusCode::OK);
@@ -158,11 +173,11 @@ fn every_user_route_checks_the_token_and_says_why_it_refused() {
             };
             let routes = routes().len() as u64;
             assert_eq!(count("missing"), 2 * routes);
-            assert_eq!(count("malformed"), 2 * routes);
+            assert_eq!(count("malformed"), 4 * routes);
             assert_eq!(count("bad_signature"), routes);
             assert_eq!(count("expired"), routes);
-            assert_eq!(count("wrong_namespace"), 2 * routes);
-            assert!(count("read_only") >= 2 * 5 + 2, "{metrics}");
+            assert_eq!(count("wrong_namespace"), 4 * routes);
+            assert!(count("read_only") >= 2 * 5 + 3, "{metrics}");
             Ok(())
         },
     );
@@ -272,6 +287,9 @@ fn keys_that_cannot_verify_stop_the_server_at_start() {
         (Some("short".to_owned()), None, None, "line 1"),
         (None, Some(dir.path().join("missing.pem")), None, "missing.pem"),
         (None, None, Some("alice:secret".to_owned()), "--http-auth"),
+        (None, None, Some("basic:".to_owned()), "--http-auth"),
+        // The identity point: any signature with R = identity, S = 0 would verify against it.
+        (Some("AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".to_owned()), None, None, "small order"),
     ] {
         let mut config = libsql_server::Config::with_db_path(dir.path().join("db"));
         config.auth_jwt_key = keys;

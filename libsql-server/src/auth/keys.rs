@@ -33,6 +33,36 @@ pub enum KeyError {
     BadLine(usize),
     #[error("no key was found")]
     Empty,
+    #[error("a key of small order (the identity or a point of order 2, 4 or 8) verifies forged signatures")]
+    Weak,
+}
+
+/// Encodings of the Ed25519 points of small order (canonical, with the sign bit set, and the
+/// non-canonical y = p and y = p + 1): a signature check against one can be passed without
+/// the private key, so they are refused as keys.
+const WEAK: [&str; 14] = [
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "0100000000000000000000000000000000000000000000000000000000000080",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0000000000000000000000000000000000000000000000000000000000000080",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+];
+
+fn checked(key: [u8; 32]) -> Result<PublicKey, KeyError> {
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    if WEAK.contains(&hex.as_str()) {
+        return Err(KeyError::Weak);
+    }
+    Ok(PublicKey(key))
 }
 
 /// Every key in `text`; at least one.
@@ -61,10 +91,10 @@ pub fn parse(text: &str) -> Result<Vec<PublicKey>, KeyError> {
             }
             let der = STANDARD.decode(body.as_bytes()).map_err(|_| KeyError::NotEd25519)?;
             let key = der.strip_prefix(&SPKI_ED25519_PREFIX[..]).and_then(|k| <[u8; 32]>::try_from(k).ok()).ok_or(KeyError::NotEd25519)?;
-            keys.push(PublicKey(key));
+            keys.push(checked(key)?);
         } else {
             let raw = URL_SAFE_NO_PAD.decode(line.trim_end_matches('=')).map_err(|_| KeyError::BadLine(number))?;
-            keys.push(PublicKey(<[u8; 32]>::try_from(raw.as_slice()).map_err(|_| KeyError::BadLine(number))?));
+            keys.push(checked(<[u8; 32]>::try_from(raw.as_slice()).map_err(|_| KeyError::BadLine(number))?)?);
         }
     }
     if keys.is_empty() {
@@ -107,5 +137,10 @@ mod tests {
         assert_eq!(parse(x25519), Err(KeyError::NotEd25519));
         assert_eq!(parse("c2hvcnQ"), Err(KeyError::BadLine(1)));
         assert_eq!(parse("\n  \n"), Err(KeyError::Empty));
+        // The identity and an all-zero key (order 4) would verify forged signatures.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert_eq!(parse(&URL_SAFE_NO_PAD.encode(identity)), Err(KeyError::Weak));
+        assert_eq!(parse(&to_pem(&PublicKey([0; 32]))), Err(KeyError::Weak));
     }
 }

@@ -10,7 +10,8 @@
 //!
 //! A signature check costs tens of microseconds, several times a point read's own work, so a
 //! verified token's claims are kept (bounded) and later requests only look them up and check
-//! the expiry and the namespace.
+//! the expiry and the namespace. Namespaces' keys come from memory (`NamespaceStore::jwt_key`),
+//! so no check opens a namespace or reads the disk.
 
 mod claims;
 pub mod keys;
@@ -69,22 +70,13 @@ impl AuthError {
     }
 }
 
-/// What is known of the addressed namespace's own key.
+/// A credential as a transport carried it.
 #[derive(Debug, Clone, Copy)]
-pub enum NamespaceKey<'a> {
-    /// Not looked up yet (looking it up may mean opening the namespace).
-    Unknown,
-    /// Its configured `jwt_key`, if it has one.
-    Known(Option<&'a str>),
-}
-
-/// The outcome of a check.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Decision {
-    Granted(Access),
-    /// Ask again with the namespace's key ([`NamespaceKey::Known`]).
-    NeedsNamespaceKey,
-    Refused(AuthError),
+pub enum Credential<'a> {
+    /// An `authorization` header's value (`Bearer <jwt>`, `Basic <...>`), if there was one.
+    Header(Option<&'a [u8]>),
+    /// A bare JWT (a WebSocket `hello`'s `jwt`), if there was one.
+    Jwt(Option<&'a str>),
 }
 
 /// How the server authenticates users: its keys and the legacy basic credential.
@@ -92,15 +84,12 @@ pub struct Auth {
     keys: Vec<DecodingKey>,
     /// The base64 of `user:password` that `authorization: Basic …` must carry.
     basic: Option<String>,
-    verified: Mutex<HashMap<Box<str>, Verified>>,
+    /// Claims of tokens the server's keys verified.
+    verified: Mutex<HashMap<Box<str>, Arc<Claims>>>,
+    /// Claims of tokens a namespace's key verified, with that key: apart, so tokens a tenant
+    /// mints with its own key never push out the ones the server's keys verified.
+    verified_by_namespace: Mutex<HashMap<Box<str>, (Arc<str>, Arc<Claims>)>>,
     hits: Arc<LimitHits>,
-}
-
-#[derive(Clone)]
-struct Verified {
-    claims: Arc<Claims>,
-    /// The namespace key text that verified it; `None`: one of the server's keys.
-    by: Option<Box<str>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,11 +114,15 @@ impl Auth {
             None => None,
             Some(value) => {
                 let encoded = value.strip_prefix("basic:").ok_or(ConfigError::BadHttpAuth)?;
-                STANDARD.decode(encoded).map_err(|_| ConfigError::BadHttpAuth)?;
+                let decoded = STANDARD.decode(encoded).map_err(|_| ConfigError::BadHttpAuth)?;
+                // `user:password`; an empty one would let an empty `Basic` credential in.
+                if !decoded.contains(&b':') || decoded.len() < 2 {
+                    return Err(ConfigError::BadHttpAuth);
+                }
                 Some(encoded.to_owned())
             }
         };
-        Ok(Auth { keys, basic, verified: Mutex::new(HashMap::new()), hits })
+        Ok(Auth { keys, basic, verified: Mutex::default(), verified_by_namespace: Mutex::default(), hits })
     }
 
     /// Whether the server itself requires a credential (namespace keys aside).
@@ -137,11 +130,11 @@ impl Auth {
         !self.keys.is_empty() || self.basic.is_some()
     }
 
-    /// Checks `credential` (an `authorization` value: `Bearer <jwt>`, `Basic <…>`, or a bare
-    /// JWT as a WebSocket `hello` carries it) for namespace `ns`. Refusals are counted.
-    pub fn check(&self, credential: Option<&[u8]>, ns: &NamespaceName, ns_key: NamespaceKey<'_>) -> Decision {
+    /// The access `credential` grants to namespace `ns`, whose own `jwt_key` is `ns_key` (see
+    /// `NamespaceStore::jwt_key`). Refusals are counted.
+    pub fn check(&self, credential: Credential<'_>, ns: &NamespaceName, ns_key: Option<&str>) -> Result<Access, AuthError> {
         let decision = self.decide(credential, ns, ns_key);
-        if let Decision::Refused(e) = &decision {
+        if let Err(e) = &decision {
             self.refused(e, ns);
         }
         decision
@@ -153,81 +146,75 @@ impl Auth {
         self.hits.refuse(e.refusal(), format_args!("namespace {ns}: {e}"));
     }
 
-    fn decide(&self, credential: Option<&[u8]>, ns: &NamespaceName, ns_key: NamespaceKey<'_>) -> Decision {
-        let ns_key = match ns_key {
-            NamespaceKey::Known(key) => Some(key),
-            NamespaceKey::Unknown => None,
-        };
-        if !self.required() {
-            match ns_key {
-                None => return Decision::NeedsNamespaceKey,
-                Some(None) => return Decision::Granted(Access::ReadWrite),
-                Some(Some(_)) => {}
-            }
+    fn decide(&self, credential: Credential<'_>, ns: &NamespaceName, ns_key: Option<&str>) -> Result<Access, AuthError> {
+        if !self.required() && ns_key.is_none() {
+            return Ok(Access::ReadWrite);
         }
-        let token = match credential.map(parse_credential) {
-            None | Some(Credential::Empty) => return Decision::Refused(AuthError::Missing),
-            Some(Credential::Malformed(why)) => return Decision::Refused(AuthError::Malformed(why)),
-            Some(Credential::Basic(value)) => {
-                return match &self.basic {
-                    Some(expected) if constant_time_eq(value.as_bytes(), expected.as_bytes()) => Decision::Granted(Access::ReadWrite),
-                    _ => Decision::Refused(AuthError::BadPassword),
-                };
-            }
-            Some(Credential::Bearer(token)) => token,
-        };
-        let claims = match self.verified(token, ns_key) {
-            Ok(claims) => claims,
-            Err(decision) => return decision,
-        };
-        if claims.expired(now()) {
-            return Decision::Refused(AuthError::Expired);
-        }
-        match claims.access_to(ns.as_str()) {
-            Some(access) => Decision::Granted(access),
-            None => Decision::Refused(AuthError::WrongNamespace(ns.to_string())),
-        }
-    }
-
-    /// The claims of `token` once its signature verified with the server's keys or the
-    /// namespace's (`ns_key`, when looked up); remembered.
-    fn verified(&self, token: &str, ns_key: Option<Option<&str>>) -> Result<Arc<Claims>, Decision> {
-        if token.len() > MAX_TOKEN_BYTES {
-            return Err(Decision::Refused(AuthError::Malformed("the token is too long")));
-        }
-        if let Some(hit) = self.cached(token) {
-            match (&hit.by, ns_key) {
-                (None, _) => return Ok(hit.claims),
-                (Some(by), Some(Some(key))) if **by == *key => return Ok(hit.claims),
-                _ => {}
-            }
-        }
-        let mut outcome = verify(token, &self.keys);
-        let mut by = None;
-        if matches!(outcome, Err(AuthError::BadSignature)) {
-            match ns_key {
-                None => return Err(Decision::NeedsNamespaceKey),
-                Some(Some(key)) => {
-                    // A namespace key that does not parse verifies nothing (it was checked when set).
-                    let keys: Vec<DecodingKey> = keys::parse(key).map(|k| k.iter().map(decoding_key).collect()).unwrap_or_default();
-                    outcome = verify(token, &keys);
-                    by = Some(Box::from(key));
+        let token = match credential {
+            Credential::Header(None) | Credential::Jwt(None) => return Err(AuthError::Missing),
+            Credential::Jwt(Some(token)) if token.trim().is_empty() => return Err(AuthError::Missing),
+            Credential::Jwt(Some(token)) => token.trim(),
+            Credential::Header(Some(value)) => match parse_header(value)? {
+                Scheme::Bearer(token) => token,
+                Scheme::Basic(value) => {
+                    return match &self.basic {
+                        Some(expected) if constant_time_eq(value.as_bytes(), expected.as_bytes()) => Ok(Access::ReadWrite),
+                        _ => Err(AuthError::BadPassword),
+                    };
                 }
-                Some(None) => {}
-            }
+            },
+        };
+        let claims = self.verified(token, ns_key)?;
+        if claims.expired(now()) {
+            return Err(AuthError::Expired);
         }
-        let claims = Arc::new(outcome.map_err(Decision::Refused)?);
-        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-        if verified.len() >= CACHE_ENTRIES {
-            verified.clear();
-        }
-        verified.insert(Box::from(token), Verified { claims: claims.clone(), by });
-        Ok(claims)
+        claims.access_to(ns.as_str()).ok_or_else(|| AuthError::WrongNamespace(ns.to_string()))
     }
 
-    fn cached(&self, token: &str) -> Option<Verified> {
-        self.verified.lock().unwrap_or_else(|e| e.into_inner()).get(token).cloned()
+    /// The claims of `token` once its signature verified with the server's keys or with the
+    /// namespace's key; remembered.
+    fn verified(&self, token: &str, ns_key: Option<&str>) -> Result<Arc<Claims>, AuthError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::Malformed("the token is too long"));
+        }
+        if let Some(claims) = lock(&self.verified).get(token) {
+            return Ok(claims.clone());
+        }
+        if let Some(key) = ns_key {
+            if let Some((by, claims)) = lock(&self.verified_by_namespace).get(token) {
+                if **by == *key {
+                    return Ok(claims.clone());
+                }
+            }
+        }
+        match verify(token, &self.keys) {
+            Ok(claims) => return Ok(remember(&self.verified, token, Arc::new(claims))),
+            Err(AuthError::BadSignature) => {}
+            Err(e) => return Err(e),
+        }
+        let Some(key) = ns_key else {
+            return Err(AuthError::BadSignature);
+        };
+        // A namespace key that does not parse verifies nothing (it was checked when set).
+        let keys: Vec<DecodingKey> = keys::parse(key).map(|k| k.iter().map(decoding_key).collect()).unwrap_or_default();
+        let claims = Arc::new(verify(token, &keys)?);
+        Ok(remember(&self.verified_by_namespace, token, (Arc::from(key), claims)).1)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Keeps `value` for `token` in `cache`, which starts over when full (a miss costs one
+/// signature check).
+fn remember<V: Clone>(cache: &Mutex<HashMap<Box<str>, V>>, token: &str, value: V) -> V {
+    let mut cache = lock(cache);
+    if cache.len() >= CACHE_ENTRIES {
+        cache.clear();
+    }
+    cache.insert(Box::from(token), value.clone());
+    value
 }
 
 /// Checks a namespace's `jwt_key` when it is set (admin create/config): what would not verify
@@ -236,32 +223,23 @@ pub fn check_namespace_key(text: &str) -> Result<(), KeyError> {
     keys::parse(text).map(|_| ())
 }
 
-enum Credential<'a> {
-    Empty,
+enum Scheme<'a> {
     Bearer(&'a str),
     Basic(&'a str),
-    Malformed(&'static str),
 }
 
-fn parse_credential(value: &[u8]) -> Credential<'_> {
-    let Ok(text) = std::str::from_utf8(value) else {
-        return Credential::Malformed("the authorization value is not UTF-8");
-    };
-    let text = text.trim();
-    if text.is_empty() {
-        return Credential::Empty;
-    }
+fn parse_header(value: &[u8]) -> Result<Scheme<'_>, AuthError> {
+    let text = std::str::from_utf8(value).map_err(|_| AuthError::Malformed("the authorization value is not UTF-8"))?.trim();
     let (scheme, rest) = text.split_once(' ').unwrap_or((text, ""));
     let rest = rest.trim();
     if scheme.eq_ignore_ascii_case("bearer") {
-        if rest.is_empty() { Credential::Empty } else { Credential::Bearer(rest) }
+        if rest.is_empty() { Err(AuthError::Missing) } else { Ok(Scheme::Bearer(rest)) }
     } else if scheme.eq_ignore_ascii_case("basic") {
-        Credential::Basic(rest)
-    } else if rest.is_empty() && text.matches('.').count() == 2 {
-        // A bare token (a WebSocket `hello`'s `jwt`).
-        Credential::Bearer(text)
+        Ok(Scheme::Basic(rest))
+    } else if text.is_empty() {
+        Err(AuthError::Missing)
     } else {
-        Credential::Malformed("the authorization scheme is neither Bearer nor Basic")
+        Err(AuthError::Malformed("the authorization scheme is neither Bearer nor Basic"))
     }
 }
 
@@ -281,7 +259,7 @@ fn verify(token: &str, keys: &[DecodingKey]) -> Result<Claims, AuthError> {
             Err(e) => match e.kind() {
                 ErrorKind::InvalidSignature | ErrorKind::InvalidKeyFormat => continue,
                 ErrorKind::InvalidAlgorithm => return Err(AuthError::Malformed("the token is not signed with EdDSA")),
-                ErrorKind::Json(_) => return Err(AuthError::Malformed("the token's claims are not what this server reads")),
+                ErrorKind::Json(_) => return Err(AuthError::Malformed("the token's header or claims are not what this server reads")),
                 _ => return Err(AuthError::Malformed("the token is not a JWT")),
             },
         }

@@ -275,6 +275,11 @@ impl WriteAccess {
         if config.block_reads {
             return Err(AccessError::ReadsBlocked(config.block_reason.clone()));
         }
+        // Inside a write transaction (begun under another grant on this stream), a read-only
+        // grant does nothing, not even COMMIT: closing the stream rolls the transaction back.
+        if self.access == Access::ReadOnly && self.permit.is_some() {
+            return Err(self.refuse_write());
+        }
         if kind == StmtKind::Write {
             if self.access == Access::ReadOnly {
                 return Err(self.refuse_write());

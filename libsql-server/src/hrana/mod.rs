@@ -15,7 +15,8 @@ use libsql_hrana::proto::{Batch, BatchResult, CursorEntry, PipelineReqBody, Pipe
 
 use budget::{Hold, ResponseBudget, ResponseBudgets};
 pub use error::{RequestError, StmtError};
-pub use stream::{Stream, StreamLimits, StreamRegistry};
+pub use batch::cursor_entries;
+pub use stream::{Held, Stream, StreamLimits, StreamRegistry};
 
 use crate::blocking;
 use crate::database::interrupt::CancelOnDrop;
@@ -110,6 +111,20 @@ impl Hrana {
         hold: Hold,
         f: impl FnOnce(&mut Stream, &mut ResponseBudget) -> R + Send + 'static,
     ) -> Result<(Option<String>, R, ResponseBudget), RequestError> {
+        let (stream, result, budget) = self.run_held(stream, access, hold, f).await?;
+        Ok(((!stream.is_closed()).then(|| self.streams.park(stream)), result, budget))
+    }
+
+    /// Runs `f` on a stream its transport holds between requests (a WebSocket's), on the
+    /// blocking pool, stopped if the future is dropped (the client went away); gives the
+    /// stream back with `f`'s result and the budget its answer holds.
+    pub async fn run_held<R: Send + 'static>(
+        &self,
+        stream: Stream,
+        access: Access,
+        hold: Hold,
+        f: impl FnOnce(&mut Stream, &mut ResponseBudget) -> R + Send + 'static,
+    ) -> Result<(Stream, R, ResponseBudget), RequestError> {
         let cancel = CancelOnDrop::new();
         stream.attach(&cancel.target());
         let mut budget = self.budgets.start(hold);
@@ -121,7 +136,16 @@ impl Hrana {
         })
         .await?;
         cancel.disarm();
-        Ok(((!stream.is_closed()).then(|| self.streams.park(stream)), result, budget))
+        Ok((stream, result, budget))
+    }
+
+    /// Opens a stream on `ns` that its transport holds between requests, counted against the
+    /// server's and the namespace's stream bounds until the returned [`Held`] is dropped.
+    pub async fn open_held(&self, ns: &NamespaceName) -> Result<(Stream, Held), RequestError> {
+        let held = self.streams.hold(ns).map_err(|why| self.refused_room(ns, why))?;
+        let ns = self.store.get(ns).await?;
+        let stream = blocking::run(move || Stream::open(ns, None)).await??;
+        Ok((stream, held))
     }
 
     /// Runs one statement on a fresh stream that is closed afterwards (Hrana v1 over HTTP).
@@ -187,7 +211,11 @@ impl Hrana {
     }
 
     fn check_room(&self, ns: &NamespaceName, origin: Option<u64>) -> Result<(), RequestError> {
-        self.streams.check_room(ns, origin).map_err(|why| match why {
+        self.streams.check_room(ns, origin).map_err(|why| self.refused_room(ns, why))
+    }
+
+    fn refused_room(&self, ns: &NamespaceName, why: stream::ParkRefused) -> RequestError {
+        match why {
             stream::ParkRefused::ServerFull => {
                 self.hits.hit(Limit::Streams, format_args!("namespace {ns}"));
                 RequestError::TooManyStreams
@@ -200,7 +228,7 @@ impl Hrana {
                 self.hits.hit(Limit::StreamsPerConnection, format_args!("namespace {ns}"));
                 RequestError::TooManyConnectionStreams
             }
-        })
+        }
     }
 
     /// Expires idle streams until `stop` resolves; run as a background task.

@@ -62,7 +62,7 @@ impl Stream {
     }
 
     /// True when the stream holds its namespace's write lock past the transaction time limit.
-    fn transaction_expired(&self) -> bool {
+    pub fn transaction_expired(&self) -> bool {
         self.conn.as_ref().is_some_and(|c| c.transaction_expired())
     }
 
@@ -170,6 +170,9 @@ pub struct StreamRegistry {
 #[derive(Default)]
 struct Registry {
     parked: HashMap<String, Parked>,
+    /// Streams their transport holds between requests (a WebSocket's), by namespace.
+    held: HashMap<NamespaceName, usize>,
+    held_total: usize,
     /// Parked streams per namespace and per client connection that opened them.
     per_namespace: HashMap<NamespaceName, usize>,
     per_origin: HashMap<u64, usize>,
@@ -220,6 +223,35 @@ impl Registry {
             decrement(&mut self.per_origin, origin);
         }
         Some(parked)
+    }
+}
+
+impl Registry {
+    /// Whether one more stream of `ns` fits the server's and the namespace's bounds (parked
+    /// and held streams together).
+    fn room_for(&self, ns: &NamespaceName, limits: &StreamLimits) -> Result<(), ParkRefused> {
+        if self.parked.len() + self.held_total >= limits.max_streams {
+            return Err(ParkRefused::ServerFull);
+        }
+        let of_ns = self.per_namespace.get(ns).copied().unwrap_or(0) + self.held.get(ns).copied().unwrap_or(0);
+        if of_ns >= limits.max_per_namespace {
+            return Err(ParkRefused::NamespaceFull);
+        }
+        Ok(())
+    }
+}
+
+/// A stream's place in the bounds while its transport holds it (see [`StreamRegistry::hold`]).
+pub struct Held {
+    registry: Arc<StreamRegistry>,
+    ns: NamespaceName,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut inner = self.registry.inner.lock().unwrap_or_else(|e| e.into_inner());
+        decrement(&mut inner.held, &self.ns);
+        inner.held_total -= 1;
     }
 }
 
@@ -277,16 +309,21 @@ impl StreamRegistry {
     /// most their number: bounded by the request limit.)
     pub fn check_room(&self, ns: &NamespaceName, origin: Option<u64>) -> Result<(), ParkRefused> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.parked.len() >= self.limits.max_streams {
-            return Err(ParkRefused::ServerFull);
-        }
-        if inner.per_namespace.get(ns).is_some_and(|n| *n >= self.limits.max_per_namespace) {
-            return Err(ParkRefused::NamespaceFull);
-        }
+        inner.room_for(ns, &self.limits)?;
         if origin.and_then(|o| inner.per_origin.get(&o)).is_some_and(|n| *n >= self.limits.max_per_connection) {
             return Err(ParkRefused::ConnectionFull);
         }
         Ok(())
+    }
+
+    /// Counts a stream its transport holds (a WebSocket's) against the server's and `ns`'s
+    /// bounds, until the returned [`Held`] is dropped.
+    pub fn hold(self: &Arc<Self>, ns: &NamespaceName) -> Result<Held, ParkRefused> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.room_for(ns, &self.limits)?;
+        *inner.held.entry(ns.clone()).or_default() += 1;
+        inner.held_total += 1;
+        Ok(Held { registry: self.clone(), ns: ns.clone() })
     }
 
     /// Parks a stream until its next request; returns its new baton. A new stream was let in

@@ -49,6 +49,22 @@ impl MetaStore {
         }
     }
 
+    /// Every namespace whose stored configuration names a `jwt_key`, with it.
+    pub fn jwt_keys(&self) -> Result<Vec<(String, String)>, MetaError> {
+        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stmt = conn.prepare("SELECT namespace, config FROM namespace_configs")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        let mut keys = Vec::new();
+        for row in rows {
+            let (namespace, bytes) = row?;
+            let config = DatabaseConfig::decode(bytes.as_slice()).map_err(|source| MetaError::Decode { namespace: namespace.clone(), source })?;
+            if let Some(key) = config.jwt_key.filter(|k| !k.is_empty()) {
+                keys.push((namespace, key));
+            }
+        }
+        Ok(keys)
+    }
+
     pub fn put(&self, name: &NamespaceName, config: &DatabaseConfig) -> Result<(), MetaError> {
         let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         conn.execute(

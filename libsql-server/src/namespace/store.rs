@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
 
@@ -46,6 +46,10 @@ struct Inner {
     /// Integrity checks running at once (each reads a whole namespace): a flood of them
     /// queues here instead of taking every blocking thread and disk.
     checks: tokio::sync::Semaphore,
+    /// Every namespace's own `jwt_key`, kept in memory (from the metastore at open, then on
+    /// every create, configuration change and delete): authentication reads it on every
+    /// request without loading the namespace or touching the disk.
+    jwt_keys: RwLock<HashMap<NamespaceName, Arc<str>>>,
 }
 
 /// Integrity checks that may run at once.
@@ -91,7 +95,7 @@ impl NamespaceStore {
             crate::database::meter_statement_memory();
         }
         let db_path = db_path.to_owned();
-        let (dbs_dir, meta) = blocking::run(move || -> Result<_, Error> {
+        let (dbs_dir, meta, jwt_keys) = blocking::run(move || -> Result<_, Error> {
             let dbs_dir = db_path.join("dbs");
             let io = |path: &Path, source| Error::Io { name: NamespaceName::default_namespace(), path: path.to_owned(), source };
             std::fs::create_dir_all(&dbs_dir).map_err(|e| io(&dbs_dir, e))?;
@@ -99,7 +103,14 @@ impl NamespaceStore {
             let meta = MetaStore::open(&db_path.join("metastore"))?;
             let version = db_path.join(".version");
             durable::write_file(&version, env!("CARGO_PKG_VERSION").as_bytes()).map_err(|e| io(&version, e))?;
-            Ok((dbs_dir, meta))
+            let mut jwt_keys = HashMap::new();
+            for (name, key) in meta.jwt_keys()? {
+                // A name this server would refuse cannot be addressed: its key guards nothing.
+                if let Ok(name) = NamespaceName::new(name) {
+                    jwt_keys.insert(name, Arc::from(key));
+                }
+            }
+            Ok((dbs_dir, meta, jwt_keys))
         })
         .await
         .map_err(internal)??;
@@ -115,6 +126,7 @@ impl NamespaceStore {
                 shutting_down: AtomicBool::new(false),
                 trimming: AtomicBool::new(false),
                 checks: tokio::sync::Semaphore::new(CONCURRENT_CHECKS),
+                jwt_keys: RwLock::new(jwt_keys),
             }),
         };
         let default = NamespaceName::default_namespace();
@@ -153,7 +165,9 @@ impl NamespaceStore {
         }
         let inner = self.inner.clone();
         let name2 = name.clone();
+        let key = config.jwt_key.clone();
         let ns = blocking::run(move || inner.create_on_disk(name2, config)).await.map_err(internal)??;
+        self.set_jwt_key(name, key);
         *guard = Some(Arc::new(ns));
         self.inner.loaded.fetch_add(1, Ordering::AcqRel);
         drop(guard);
@@ -188,6 +202,9 @@ impl NamespaceStore {
         .await
         .map_err(internal)?;
         self.forget_slot_if_unused(name, &slot);
+        if result.is_ok() {
+            self.set_jwt_key(name, None);
+        }
         drop(guard);
         result?;
         tracing::info!(namespace = %name, "namespace deleted");
@@ -215,22 +232,6 @@ impl NamespaceStore {
         .map_err(internal)?
     }
 
-    /// The configuration of `name` as its loaded namespace has it, or as stored (the default
-    /// for a namespace never configured, or that does not exist), without loading it: what a
-    /// request's authentication needs before the request is even read.
-    pub async fn stored_config(&self, name: &NamespaceName) -> Result<Arc<DatabaseConfig>, Error> {
-        // Looked up without making a slot: names that do not exist leave nothing behind.
-        let slot = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned();
-        if let Some(slot) = slot {
-            if let Some(ns) = slot.ns.lock().await.as_ref() {
-                return Ok(ns.db().config());
-            }
-        }
-        let meta = self.inner.meta.clone();
-        let name = name.clone();
-        Ok(Arc::new(blocking::run(move || meta.get(&name)).await.map_err(internal)??))
-    }
-
     pub async fn config(&self, name: &NamespaceName) -> Result<Arc<DatabaseConfig>, Error> {
         Ok(self.get(name).await?.db().config())
     }
@@ -248,14 +249,29 @@ impl NamespaceStore {
         let mut guard = slot.ns.lock().await;
         let ns = self.load_locked(name, &slot, &mut guard).await?;
         let meta = self.inner.meta.clone();
-        blocking::run(move || -> Result<DatabaseConfig, Error> {
+        let config = blocking::run(move || -> Result<DatabaseConfig, Error> {
             let config = update((*ns.db().config()).clone());
             meta.put(ns.name(), &config)?;
             ns.db().set_config(config.clone());
             Ok(config)
         })
         .await
-        .map_err(internal)?
+        .map_err(internal)??;
+        self.set_jwt_key(name, config.jwt_key.clone());
+        Ok(config)
+    }
+
+    /// The namespace's own `jwt_key`, if it has one (see `Inner::jwt_keys`).
+    pub fn jwt_key(&self, name: &NamespaceName) -> Option<Arc<str>> {
+        self.inner.jwt_keys.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+    }
+
+    fn set_jwt_key(&self, name: &NamespaceName, key: Option<String>) {
+        let mut keys = self.inner.jwt_keys.write().unwrap_or_else(|e| e.into_inner());
+        match key.filter(|k| !k.is_empty()) {
+            Some(key) => keys.insert(name.clone(), Arc::from(key)),
+            None => keys.remove(name),
+        };
     }
 
     /// Checks the namespace's data file and replication log from its files (it need not be
