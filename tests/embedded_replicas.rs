@@ -11,4 +11,5 @@ mod auth_clients;
 mod foreign_clients;
 mod generation_switch;
 mod reset_replicas;
+mod ws_clients;
 mod sync_v2;

@@ -19,3 +19,4 @@ mod log_durability;
 mod process;
 mod repair;
 mod replication;
+mod websocket;

@@ -12,6 +12,10 @@ use clap::Parser;
 use crate::auth::{Auth, ConfigError as AuthConfigError};
 use crate::database::Limits;
 use crate::limit_hits::LimitHits;
+use crate::ws::SocketLimits;
+
+/// Cursors one WebSocket may hold open at once (each keeps its batch's answer until fetched).
+const MAX_CURSORS_PER_SOCKET: usize = 16;
 use crate::hrana::StreamLimits;
 
 use crate::namespace::StoreOptions;
@@ -113,6 +117,14 @@ pub struct Config {
     #[arg(long, env = "SQLD_MAX_TOTAL_RESPONSE_SIZE", default_value = "32MB", value_parser = size_arg)]
     pub max_total_response_size: usize,
 
+    /// Hrana WebSockets served at once; one more is answered 503.
+    #[arg(long, env = "SQLD_MAX_WEBSOCKETS", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_websockets: u64,
+
+    /// Seconds a Hrana WebSocket with no message from its client stays open.
+    #[arg(long, env = "SQLD_WEBSOCKET_IDLE_TIMEOUT_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub websocket_idle_timeout_s: u64,
+
     /// Seconds an idle Hrana stream (an interactive transaction's baton) lives before it is
     /// rolled back and its baton refused.
     #[arg(long, env = "SQLD_STREAM_EXPIRY_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
@@ -182,6 +194,16 @@ impl Config {
             keys = Some(keys.map_or(text.clone(), |k| format!("{k}\n{text}")));
         }
         Auth::new(keys.as_deref(), self.http_auth.as_deref(), hits)
+    }
+
+    /// The bounds of each Hrana WebSocket.
+    pub fn socket_limits(&self) -> SocketLimits {
+        SocketLimits {
+            max_streams: self.max_streams_per_connection as usize,
+            max_cursors: MAX_CURSORS_PER_SOCKET,
+            idle_timeout: Duration::from_secs(self.websocket_idle_timeout_s),
+            send_timeout: self.header_read_timeout(),
+        }
     }
 
     pub fn stream_limits(&self) -> StreamLimits {

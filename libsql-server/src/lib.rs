@@ -8,6 +8,7 @@
 //!
 //! ```text
 //!   http (user API: Hrana; admin API)  ──►  hrana (streams, statements, batons)
+//!   ws (Hrana over WebSocket)  ─────────────►  │
 //!        │  └──►  auth (credentials → access)    │
 //!        └──────────────►  namespace (NamespaceStore: lifecycle, per-namespace lock)
 //!                                               │
@@ -39,6 +40,7 @@ pub mod namespace;
 pub mod net;
 pub mod replication;
 pub mod server;
+pub mod ws;
 
 pub use config::Config;
 pub use server::Server;

@@ -22,10 +22,11 @@ pub enum Limit {
     ResponseSize,
     TotalResponseSize,
     StalledReader,
+    WebSockets,
 }
 
 impl Limit {
-    const ALL: [Limit; 14] = [
+    const ALL: [Limit; 15] = [
         Limit::StatementTimeout,
         Limit::StatementMemory,
         Limit::TransactionTimeout,
@@ -40,6 +41,7 @@ impl Limit {
         Limit::ResponseSize,
         Limit::TotalResponseSize,
         Limit::StalledReader,
+        Limit::WebSockets,
     ];
 
     /// The label in `/metrics`.
@@ -59,6 +61,7 @@ impl Limit {
             Limit::ResponseSize => "max_response_size",
             Limit::TotalResponseSize => "max_total_response_size",
             Limit::StalledReader => "unread_answer_timeout",
+            Limit::WebSockets => "max_websockets",
         }
     }
 }

@@ -14,6 +14,10 @@ const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 pub struct Metrics {
     routes: Mutex<BTreeMap<RouteKey, RouteStats>>,
     counters: Mutex<BTreeMap<&'static str, (&'static str, u64)>>,
+    /// Counters with one label: (name, label, value) → (help, count).
+    labelled: Mutex<BTreeMap<(&'static str, &'static str, &'static str), (&'static str, u64)>>,
+    /// Gauges that go up and down with what is open (sockets, streams).
+    gauges: Mutex<BTreeMap<&'static str, i64>>,
     /// Limits clients hit, counted by every layer.
     pub hits: Arc<LimitHits>,
 }
@@ -55,6 +59,18 @@ impl Metrics {
         counters.entry(name).or_insert((help, 0)).1 += by;
     }
 
+    /// Adds `by` to the counter `name` with `label="value"`; `value` comes from a fixed set,
+    /// so a client cannot make new time series.
+    pub fn count_by(&self, name: &'static str, help: &'static str, label: &'static str, value: &'static str, by: u64) {
+        let mut labelled = self.labelled.lock().unwrap_or_else(|e| e.into_inner());
+        labelled.entry((name, label, value)).or_insert((help, 0)).1 += by;
+    }
+
+    /// Moves the gauge `name` by `delta`.
+    pub fn gauge_add(&self, name: &'static str, delta: i64) {
+        *self.gauges.lock().unwrap_or_else(|e| e.into_inner()).entry(name).or_insert(0) += delta;
+    }
+
     /// The Prometheus exposition text, with `gauges` (name, help, value) appended.
     pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
         let mut out = String::new();
@@ -77,6 +93,17 @@ impl Metrics {
         }
         for (name, (help, value)) in self.counters.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        }
+        let mut named = None;
+        for ((name, label, value), (help, count)) in self.labelled.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if named != Some(*name) {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+                named = Some(*name);
+            }
+            let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {count}");
+        }
+        for (name, value) in self.gauges.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "# TYPE {name} gauge\n{name} {value}");
         }
         out.push_str("# HELP sqld_limit_hits_total Requests and statements refused or stopped at a limit, by limit.\n");
         out.push_str("# TYPE sqld_limit_hits_total counter\n");

@@ -36,6 +36,10 @@ pub enum OpenError {
 pub struct Server {
     config: Config,
     auth: Arc<Auth>,
+    /// Turns true when the server stops: what outlives a request (WebSockets) watches it.
+    stop: watch::Sender<bool>,
+    /// One place per WebSocket served at once; all of them free once every socket ended.
+    websockets: Arc<tokio::sync::Semaphore>,
     hrana: Hrana,
     metrics: Arc<Metrics>,
     /// Raised once in-flight requests had their time: stops every statement still running.
@@ -53,7 +57,9 @@ impl Server {
         let store = NamespaceStore::open(&config.db_path, options).await?;
         let budgets = ResponseBudgets::new(config.max_response_size, config.max_total_response_size, metrics.hits.clone());
         let hrana = Hrana::new(store, config.stream_limits(), budgets, metrics.hits.clone());
-        Ok(Server { config, auth, hrana, metrics, halt })
+        let (stop, _) = watch::channel(false);
+        let websockets = Arc::new(tokio::sync::Semaphore::new(config.max_websockets as usize));
+        Ok(Server { config, auth, stop, websockets, hrana, metrics, halt })
     }
 
     pub fn store(&self) -> &NamespaceStore {
@@ -67,7 +73,13 @@ impl Server {
             self.config.max_concurrent_requests as usize,
             self.metrics.hits.clone(),
         );
-        http::user::router(self.hrana.clone(), self.auth.clone(), self.metrics.clone(), limits)
+        let websockets = http::user::WebSockets {
+            places: self.websockets.clone(),
+            limits: self.config.socket_limits(),
+            max_message_size: self.config.max_body_size,
+            stop: self.stop.subscribe(),
+        };
+        http::user::router(self.hrana.clone(), self.auth.clone(), self.metrics.clone(), limits, websockets)
     }
 
     /// The admin API has its own places, so a flood of user requests never locks the
@@ -91,7 +103,8 @@ impl Server {
     /// (bounded by the shutdown timeout), rolls back idle streams, and closes every namespace
     /// after a checkpoint.
     pub async fn serve<U: Listener, A: Listener>(self, user: U, admin: Option<A>, shutdown: impl Future<Output = ()>) {
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_tx = self.stop.clone();
+        let stop_rx = stop_tx.subscribe();
         let (in_flight_tx, mut in_flight_rx) = mpsc::channel::<()>(1);
 
         let mut reaper_stop = stop_rx.clone();
@@ -129,6 +142,12 @@ impl Server {
         // Every connection task holds a sender; recv() yields None once all have finished.
         if tokio::time::timeout(self.config.shutdown_timeout(), in_flight_rx.recv()).await.is_err() {
             tracing::warn!("in-flight requests did not finish in time; stopping their statements");
+        }
+        // WebSockets close on the stop signal, rolling their streams back: every place free
+        // again means every socket has ended.
+        let every_place = self.config.max_websockets as u32;
+        if tokio::time::timeout(self.config.shutdown_timeout(), self.websockets.acquire_many(every_place)).await.is_err() {
+            tracing::warn!("WebSockets did not close in time");
         }
         self.halt.store(true, Ordering::Relaxed);
         let _ = reaper.await;

@@ -57,6 +57,19 @@ pub enum AuthError {
 }
 
 impl AuthError {
+    /// The refusal's code in answers, on every transport.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "AUTH_MISSING",
+            AuthError::Malformed(_) => "AUTH_MALFORMED",
+            AuthError::BadSignature => "AUTH_BAD_SIGNATURE",
+            AuthError::Expired => "AUTH_EXPIRED",
+            AuthError::WrongNamespace(_) => "AUTH_WRONG_NAMESPACE",
+            AuthError::BadPassword => "AUTH_BAD_PASSWORD",
+            AuthError::ReadOnly => "AUTH_READ_ONLY",
+        }
+    }
+
     pub fn refusal(&self) -> Refusal {
         match self {
             AuthError::Missing => Refusal::Missing,

@@ -137,3 +137,20 @@ pub enum RequestError {
     #[error("internal error: {0}")]
     Internal(#[from] Panicked),
 }
+
+impl RequestError {
+    /// The error's code in Hrana answers (the same on every transport).
+    pub fn code(&self) -> &'static str {
+        match self {
+            RequestError::UnknownBaton => "STREAM_UNKNOWN",
+            RequestError::ExpiredBaton => "STREAM_EXPIRED",
+            RequestError::TransactionTimedOut => "TRANSACTION_TIMEOUT",
+            RequestError::BatonNamespaceMismatch => "STREAM_NAMESPACE_MISMATCH",
+            RequestError::TooManyStreams | RequestError::TooManyNamespaceStreams | RequestError::TooManyConnectionStreams => {
+                "STREAMS_EXHAUSTED"
+            }
+            RequestError::Namespace(e) => e.code(),
+            RequestError::Internal(_) => "INTERNAL",
+        }
+    }
+}

@@ -49,46 +49,29 @@ impl IntoResponse for ApiError {
 impl From<namespace::Error> for ApiError {
     fn from(e: namespace::Error) -> Self {
         use namespace::Error as E;
-        let (status, code) = match &e {
-            E::NotFound(_) | E::Deleted(_) => (StatusCode::NOT_FOUND, "NAMESPACE_NOT_FOUND"),
-            E::AlreadyExists(_) => (StatusCode::CONFLICT, "NAMESPACE_EXISTS"),
-            E::InvalidName(_) => (StatusCode::BAD_REQUEST, "NAMESPACE_INVALID"),
-            E::NamespacesDisabled => (StatusCode::BAD_REQUEST, "NAMESPACES_DISABLED"),
-            E::DefaultNamespace => (StatusCode::BAD_REQUEST, "NAMESPACE_DEFAULT"),
-            E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN"),
+        let status = match &e {
+            E::NotFound(_) | E::Deleted(_) => StatusCode::NOT_FOUND,
+            E::AlreadyExists(_) => StatusCode::CONFLICT,
+            E::InvalidName(_) | E::NamespacesDisabled | E::DefaultNamespace => StatusCode::BAD_REQUEST,
+            E::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             E::Rebuild { source, .. } => match source {
-                RebuildError::LogCorrupt(_) => (StatusCode::CONFLICT, "LOG_CORRUPT"),
-                RebuildError::ReplayCorrupt(_) => (StatusCode::CONFLICT, "REPLAY_CORRUPT"),
-                RebuildError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "REPAIR_BUSY"),
-                RebuildError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+                RebuildError::LogCorrupt(_) | RebuildError::ReplayCorrupt(_) => StatusCode::CONFLICT,
+                RebuildError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+                RebuildError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
-            E::Reset { source, .. } => match source {
-                ResetError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "REPAIR_BUSY"),
-                ResetError::DataCorrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, "DATA_CORRUPT"),
-                ResetError::Unopenable(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNOPENABLE"),
-                ResetError::Log(_) | ResetError::Database(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
-            },
-            E::Database { .. } | E::Meta(_) | E::Log { .. } | E::Io { .. } | E::Internal(_) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL")
+            E::Reset { source: ResetError::Busy(_), .. } => StatusCode::SERVICE_UNAVAILABLE,
+            E::Reset { .. } | E::Database { .. } | E::Meta(_) | E::Log { .. } | E::Io { .. } | E::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        ApiError::new(status, code, e.to_string())
+        ApiError::new(status, e.code(), e.to_string())
     }
 }
 
 /// A refused credential: 401, the reason in the code and message (never the credential).
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
-        let code = match &e {
-            AuthError::Missing => "AUTH_MISSING",
-            AuthError::Malformed(_) => "AUTH_MALFORMED",
-            AuthError::BadSignature => "AUTH_BAD_SIGNATURE",
-            AuthError::Expired => "AUTH_EXPIRED",
-            AuthError::WrongNamespace(_) => "AUTH_WRONG_NAMESPACE",
-            AuthError::BadPassword => "AUTH_BAD_PASSWORD",
-            AuthError::ReadOnly => "AUTH_READ_ONLY",
-        };
-        ApiError::new(StatusCode::UNAUTHORIZED, code, e.to_string())
+        ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string())
     }
 }
 
@@ -100,22 +83,20 @@ impl From<InvalidName> for ApiError {
 
 impl From<RequestError> for ApiError {
     fn from(e: RequestError) -> Self {
-        let (status, code) = match &e {
-            RequestError::UnknownBaton => (StatusCode::BAD_REQUEST, "STREAM_UNKNOWN"),
-            RequestError::ExpiredBaton => (StatusCode::BAD_REQUEST, "STREAM_EXPIRED"),
-            RequestError::TransactionTimedOut => (StatusCode::BAD_REQUEST, "TRANSACTION_TIMEOUT"),
-            RequestError::BatonNamespaceMismatch => (StatusCode::BAD_REQUEST, "STREAM_NAMESPACE_MISMATCH"),
-            RequestError::TooManyStreams => (StatusCode::SERVICE_UNAVAILABLE, "STREAMS_EXHAUSTED"),
-            RequestError::TooManyNamespaceStreams | RequestError::TooManyConnectionStreams => {
-                (StatusCode::TOO_MANY_REQUESTS, "STREAMS_EXHAUSTED")
-            }
+        let status = match &e {
+            RequestError::UnknownBaton
+            | RequestError::ExpiredBaton
+            | RequestError::TransactionTimedOut
+            | RequestError::BatonNamespaceMismatch => StatusCode::BAD_REQUEST,
+            RequestError::TooManyStreams => StatusCode::SERVICE_UNAVAILABLE,
+            RequestError::TooManyNamespaceStreams | RequestError::TooManyConnectionStreams => StatusCode::TOO_MANY_REQUESTS,
             RequestError::Namespace(_) => {
                 let RequestError::Namespace(e) = e else { unreachable!() };
                 return e.into();
             }
-            RequestError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+            RequestError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError::new(status, code, e.to_string())
+        ApiError::new(status, e.code(), e.to_string())
     }
 }
 

@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Extension, FromRef, State};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Extension, FromRef, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -16,7 +17,11 @@ use super::limits::{answer_buffer, budgeted, method_not_allowed, LimitedBody, Re
 use super::auth::Authorized;
 use super::{legacy, namespace_of, sync, track_requests, ApiError};
 use crate::hrana::budget::ResponseBudget;
+use tokio::sync::{watch, Semaphore};
+
 use crate::auth::Auth;
+use crate::limit_hits::Limit;
+use crate::ws::{self, SocketLimits};
 use crate::hrana::{Answered, Hrana};
 use crate::metrics::Metrics;
 use crate::namespace::NamespaceName;
@@ -30,6 +35,18 @@ pub struct UserState {
     pub auth: Arc<Auth>,
     pub metrics: Arc<Metrics>,
     pub limits: Arc<RequestLimits>,
+    pub websockets: Arc<WebSockets>,
+}
+
+/// How the user port serves Hrana over WebSocket.
+pub struct WebSockets {
+    /// One place per socket served at once.
+    pub places: Arc<Semaphore>,
+    pub limits: SocketLimits,
+    /// Largest message a client may send (the request body bound).
+    pub max_message_size: usize,
+    /// Turns true when the server stops.
+    pub stop: watch::Receiver<bool>,
 }
 
 impl FromRef<UserState> for Arc<RequestLimits> {
@@ -47,9 +64,9 @@ impl UserState {
 /// The user API. Its limits (body size and time, running requests) are taken by the handlers'
 /// extractors (`LimitedBody`, `Place`) rather than by a middleware on every route; a wrong
 /// method gets the JSON 405 from each route's fallback.
-pub fn router(hrana: Hrana, auth: Arc<Auth>, metrics: Arc<Metrics>, limits: RequestLimits) -> Router {
+pub fn router(hrana: Hrana, auth: Arc<Auth>, metrics: Arc<Metrics>, limits: RequestLimits, websockets: WebSockets) -> Router {
     Router::new()
-        .route("/", post(legacy_query).fallback(method_not_allowed))
+        .route("/", post(legacy_query).get(websocket).fallback(method_not_allowed))
         .route("/health", get(|| async { StatusCode::OK }).fallback(method_not_allowed))
         .route("/version", get(|| async { concat!("libsql-server ", env!("CARGO_PKG_VERSION")) }).fallback(method_not_allowed))
         .route("/v1", get(|| async { StatusCode::OK }).fallback(method_not_allowed))
@@ -66,7 +83,7 @@ pub fn router(hrana: Hrana, auth: Arc<Auth>, metrics: Arc<Metrics>, limits: Requ
         .route("/sync/:generation/:start/:end/:baton", post(sync::push_with_baton).fallback(method_not_allowed))
         .route_layer(axum::middleware::from_fn_with_state((metrics.clone(), "user"), track_requests))
         .fallback(no_route)
-        .with_state(UserState { hrana, auth, metrics, limits: Arc::new(limits) })
+        .with_state(UserState { hrana, auth, metrics, limits: Arc::new(limits), websockets: Arc::new(websockets) })
 }
 
 /// Hrana clients send their bodies with or without `content-type` (the libSQL Rust crate sends
@@ -133,6 +150,36 @@ async fn legacy_query(State(state): State<UserState>, Authorized { ns, access }:
     let LimitedBody { bytes: body, place } = body;
     let request: legacy::QueryRequest = parse_json(&body)?;
     legacy::run(&state.hrana, &ns, access, request, Some(Box::new(place))).await
+}
+
+/// Hrana over WebSocket: the upgrade, with the best subprotocol the client offers, if a place
+/// among the sockets is free. The socket's `hello` authenticates it (see `ws`).
+async fn websocket(
+    State(state): State<UserState>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let upgrade = upgrade.map_err(|e| ApiError::new(e.status(), "NOT_A_WEBSOCKET", e.body_text()))?;
+    let ns = state.namespace(&headers)?;
+    let websockets = &state.websockets;
+    let Ok(place) = websockets.places.clone().try_acquire_owned() else {
+        state.metrics.hits.hit(Limit::WebSockets, format_args!("namespace {ns}"));
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "WEBSOCKETS_EXHAUSTED", "too many WebSockets are open; retry later"));
+    };
+    let socket = ws::Socket {
+        hrana: state.hrana.clone(),
+        auth: state.auth.clone(),
+        metrics: state.metrics.clone(),
+        ns,
+        limits: websockets.limits,
+        stop: websockets.stop.clone(),
+        place,
+    };
+    Ok(upgrade
+        .protocols(ws::PROTOCOLS)
+        .max_message_size(websockets.max_message_size)
+        .max_frame_size(websockets.max_message_size)
+        .on_upgrade(move |socket_io| ws::serve(socket_io, socket)))
 }
 
 /// An answer as JSON, in a buffer sized from its budget.

@@ -57,6 +57,32 @@ impl Error {
     pub fn is_open_failure(&self) -> bool {
         !matches!(self, Error::NotFound(_) | Error::Deleted(_) | Error::ShuttingDown | Error::InvalidName(_))
     }
+
+    /// The error's code in answers, on every transport.
+    pub fn code(&self) -> &'static str {
+        use crate::database::{RebuildError, ResetError};
+        match self {
+            Error::NotFound(_) | Error::Deleted(_) => "NAMESPACE_NOT_FOUND",
+            Error::AlreadyExists(_) => "NAMESPACE_EXISTS",
+            Error::InvalidName(_) => "NAMESPACE_INVALID",
+            Error::NamespacesDisabled => "NAMESPACES_DISABLED",
+            Error::DefaultNamespace => "NAMESPACE_DEFAULT",
+            Error::ShuttingDown => "SHUTTING_DOWN",
+            Error::Rebuild { source, .. } => match source {
+                RebuildError::LogCorrupt(_) => "LOG_CORRUPT",
+                RebuildError::ReplayCorrupt(_) => "REPLAY_CORRUPT",
+                RebuildError::Busy(_) => "REPAIR_BUSY",
+                RebuildError::Failed(_) => "INTERNAL",
+            },
+            Error::Reset { source, .. } => match source {
+                ResetError::Busy(_) => "REPAIR_BUSY",
+                ResetError::DataCorrupt(_) => "DATA_CORRUPT",
+                ResetError::Unopenable(_) => "UNOPENABLE",
+                ResetError::Log(_) | ResetError::Database(_) => "INTERNAL",
+            },
+            Error::Database { .. } | Error::Meta(_) | Error::Log { .. } | Error::Io { .. } | Error::Internal(_) => "INTERNAL",
+        }
+    }
 }
 
 /// One loaded namespace. Held in an `Arc` by the store and by every request using it; the

@@ -1,0 +1,108 @@
+//! Hrana over WebSocket (`hrana3`, `hrana2`, `hrana1`, JSON messages): a transport beside
+//! `http`. One socket carries many streams, each on a connection of its own through the same
+//! `hrana` layer as HTTP (write gate, authorizer, limits); the socket's `hello` carries the JWT
+//! that `auth` checks, and a later `hello` (Hrana 2 and 3) replaces it.
+//!
+//! A socket's requests run one at a time, in order: the next message is not read before the
+//! answer to the last was sent, so a client that floods requests or never reads its answers
+//! is held back by TCP (and dropped after `send_timeout`), and nothing is buffered without
+//! bound. When the socket ends (the client vanished, the server stops, it sat idle), its
+//! streams are closed and their transactions rolled back; a stream whose transaction holds the
+//! write lock past its time limit is rolled back while the socket waits.
+
+mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use serde_json::{json, Value};
+use tokio::sync::{watch, OwnedSemaphorePermit};
+
+pub use session::Session;
+
+use crate::auth::{Auth, AuthError};
+use crate::hrana::Hrana;
+use crate::metrics::Metrics;
+use crate::namespace::NamespaceName;
+
+/// The subprotocols served, best first: a client gets the best one it offers.
+pub const PROTOCOLS: [&str; 3] = ["hrana3", "hrana2", "hrana1"];
+
+/// Hrana's version on a socket: which requests it may send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Version {
+    Hrana1 = 1,
+    Hrana2 = 2,
+    Hrana3 = 3,
+}
+
+impl Version {
+    /// The version of the subprotocol the upgrade chose; a client that offered none of them
+    /// speaks Hrana 1.
+    pub fn of(protocol: Option<&str>) -> Version {
+        match protocol {
+            Some("hrana3") => Version::Hrana3,
+            Some("hrana2") => Version::Hrana2,
+            _ => Version::Hrana1,
+        }
+    }
+}
+
+/// The bounds of one socket.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketLimits {
+    /// Streams open at once on one socket (each holds a SQLite connection).
+    pub max_streams: usize,
+    /// Cursors open at once on one socket (each holds its batch's answer until fetched).
+    pub max_cursors: usize,
+    /// A socket with no message for this long is closed.
+    pub idle_timeout: Duration,
+    /// A client that does not take an answer within this is disconnected.
+    pub send_timeout: Duration,
+}
+
+/// What a socket needs from the server.
+pub struct Socket {
+    pub hrana: Hrana,
+    pub auth: Arc<Auth>,
+    pub metrics: Arc<Metrics>,
+    pub ns: NamespaceName,
+    pub limits: SocketLimits,
+    /// Turns true when the server stops: the socket closes ("going away").
+    pub stop: watch::Receiver<bool>,
+    /// Its place among the sockets served at once.
+    pub place: OwnedSemaphorePermit,
+}
+
+/// Serves one upgraded socket until it ends.
+pub async fn serve(socket: WebSocket, server: Socket) {
+    let version = Version::of(socket.protocol().and_then(|p| p.to_str().ok()));
+    server.metrics.gauge_add("sqld_ws_sockets", 1);
+    let metrics = server.metrics.clone();
+    Session::new(server, version).run(socket).await;
+    metrics.gauge_add("sqld_ws_sockets", -1);
+}
+
+/// A Hrana error object.
+fn error(message: impl Into<String>, code: &str) -> Value {
+    json!({ "message": message.into(), "code": code })
+}
+
+fn auth_error(e: &AuthError) -> Value {
+    error(e.to_string(), e.code())
+}
+
+/// A close frame with `code` and a reason.
+fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame { code, reason: reason.into() }))
+}
+
+/// WebSocket close codes used here.
+mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL: u16 = 1002;
+    pub const UNSUPPORTED: u16 = 1003;
+    pub const POLICY: u16 = 1008;
+}

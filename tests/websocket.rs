@@ -1,0 +1,262 @@
+//! Hrana over WebSocket under turmoil: subprotocol choice, every request type, stored SQL and
+//! cursors, the protocol's errors (a socket closed only where Hrana says so), the bounds, a
+//! client that vanishes inside a transaction, and the `hello` that authenticates.
+
+use futures::{SinkExt, StreamExt};
+use hyper::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::common::tokens::Signer;
+use crate::common::*;
+
+type Socket = WebSocketStream<turmoil::net::TcpStream>;
+
+/// A socket to the server offering `protocols`; the subprotocol it chose.
+async fn connect(protocols: &str) -> (Socket, Option<String>) {
+    let stream = turmoil::net::TcpStream::connect(("primary", USER_PORT)).await.unwrap();
+    let mut request = "ws://primary:8080/".into_client_request().unwrap();
+    request.headers_mut().insert("sec-websocket-protocol", protocols.parse().unwrap());
+    request.headers_mut().insert("x-namespace", "default".parse().unwrap());
+    let (socket, response) = tokio_tungstenite::client_async(request, stream).await.unwrap();
+    let chosen = response.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap().to_owned());
+    (socket, chosen)
+}
+
+async fn send(socket: &mut Socket, message: Value) {
+    socket.send(Message::Text(message.to_string())).await.unwrap();
+}
+
+/// The next message: its JSON, or how the socket ended (a close frame's code, or none).
+async fn next(socket: &mut Socket) -> Result<Value, Option<u16>> {
+    loop {
+        match socket.next().await {
+            Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text).unwrap()),
+            Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| f.code.into())),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return Err(None),
+        }
+    }
+}
+
+async fn hello(socket: &mut Socket, jwt: Option<&str>) -> Value {
+    send(socket, json!({"type": "hello", "jwt": jwt})).await;
+    next(socket).await.unwrap()
+}
+
+/// One request; its response (`response_ok`'s response or `response_error`'s error, tagged).
+async fn request(socket: &mut Socket, id: i32, request: Value) -> Result<Value, Value> {
+    send(socket, json!({"type": "request", "request_id": id, "request": request})).await;
+    let answer = next(socket).await.unwrap_or_else(|code| panic!("the socket closed ({code:?}) on {request}"));
+    assert_eq!(answer["request_id"], id, "{answer}");
+    match answer["type"].as_str() {
+        Some("response_ok") => Ok(answer["response"].clone()),
+        Some("response_error") => Err(answer["error"].clone()),
+        _ => panic!("not a response: {answer}"),
+    }
+}
+
+fn stmt(sql: &str) -> Value {
+    json!({"sql": sql, "want_rows": true})
+}
+
+/// Whether `/metrics` has the line `line`.
+async fn ws_metric(line: &str) -> bool {
+    let (_, metrics) = call("primary", ADMIN_PORT, Method::GET, "/metrics", &[], "").await;
+    String::from_utf8(metrics).unwrap().lines().any(|l| l == line)
+}
+
+/// The HTTP side still serves: the server goes on after whatever a socket did.
+async fn still_serving() {
+    let (status, answer) = pipeline("default", json!({"requests": [execute("SELECT 1"), close()]})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
+
+#[test]
+fn the_best_offered_subprotocol_and_every_request_type() {
+    run_sim(|_| {}, async {
+        let (_, chosen) = connect("hrana1, hrana2, hrana3").await;
+        assert_eq!(chosen.as_deref(), Some("hrana3"));
+        let (_, chosen) = connect("hrana2,hrana1").await;
+        assert_eq!(chosen.as_deref(), Some("hrana2"));
+
+        let (mut ws, _) = connect("hrana3").await;
+        assert_eq!(hello(&mut ws, None).await["type"], "hello_ok");
+        request(&mut ws, 1, json!({"type": "open_stream", "stream_id": 7})).await.unwrap();
+        let created = request(&mut ws, 2, json!({"type": "execute", "stream_id": 7, "stmt": stmt("CREATE TABLE t (x)")})).await.unwrap();
+        assert_eq!(created["type"], "execute");
+        // Stored SQL belongs to the socket: stored once, used by id on any stream.
+        request(&mut ws, 3, json!({"type": "store_sql", "sql_id": 1, "sql": "INSERT INTO t VALUES (?)"})).await.unwrap();
+        let inserted = request(&mut ws, 4, json!({"type": "execute", "stream_id": 7, "stmt": {"sql_id": 1, "args": [{"type": "integer", "value": "9007199254740993"}], "want_rows": false}})).await.unwrap();
+        assert_eq!(inserted["result"]["affected_row_count"], 1, "{inserted}");
+        let batch = json!({"steps": [
+            {"stmt": {"sql_id": 1, "args": [{"type": "integer", "value": "2"}]}},
+            {"condition": {"type": "ok", "step": 0}, "stmt": stmt("SELECT x FROM t ORDER BY x")},
+        ]});
+        let batched = request(&mut ws, 5, json!({"type": "batch", "stream_id": 7, "batch": batch})).await.unwrap();
+        assert_eq!(batched["result"]["step_results"][1]["rows"][1][0]["value"], "9007199254740993", "{batched}");
+        request(&mut ws, 6, json!({"type": "sequence", "stream_id": 7, "sql": "BEGIN; INSERT INTO t VALUES (3)"})).await.unwrap();
+        let autocommit = request(&mut ws, 7, json!({"type": "get_autocommit", "stream_id": 7})).await.unwrap();
+        assert_eq!(autocommit["is_autocommit"], false);
+        request(&mut ws, 8, json!({"type": "execute", "stream_id": 7, "stmt": stmt("ROLLBACK")})).await.unwrap();
+        let described = request(&mut ws, 9, json!({"type": "describe", "stream_id": 7, "sql": "SELECT x AS one FROM t"})).await.unwrap();
+        assert_eq!(described["result"]["cols"][0]["name"], "one", "{described}");
+
+        // A cursor: its entries a few at a time.
+        let cursor_batch = json!({"steps": [{"stmt": stmt("SELECT x FROM t ORDER BY x")}]});
+        request(&mut ws, 10, json!({"type": "open_cursor", "stream_id": 7, "cursor_id": 3, "batch": cursor_batch})).await.unwrap();
+        let first = request(&mut ws, 11, json!({"type": "fetch_cursor", "cursor_id": 3, "max_count": 2})).await.unwrap();
+        assert_eq!(first["entries"].as_array().unwrap().len(), 2, "{first}");
+        assert_eq!(first["entries"][0]["type"], "step_begin");
+        assert_eq!(first["done"], false);
+        let rest = request(&mut ws, 12, json!({"type": "fetch_cursor", "cursor_id": 3, "max_count": 100})).await.unwrap();
+        let types: Vec<&str> = rest["entries"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(types, ["row", "step_end"], "{rest}");
+        assert_eq!(rest["done"], true);
+        request(&mut ws, 13, json!({"type": "close_cursor", "cursor_id": 3})).await.unwrap();
+
+        // Hrana 1 knows none of the later requests; the socket goes on.
+        let (mut old, _) = connect("hrana1").await;
+        hello(&mut old, None).await;
+        request(&mut old, 1, json!({"type": "open_stream", "stream_id": 1})).await.unwrap();
+        let refused = request(&mut old, 2, json!({"type": "sequence", "stream_id": 1, "sql": "SELECT 1"})).await.unwrap_err();
+        assert_eq!(refused["code"], "PROTO_ERROR", "{refused}");
+        let counted = request(&mut old, 3, json!({"type": "execute", "stream_id": 1, "stmt": stmt("SELECT count(*) FROM t")})).await.unwrap();
+        assert_eq!(counted["result"]["rows"][0][0]["value"], "2");
+        request(&mut ws, 14, json!({"type": "close_stream", "stream_id": 7})).await.unwrap();
+
+        let (_, metrics) = call("primary", ADMIN_PORT, Method::GET, "/metrics", &[], "").await;
+        let metrics = String::from_utf8(metrics).unwrap();
+        assert!(metrics.contains("sqld_ws_requests_total{type=\"execute\"} 4"), "{metrics}");
+        assert!(metrics.contains("sqld_ws_streams 1\n"), "one stream is still open (the Hrana 1 socket's): {metrics}");
+        Ok(())
+    });
+}
+
+#[test]
+fn protocol_errors_close_the_socket_and_request_errors_do_not() {
+    run_sim(|config| config.max_body_size = 64 * 1024, async {
+        for (first, expected) in [
+            (Message::Text("{not json".into()), Some(1002)),
+            (Message::Text(json!({"type": "request", "request_id": 1, "request": {"type": "open_stream", "stream_id": 1}}).to_string()), Some(1002)),
+            (Message::Text(json!({"type": "goodbye"}).to_string()), Some(1002)),
+            (Message::Binary(vec![1, 2, 3]), Some(1003)),
+        ] {
+            let (mut ws, _) = connect("hrana3").await;
+            ws.send(first.clone()).await.unwrap();
+            assert_eq!(next(&mut ws).await.unwrap_err(), expected, "after {first:?}");
+        }
+        // Larger than a request body may be: the socket is dropped.
+        let (mut ws, _) = connect("hrana3").await;
+        hello(&mut ws, None).await;
+        let huge = json!({"type": "request", "request_id": 1, "request": {"type": "store_sql", "sql_id": 1, "sql": "x".repeat(100_000)}});
+        let _ = ws.send(Message::Text(huge.to_string())).await;
+        assert!(next(&mut ws).await.is_err(), "an oversized message was answered");
+
+        // Mistakes inside a request are answered, and the socket goes on.
+        let (mut ws, _) = connect("hrana3").await;
+        hello(&mut ws, None).await;
+        for (i, bad) in [
+            json!({"type": "execute", "stream_id": 9, "stmt": stmt("SELECT 1")}),
+            json!({"type": "teleport", "stream_id": 9}),
+            json!({"type": "open_stream"}),
+            json!({"type": "fetch_cursor", "cursor_id": 4, "max_count": 1}),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let refused = request(&mut ws, i as i32, bad.clone()).await.unwrap_err();
+            assert!(refused["code"].is_string() && refused["message"].is_string(), "{bad}: {refused}");
+        }
+        request(&mut ws, 10, json!({"type": "open_stream", "stream_id": 1})).await.unwrap();
+        let refused = request(&mut ws, 11, json!({"type": "open_stream", "stream_id": 1})).await.unwrap_err();
+        assert_eq!(refused["code"], "PROTO_ERROR");
+        let sql_error = request(&mut ws, 12, json!({"type": "execute", "stream_id": 1, "stmt": stmt("SELEC 1")})).await.unwrap_err();
+        assert_eq!(sql_error["code"], "SQLITE_ERROR", "{sql_error}");
+        request(&mut ws, 13, json!({"type": "execute", "stream_id": 1, "stmt": stmt("SELECT 1")})).await.unwrap();
+        still_serving().await;
+        Ok(())
+    });
+}
+
+#[test]
+fn streams_per_socket_are_bounded() {
+    run_sim(|config| config.max_streams_per_connection = 2, async {
+        let (mut ws, _) = connect("hrana3").await;
+        hello(&mut ws, None).await;
+        request(&mut ws, 1, json!({"type": "open_stream", "stream_id": 1})).await.unwrap();
+        request(&mut ws, 2, json!({"type": "open_stream", "stream_id": 2})).await.unwrap();
+        let refused = request(&mut ws, 3, json!({"type": "open_stream", "stream_id": 3})).await.unwrap_err();
+        assert_eq!(refused["code"], "STREAMS_EXHAUSTED", "{refused}");
+        // Requests on the stream that failed to open fail too; closing it frees its id.
+        let failed = request(&mut ws, 4, json!({"type": "execute", "stream_id": 3, "stmt": stmt("SELECT 1")})).await.unwrap_err();
+        assert_eq!(failed["code"], "STREAM_NOT_FOUND");
+        request(&mut ws, 5, json!({"type": "close_stream", "stream_id": 3})).await.unwrap();
+        request(&mut ws, 6, json!({"type": "close_stream", "stream_id": 1})).await.unwrap();
+        request(&mut ws, 7, json!({"type": "open_stream", "stream_id": 3})).await.unwrap();
+        request(&mut ws, 8, json!({"type": "execute", "stream_id": 3, "stmt": stmt("SELECT 1")})).await.unwrap();
+        still_serving().await;
+        Ok(())
+    });
+}
+
+#[test]
+fn a_client_that_vanishes_inside_a_transaction_releases_the_write_lock() {
+    run_sim(|config| config.write_lock_timeout_ms = 20_000, async {
+        let (status, _) = pipeline("default", json!({"requests": [execute("CREATE TABLE t (x)"), close()]})).await;
+        assert_eq!(status, StatusCode::OK);
+        let (mut ws, _) = connect("hrana3").await;
+        hello(&mut ws, None).await;
+        request(&mut ws, 1, json!({"type": "open_stream", "stream_id": 1})).await.unwrap();
+        request(&mut ws, 2, json!({"type": "execute", "stream_id": 1, "stmt": stmt("BEGIN IMMEDIATE")})).await.unwrap();
+        request(&mut ws, 3, json!({"type": "execute", "stream_id": 1, "stmt": stmt("INSERT INTO t VALUES ('lost')")})).await.unwrap();
+        drop(ws);
+        // The server sees the socket end and rolls its stream back (under turmoil, blocking
+        // work runs one task at a time: the writer must not queue before that).
+        while !ws_metric("sqld_ws_streams 0").await {
+            tokio::task::yield_now().await;
+        }
+        // A second writer gets the lock (well before its 20 s wait would run out) and the
+        // vanished client's write was rolled back.
+        let started = tokio::time::Instant::now();
+        let (_, answer) = pipeline("default", json!({"requests": [execute("INSERT INTO t VALUES ('kept')"), execute("SELECT x FROM t"), close()]})).await;
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the writer waited {:?}", started.elapsed());
+        assert_eq!(rows(&answer, 1), vec![json!([{"type": "text", "value": "kept"}])], "{answer}");
+        Ok(())
+    });
+}
+
+#[test]
+fn hello_authenticates_and_a_later_hello_replaces_the_token() {
+    let signer = Signer::generate();
+    let key = signer.pem();
+    let (rw, ro, foreign) = (signer.token(json!({})), signer.token(json!({"a": "ro"})), Signer::generate().token(json!({})));
+    run_sim(
+        move |config| config.auth_jwt_key = Some(key.clone()),
+        async move {
+            for (jwt, code) in [(None, "AUTH_MISSING"), (Some(foreign.as_str()), "AUTH_BAD_SIGNATURE"), (Some("not.a.jwt"), "AUTH_MALFORMED")] {
+                let (mut ws, _) = connect("hrana3").await;
+                let answer = hello(&mut ws, jwt).await;
+                assert_eq!(answer["type"], "hello_error", "{answer}");
+                assert_eq!(answer["error"]["code"], code, "{answer}");
+                assert_eq!(next(&mut ws).await.unwrap_err(), Some(1008));
+            }
+            let (mut ws, _) = connect("hrana2").await;
+            assert_eq!(hello(&mut ws, Some(&ro)).await["type"], "hello_ok");
+            request(&mut ws, 1, json!({"type": "open_stream", "stream_id": 1})).await.unwrap();
+            request(&mut ws, 2, json!({"type": "execute", "stream_id": 1, "stmt": stmt("SELECT 1")})).await.unwrap();
+            let refused = request(&mut ws, 3, json!({"type": "execute", "stream_id": 1, "stmt": stmt("CREATE TABLE t (x)")})).await.unwrap_err();
+            assert_eq!(refused["code"], "AUTH_READ_ONLY", "{refused}");
+            // Hrana 2: a later hello replaces the token, for the streams already open too.
+            assert_eq!(hello(&mut ws, Some(&rw)).await["type"], "hello_ok");
+            request(&mut ws, 4, json!({"type": "execute", "stream_id": 1, "stmt": stmt("CREATE TABLE t (x)")})).await.unwrap();
+            // A refused later hello ends the socket.
+            let answer = hello(&mut ws, Some(&foreign)).await;
+            assert_eq!(answer["type"], "hello_error");
+            assert_eq!(next(&mut ws).await.unwrap_err(), Some(1008));
+            Ok(())
+        },
+    );
+}
