@@ -17,6 +17,7 @@ mod limits;
 mod log_bounds;
 mod log_durability;
 mod process;
+mod protobuf;
 mod repair;
 mod replication;
 mod websocket;

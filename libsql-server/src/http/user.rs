@@ -77,6 +77,9 @@ pub fn router(hrana: Hrana, auth: Arc<Auth>, metrics: Arc<Metrics>, limits: Requ
         .route("/v2/pipeline", post(pipeline).fallback(method_not_allowed))
         .route("/v3/pipeline", post(pipeline).fallback(method_not_allowed))
         .route("/v3/cursor", post(cursor).fallback(method_not_allowed))
+        .route("/v3-protobuf", get(|| async { StatusCode::OK }).fallback(method_not_allowed))
+        .route("/v3-protobuf/pipeline", post(pipeline_protobuf).fallback(method_not_allowed))
+        .route("/v3-protobuf/cursor", post(cursor_protobuf).fallback(method_not_allowed))
         .route("/info", get(sync::info).fallback(method_not_allowed))
         .route("/export/:generation", get(sync::export).fallback(method_not_allowed))
         .route("/sync/:generation/:start/:end", get(sync::pull).post(sync::push).fallback(method_not_allowed))
@@ -86,38 +89,120 @@ pub fn router(hrana: Hrana, auth: Arc<Auth>, metrics: Arc<Metrics>, limits: Requ
         .with_state(UserState { hrana, auth, metrics, limits: Arc::new(limits), websockets: Arc::new(websockets) })
 }
 
-/// Hrana clients send their bodies with or without `content-type` (the libSQL Rust crate sends
-/// none): bodies are read as bytes and parsed as JSON whatever the header says.
-async fn pipeline(
-    State(state): State<UserState>,
-    origin: Option<Extension<ConnectionId>>,
-    Authorized { ns, access }: Authorized,
-    body: LimitedBody,
-) -> Result<Response, ApiError> {
-    let LimitedBody { bytes: body, place } = body;
-    let request: PipelineReqBody = parse_json(&body)?;
-    let Answered { answer, budget } = state.hrana.pipeline(&ns, access, request, origin.map(|o| o.0 .0), Some(Box::new(place))).await?;
-    Ok(budgeted(JSON, to_json(&answer, &budget)?, budget))
+/// How a Hrana 3 route's bodies are encoded: JSON (`/v2`, `/v3`) or protobuf
+/// (`/v3-protobuf`). The routes share one code path; only decoding and encoding differ.
+#[derive(Clone, Copy)]
+enum Encoding {
+    Json,
+    Protobuf,
 }
 
-/// A cursor answers with newline-separated JSON: the cursor header, then one entry a line.
-async fn cursor(
+impl Encoding {
+    fn decode<T: serde::de::DeserializeOwned + prost::Message + Default>(self, body: &[u8]) -> Result<T, ApiError> {
+        match self {
+            Encoding::Json => parse_json(body),
+            Encoding::Protobuf => T::decode(body)
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "BODY_INVALID", format!("invalid protobuf body: {e}"))),
+        }
+    }
+
+    /// Appends `value` to `out`: JSON, or a protobuf message prefixed by its length when
+    /// `delimited` (the messages of a cursor's answer).
+    fn write<T: serde::Serialize + prost::Message>(self, value: &T, out: &mut Vec<u8>, delimited: bool) -> Result<(), ApiError> {
+        match self {
+            Encoding::Json => serde_json::to_writer(&mut *out, value).map_err(internal_json),
+            Encoding::Protobuf if delimited => value.encode_length_delimited(out).map_err(internal_protobuf),
+            Encoding::Protobuf => value.encode(out).map_err(internal_protobuf),
+        }
+    }
+
+    fn content_type(self, json: &'static str) -> &'static str {
+        match self {
+            Encoding::Json => json,
+            Encoding::Protobuf => "application/x-protobuf",
+        }
+    }
+}
+
+/// Hrana clients send their bodies with or without `content-type` (the libSQL Rust crate sends
+/// none): bodies are read as bytes and parsed whatever the header says.
+async fn pipeline(
+    state: State<UserState>,
+    origin: Option<Extension<ConnectionId>>,
+    authorized: Authorized,
+    body: LimitedBody,
+) -> Result<Response, ApiError> {
+    run_pipeline(Encoding::Json, state, origin, authorized, body).await
+}
+
+async fn pipeline_protobuf(
+    state: State<UserState>,
+    origin: Option<Extension<ConnectionId>>,
+    authorized: Authorized,
+    body: LimitedBody,
+) -> Result<Response, ApiError> {
+    run_pipeline(Encoding::Protobuf, state, origin, authorized, body).await
+}
+
+async fn run_pipeline(
+    encoding: Encoding,
     State(state): State<UserState>,
     origin: Option<Extension<ConnectionId>>,
     Authorized { ns, access }: Authorized,
     body: LimitedBody,
 ) -> Result<Response, ApiError> {
     let LimitedBody { bytes: body, place } = body;
-    let request: CursorReqBody = parse_json(&body)?;
+    let request: PipelineReqBody = encoding.decode(&body)?;
+    let Answered { answer, budget } = state.hrana.pipeline(&ns, access, request, origin.map(|o| o.0 .0), Some(Box::new(place))).await?;
+    let mut out = answer_buffer(&budget);
+    encoding.write(&answer, &mut out, false)?;
+    Ok(budgeted(encoding.content_type(JSON), out, budget))
+}
+
+async fn cursor(
+    state: State<UserState>,
+    origin: Option<Extension<ConnectionId>>,
+    authorized: Authorized,
+    body: LimitedBody,
+) -> Result<Response, ApiError> {
+    run_cursor(Encoding::Json, state, origin, authorized, body).await
+}
+
+async fn cursor_protobuf(
+    state: State<UserState>,
+    origin: Option<Extension<ConnectionId>>,
+    authorized: Authorized,
+    body: LimitedBody,
+) -> Result<Response, ApiError> {
+    run_cursor(Encoding::Protobuf, state, origin, authorized, body).await
+}
+
+/// A cursor answers with its header, then one entry at a time: JSON lines, or protobuf
+/// messages each prefixed by its length.
+async fn run_cursor(
+    encoding: Encoding,
+    State(state): State<UserState>,
+    origin: Option<Extension<ConnectionId>>,
+    Authorized { ns, access }: Authorized,
+    body: LimitedBody,
+) -> Result<Response, ApiError> {
+    let LimitedBody { bytes: body, place } = body;
+    let request: CursorReqBody = encoding.decode(&body)?;
     let origin = origin.map(|o| o.0 .0);
-    let Answered { answer: (baton, entries), budget } = state.hrana.cursor(&ns, access, request.baton.as_deref(), request.batch, origin, Some(Box::new(place))).await?;
-    let mut out = to_json(&CursorRespBody { baton, base_url: None }, &budget)?;
+    let Answered { answer: (baton, entries), budget } =
+        state.hrana.cursor(&ns, access, request.baton.as_deref(), request.batch, origin, Some(Box::new(place))).await?;
+    let mut out = answer_buffer(&budget);
+    encoding.write(&CursorRespBody { baton, base_url: None }, &mut out, true)?;
     for entry in entries {
-        out.push(b'\n');
-        serde_json::to_writer(&mut out, &entry).map_err(internal_json)?;
+        if let Encoding::Json = encoding {
+            out.push(b'\n');
+        }
+        encoding.write(&entry, &mut out, true)?;
     }
-    out.push(b'\n');
-    Ok(budgeted("text/plain", out, budget))
+    if let Encoding::Json = encoding {
+        out.push(b'\n');
+    }
+    Ok(budgeted(encoding.content_type("text/plain"), out, budget))
 }
 
 #[derive(Deserialize)]
@@ -187,6 +272,10 @@ fn to_json<T: serde::Serialize>(value: &T, budget: &ResponseBudget) -> Result<Ve
     let mut out = answer_buffer(budget);
     serde_json::to_writer(&mut out, value).map_err(internal_json)?;
     Ok(out)
+}
+
+fn internal_protobuf(e: prost::EncodeError) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", format!("encoding a response: {e}"))
 }
 
 fn internal_json(e: serde_json::Error) -> ApiError {
