@@ -238,3 +238,37 @@ fn namespace_comes_from_headers_then_host() {
         Ok(())
     });
 }
+
+/// Defects the Hrana clients' own test suites found: a statement that changed no row reports
+/// no change and no rowid (not the last ones of the pooled connection, maybe another
+/// request's), and a cursor's `last_insert_rowid` is a string, as Hrana's JSON has it.
+#[test]
+fn counters_belong_to_the_statement_and_cursor_rowids_are_strings() {
+    run_sim(|_| {}, async {
+        let (_, answer) = pipeline("default", json!({"requests": [
+            execute("CREATE TABLE t (x)"),
+            execute("INSERT INTO t VALUES (1)"),
+            execute("DROP TABLE t"),
+            execute("SELECT 1"),
+        ]}))
+        .await;
+        let result = |i: usize| answer["results"][i]["response"]["result"].clone();
+        assert_eq!((result(1)["affected_row_count"].clone(), result(1)["last_insert_rowid"].clone()), (json!(1), json!("1")), "{answer}");
+        assert_eq!((result(2)["affected_row_count"].clone(), result(2)["last_insert_rowid"].clone()), (json!(0), Value::Null), "{answer}");
+        assert_eq!(result(3)["last_insert_rowid"], Value::Null, "{answer}");
+        // Another request on a pooled connection sees none of the insert's counters.
+        let (_, other) = pipeline("default", json!({"requests": [execute("SELECT 2"), close()]})).await;
+        assert_eq!(other["results"][0]["response"]["result"]["last_insert_rowid"], Value::Null, "{other}");
+
+        let body = json!({"baton": null, "batch": {"steps": [
+            {"stmt": {"sql": "CREATE TABLE c (x)"}},
+            {"stmt": {"sql": "INSERT INTO c VALUES (1)"}},
+        ]}});
+        let (status, text) = call("primary", USER_PORT, Method::POST, "/v3/cursor", DEFAULT_NS, body.to_string()).await;
+        assert_eq!(status, StatusCode::OK);
+        let ends: Vec<Value> = String::from_utf8(text).unwrap().lines().skip(1).map(|l| serde_json::from_str::<Value>(l).unwrap()).filter(|e| e["type"] == "step_end").collect();
+        assert_eq!(ends[0]["last_insert_rowid"], Value::Null, "{ends:?}");
+        assert_eq!(ends[1]["last_insert_rowid"], "1", "{ends:?}");
+        Ok(())
+    });
+}

@@ -70,3 +70,23 @@ pub fn cursor_entries(result: BatchResult) -> Vec<CursorEntry> {
     }
     entries
 }
+
+/// A cursor entry as Hrana's JSON encoding has it: `last_insert_rowid` is a string (the
+/// `libsql-hrana` type writes a number there, which clients refuse).
+pub struct JsonCursorEntry<'a>(pub &'a CursorEntry);
+
+impl serde::Serialize for JsonCursorEntry<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        match self.0 {
+            CursorEntry::StepEnd(end) => {
+                let mut entry = serializer.serialize_struct("StepEndEntry", 3)?;
+                entry.serialize_field("type", "step_end")?;
+                entry.serialize_field("affected_row_count", &end.affected_row_count)?;
+                entry.serialize_field("last_insert_rowid", &end.last_insert_rowid.map(|id| id.to_string()))?;
+                entry.end()
+            }
+            other => other.serialize(serializer),
+        }
+    }
+}

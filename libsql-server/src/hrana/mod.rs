@@ -15,7 +15,7 @@ use libsql_hrana::proto::{Batch, BatchResult, CursorEntry, PipelineReqBody, Pipe
 
 use budget::{Hold, ResponseBudget, ResponseBudgets};
 pub use error::{RequestError, StmtError};
-pub use batch::cursor_entries;
+pub use batch::{cursor_entries, JsonCursorEntry};
 pub use stream::{drop_off_runtime, Held, Stream, StreamLimits, StreamRegistry};
 
 use crate::blocking;

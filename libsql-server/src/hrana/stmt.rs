@@ -108,6 +108,7 @@ pub fn execute(conn: &mut Connection, sqls: &SqlStore, budget: &mut ResponseBudg
     let column_count = prepared.column_count();
     let guarded = want_rows && column_count > 0 && !prepared.readonly();
     let was_autocommit = sqlite.is_autocommit();
+    let changes_before = total_changes(sqlite);
     let mut rows = Vec::new();
     let mut over_budget = None;
     let budget_mark = budget.used();
@@ -143,17 +144,25 @@ pub fn execute(conn: &mut Connection, sqls: &SqlStore, budget: &mut ResponseBudg
         .into_iter()
         .map(|c| Col { name: Some(c.name().to_owned()), decltype: c.decl_type().map(str::to_owned) })
         .collect();
-    let readonly = prepared.readonly();
+    // SQLite's counters keep the last change of the connection (pooled, so maybe another
+    // request's): a statement that changed no row (DDL, a read) reports none of it.
+    let changed = total_changes(sqlite) != changes_before;
     Ok(StmtResult {
         cols,
         rows,
-        affected_row_count: if readonly { 0 } else { sqlite.changes() },
-        last_insert_rowid: Some(sqlite.last_insert_rowid()),
+        affected_row_count: if changed { sqlite.changes() } else { 0 },
+        last_insert_rowid: changed.then(|| sqlite.last_insert_rowid()),
         replication_index: None,
         rows_read: 0,
         rows_written: 0,
         query_duration_ms: started.elapsed().as_secs_f64() * 1000.0,
     })
+}
+
+/// Rows changed on `conn` since it opened (SQLite's `total_changes`).
+fn total_changes(conn: &rusqlite::Connection) -> i64 {
+    // SAFETY: the handle is the open connection's, used on its own thread.
+    unsafe { rusqlite::ffi::sqlite3_total_changes64(conn.handle()) }
 }
 
 /// Describes a statement without running it: its parameters and result columns.

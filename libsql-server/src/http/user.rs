@@ -22,7 +22,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::auth::Auth;
 use crate::limit_hits::Limit;
 use crate::ws::{self, SocketLimits};
-use crate::hrana::{Answered, Hrana};
+use crate::hrana::{Answered, Hrana, JsonCursorEntry};
 use crate::metrics::Metrics;
 use crate::namespace::NamespaceName;
 use crate::net::ConnectionId;
@@ -194,10 +194,13 @@ async fn run_cursor(
     let mut out = answer_buffer(&budget);
     encoding.write(&CursorRespBody { baton, base_url: None }, &mut out, true)?;
     for entry in entries {
-        if let Encoding::Json = encoding {
-            out.push(b'\n');
+        match encoding {
+            Encoding::Json => {
+                out.push(b'\n');
+                serde_json::to_writer(&mut out, &JsonCursorEntry(&entry)).map_err(internal_json)?;
+            }
+            Encoding::Protobuf => encoding.write(&entry, &mut out, true)?,
         }
-        encoding.write(&entry, &mut out, true)?;
     }
     if let Encoding::Json = encoding {
         out.push(b'\n');

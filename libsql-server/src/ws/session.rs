@@ -14,7 +14,7 @@ use super::{auth_error, close, close_code, error, Socket, Version};
 use crate::auth::{Access, Credential};
 use crate::hrana::budget::ResponseBudget;
 use crate::hrana::stmt::SqlStore;
-use crate::hrana::{cursor_entries, drop_off_runtime, Held, RequestError, StmtError, Stream};
+use crate::hrana::{cursor_entries, drop_off_runtime, Held, JsonCursorEntry, RequestError, StmtError, Stream};
 
 /// How often a socket looks for streams whose transaction outlived its time limit.
 const EXPIRY_CHECK: Duration = Duration::from_millis(500);
@@ -196,6 +196,7 @@ impl Session {
                 let max = request.get("max_count").and_then(Value::as_u64).ok_or_else(|| error("fetch_cursor needs max_count", "PROTO_ERROR"))?;
                 let cursor = self.cursors.get_mut(&id("cursor_id")?).ok_or_else(|| error("no such cursor", "CURSOR_NOT_FOUND"))?;
                 let entries: Vec<CursorEntry> = cursor.entries.drain(..(max as usize).min(cursor.entries.len())).collect();
+                let entries: Vec<JsonCursorEntry<'_>> = entries.iter().map(JsonCursorEntry).collect();
                 Ok(json!({ "type": "fetch_cursor", "entries": entries, "done": cursor.entries.is_empty() }))
             }
             "close_cursor" => {
