@@ -1,6 +1,7 @@
 //! `@libsql/client` over WebSocket (`ws://`) against a real `sqld`: every value type, a batch
 //! in write mode, interactive transactions committed and rolled back; and its token in the
-//! socket's `hello` (read-write, read-only, missing, foreign).
+//! socket's `hello` (read-write, read-only, missing, foreign). And `@libsql/hrana-client`, the
+//! Hrana library under it, over HTTP (Hrana 3 picks protobuf) and WebSocket, Hrana 2 and 3.
 
 use std::process::Command;
 
@@ -52,4 +53,40 @@ fn the_node_client_over_websocket_passes_its_token_in_hello() {
     assert!(refused.contains("AUTH_MISSING"), "{refused}");
     let refused = node_ws(&sqld, Some(&Signer::generate().token(json!({})))).unwrap_err();
     assert!(refused.contains("AUTH_BAD_SIGNATURE"), "{refused}");
+}
+
+/// Runs `hrana_client.js` in `mode` (`http` or `ws`) asking for Hrana `version`.
+fn hrana_client(sqld: &Sqld, mode: &str, version: u8) -> Value {
+    let url = format!("{mode}://{}", sqld.user);
+    let output = Command::new("node")
+        .arg(clients_dir().join("hrana_client.js"))
+        .args([mode, &url, &version.to_string()])
+        .current_dir(clients_dir())
+        .output()
+        .expect("running node");
+    assert!(output.status.success(), "hrana-client {mode} v{version}: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hrana_client_library_over_every_transport_and_version() {
+    let sqld = Sqld::start(&[]);
+    let mut rows = 0;
+    for (mode, version) in [("http", 3), ("ws", 3), ("ws", 2), ("http", 2)] {
+        let summary = tokio::task::block_in_place(|| hrana_client(&sqld, mode, version));
+        rows += 1;
+        let autocommit = if version == 3 { json!(true) } else { Value::Null };
+        assert_eq!(
+            summary,
+            json!({"version": version, "affected": 1, "count": rows, "skipped": true, "failed": "SQLITE_ERROR",
+                   "recovered": "recovered", "columns": ["one", "x"], "params": ["?1"], "autocommit": autocommit}),
+            "{mode} v{version}"
+        );
+    }
+    // Hrana 3 over HTTP went through protobuf (the batch through a cursor), over WebSocket
+    // through a cursor too.
+    let metrics = hyper::Client::new().get(format!("http://{}/metrics", sqld.admin).parse().unwrap()).await.unwrap();
+    let metrics = String::from_utf8(hyper::body::to_bytes(metrics.into_body()).await.unwrap().to_vec()).unwrap();
+    assert!(metrics.contains("route=\"/v3-protobuf/cursor\",status=\"200\""), "{metrics}");
+    assert!(metrics.contains("sqld_ws_requests_total{type=\"open_cursor\"} 1"), "{metrics}");
 }
