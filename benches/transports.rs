@@ -1,7 +1,8 @@
 //! Hrana's transports side by side against one real `sqld`, same run, same concurrency: point
 //! reads (8 clients) and sequential single-row inserts over HTTP JSON (`/v2/pipeline`, a
-//! stream per request as the HTTP clients use it) and over WebSocket (`hrana3`, a socket and
-//! a stream per client as `@libsql/client` keeps them). Protobuf encodings are not served yet.
+//! stream per request as the HTTP clients use it), HTTP protobuf (`/v3-protobuf/pipeline`, the
+//! same) and WebSocket (`hrana3` JSON, a socket and a stream per client as `@libsql/client`
+//! keeps them). WebSocket protobuf (`hrana3-protobuf`) is not served yet.
 //!
 //! `cargo bench --bench transports` prints a table and writes `bench-results/transports.json`.
 
@@ -14,8 +15,11 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 mod common;
+#[path = "../tests/common/hrana_protobuf.rs"]
+mod hrana_protobuf;
 
 use common::{close, int, spawn_sqld, stmt, stop_sqld, Http};
+use prost::Message as _;
 
 const CLIENTS: usize = 8;
 const READS_PER_CLIENT: usize = 2_500;
@@ -136,6 +140,55 @@ async fn ws_reads(addr: std::net::SocketAddr) -> Measured {
     measured(CLIENTS * READS_PER_CLIENT, started.elapsed(), all)
 }
 
+/// One protobuf pipeline: a statement with one integer argument, then close.
+async fn protobuf_request(client: &hyper::Client<hyper::client::HttpConnector>, url: &str, sql: &str, arg: i64) {
+    let arg = hrana_protobuf::Value { integer: Some(arg), ..Default::default() };
+    let body = hrana_protobuf::PipelineReq { baton: None, requests: vec![hrana_protobuf::execute(sql, vec![arg]), hrana_protobuf::close()] };
+    let request = hyper::Request::post(url).body(hyper::Body::from(body.encode_to_vec())).unwrap();
+    let response = client.request(request).await.unwrap();
+    assert!(response.status().is_success());
+    let answer = hrana_protobuf::PipelineResp::decode(hyper::body::to_bytes(response.into_body()).await.unwrap()).unwrap();
+    assert!(answer.results[0].error.is_none(), "{:?}", answer.results[0].error);
+}
+
+async fn protobuf_reads(url: &str) -> Measured {
+    let client = hyper::Client::new();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (client, url) = (client.clone(), url.to_owned());
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(READS_PER_CLIENT);
+                let mut key = c as i64;
+                for _ in 0..READS_PER_CLIENT {
+                    key = (key * 7919 + 13) % KEYS;
+                    let at = Instant::now();
+                    protobuf_request(&client, &url, "SELECT v FROM kv WHERE k = ?", key).await;
+                    latencies.push(ms(at.elapsed()));
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    measured(CLIENTS * READS_PER_CLIENT, started.elapsed(), all)
+}
+
+async fn protobuf_inserts(url: &str, first: i64) -> Measured {
+    let client = hyper::Client::new();
+    let mut latencies = Vec::with_capacity(INSERTS);
+    let started = Instant::now();
+    for i in 0..INSERTS as i64 {
+        let at = Instant::now();
+        protobuf_request(&client, url, "INSERT INTO ins VALUES (?, randomblob(100))", first + i).await;
+        latencies.push(ms(at.elapsed()));
+    }
+    measured(INSERTS, started.elapsed(), latencies)
+}
+
 async fn http_inserts(url: &str, first: i64) -> Measured {
     let http = Http::new(url.to_owned());
     let mut latencies = Vec::with_capacity(INSERTS);
@@ -175,27 +228,33 @@ fn main() {
         ])
         .await;
         // Alternating, twice each, so neither transport gains from going first.
+        let protobuf_url = format!("http://{user}/v3-protobuf/pipeline");
         let mut rows: Vec<(&str, &str, Vec<Measured>)> = vec![
             ("point reads, 8 clients", "HTTP JSON", vec![]),
+            ("point reads, 8 clients", "HTTP protobuf", vec![]),
             ("point reads, 8 clients", "WebSocket", vec![]),
             ("single-row inserts, sequential", "HTTP JSON", vec![]),
+            ("single-row inserts, sequential", "HTTP protobuf", vec![]),
             ("single-row inserts, sequential", "WebSocket", vec![]),
         ];
         for round in 0..2i64 {
+            let first = round * 30 * INSERTS as i64;
             rows[0].2.push(http_reads(&url).await);
-            rows[1].2.push(ws_reads(user).await);
-            rows[3].2.push(ws_inserts(user, round * 10 * INSERTS as i64).await);
-            rows[2].2.push(http_inserts(&url, (round * 10 + 5) * INSERTS as i64).await);
+            rows[1].2.push(protobuf_reads(&protobuf_url).await);
+            rows[2].2.push(ws_reads(user).await);
+            rows[5].2.push(ws_inserts(user, first).await);
+            rows[4].2.push(protobuf_inserts(&protobuf_url, first + 10 * INSERTS as i64).await);
+            rows[3].2.push(http_inserts(&url, first + 20 * INSERTS as i64).await);
         }
         rows
     });
     stop_sqld(child);
 
-    println!("\n{:<34} {:<10} {:>10} {:>9} {:>9}", "workload (2 cores, best of 2)", "transport", "req/s", "p50 ms", "p99 ms");
+    println!("\n{:<34} {:<14} {:>10} {:>9} {:>9}", "workload (2 cores, best of 2)", "transport", "req/s", "p50 ms", "p99 ms");
     let mut json_rows = Vec::new();
     for (workload, transport, runs) in &rows {
         let best = runs.iter().max_by(|a, b| a.per_second.partial_cmp(&b.per_second).unwrap()).unwrap();
-        println!("{workload:<34} {transport:<10} {:>10.0} {:>9.2} {:>9.2}", best.per_second, best.p50_ms, best.p99_ms);
+        println!("{workload:<34} {transport:<14} {:>10.0} {:>9.2} {:>9.2}", best.per_second, best.p50_ms, best.p99_ms);
         json_rows.push(json!({"workload": workload, "transport": transport, "per_second": best.per_second, "p50_ms": best.p50_ms, "p99_ms": best.p99_ms,
             "all_per_second": runs.iter().map(|m| m.per_second).collect::<Vec<_>>()}));
     }

@@ -8,180 +8,7 @@ use prost::Message;
 
 use crate::common::*;
 
-#[derive(Clone, PartialEq, prost::Message)]
-struct Empty {}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct Value {
-    #[prost(message, optional, tag = "1")]
-    null: Option<Empty>,
-    #[prost(sint64, optional, tag = "2")]
-    integer: Option<i64>,
-    #[prost(double, optional, tag = "3")]
-    float: Option<f64>,
-    #[prost(string, optional, tag = "4")]
-    text: Option<String>,
-    #[prost(bytes = "vec", optional, tag = "5")]
-    blob: Option<Vec<u8>>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct Stmt {
-    #[prost(string, optional, tag = "1")]
-    sql: Option<String>,
-    #[prost(message, repeated, tag = "3")]
-    args: Vec<Value>,
-    #[prost(bool, optional, tag = "5")]
-    want_rows: Option<bool>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct ExecuteReq {
-    #[prost(message, optional, tag = "1")]
-    stmt: Option<Stmt>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct StreamReq {
-    #[prost(message, optional, tag = "1")]
-    close: Option<Empty>,
-    #[prost(message, optional, tag = "2")]
-    execute: Option<ExecuteReq>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct PipelineReq {
-    #[prost(string, optional, tag = "1")]
-    baton: Option<String>,
-    #[prost(message, repeated, tag = "2")]
-    requests: Vec<StreamReq>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct Col {
-    #[prost(string, optional, tag = "1")]
-    name: Option<String>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct Row {
-    #[prost(message, repeated, tag = "1")]
-    values: Vec<Value>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct StmtResult {
-    #[prost(message, repeated, tag = "1")]
-    cols: Vec<Col>,
-    #[prost(message, repeated, tag = "2")]
-    rows: Vec<Row>,
-    #[prost(uint64, tag = "3")]
-    affected_row_count: u64,
-    #[prost(sint64, optional, tag = "4")]
-    last_insert_rowid: Option<i64>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct ExecuteResp {
-    #[prost(message, optional, tag = "1")]
-    result: Option<StmtResult>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct StreamResp {
-    #[prost(message, optional, tag = "1")]
-    close: Option<Empty>,
-    #[prost(message, optional, tag = "2")]
-    execute: Option<ExecuteResp>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct Error {
-    #[prost(string, tag = "1")]
-    message: String,
-    #[prost(string, tag = "2")]
-    code: String,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct StreamRes {
-    #[prost(message, optional, tag = "1")]
-    ok: Option<StreamResp>,
-    #[prost(message, optional, tag = "2")]
-    error: Option<Error>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct PipelineResp {
-    #[prost(string, optional, tag = "1")]
-    baton: Option<String>,
-    #[prost(message, repeated, tag = "3")]
-    results: Vec<StreamRes>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct BatchStep {
-    #[prost(message, optional, tag = "2")]
-    stmt: Option<Stmt>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct Batch {
-    #[prost(message, repeated, tag = "1")]
-    steps: Vec<BatchStep>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct CursorReq {
-    #[prost(string, optional, tag = "1")]
-    baton: Option<String>,
-    #[prost(message, optional, tag = "2")]
-    batch: Option<Batch>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct CursorResp {
-    #[prost(string, optional, tag = "1")]
-    baton: Option<String>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct StepBegin {
-    #[prost(uint32, tag = "1")]
-    step: u32,
-    #[prost(message, repeated, tag = "2")]
-    cols: Vec<Col>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct StepEnd {
-    #[prost(uint64, tag = "1")]
-    affected_row_count: u64,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct CursorEntry {
-    #[prost(message, optional, tag = "1")]
-    step_begin: Option<StepBegin>,
-    #[prost(message, optional, tag = "2")]
-    step_end: Option<StepEnd>,
-    #[prost(message, optional, tag = "4")]
-    row: Option<Row>,
-    #[prost(message, optional, tag = "5")]
-    error: Option<Error>,
-}
-
-fn stmt(sql: &str, args: Vec<Value>) -> Stmt {
-    Stmt { sql: Some(sql.into()), args, want_rows: Some(true) }
-}
-
-fn execute(sql: &str, args: Vec<Value>) -> StreamReq {
-    StreamReq { execute: Some(ExecuteReq { stmt: Some(stmt(sql, args)) }), ..Default::default() }
-}
-
-fn close() -> StreamReq {
-    StreamReq { close: Some(Empty {}), ..Default::default() }
-}
+use crate::common::hrana_protobuf::{self as pb, Batch, BatchStep, CursorEntry, CursorReq, CursorResp, Empty, PipelineReq, PipelineResp, Row, StmtResult, StreamReq, Value};
 
 async fn post(path: &str, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
     call("primary", USER_PORT, Method::POST, path, &[("content-type", "application/x-protobuf"), ("x-namespace", "default")], body).await
@@ -212,11 +39,11 @@ fn pipelines_and_cursors_in_protobuf_answer_like_their_json_twins() {
             Value { null: Some(Empty {}), ..Default::default() },
         ];
         let answer = protobuf_pipeline(vec![
-            execute("CREATE TABLE v (i, f, t, b, n)", vec![]),
-            execute("INSERT INTO v VALUES (?, ?, ?, ?, ?)", values.clone()),
-            execute("SELECT i, f, t, b, n FROM v", vec![]),
-            execute("SELEC 1", vec![]),
-            close(),
+            pb::execute("CREATE TABLE v (i, f, t, b, n)", vec![]),
+            pb::execute("INSERT INTO v VALUES (?, ?, ?, ?, ?)", values.clone()),
+            pb::execute("SELECT i, f, t, b, n FROM v", vec![]),
+            pb::execute("SELEC 1", vec![]),
+            pb::close(),
         ])
         .await;
         assert_eq!(answer.baton, None, "a closed stream has no baton");
@@ -232,7 +59,7 @@ fn pipelines_and_cursors_in_protobuf_answer_like_their_json_twins() {
         assert_eq!(rows(&json, 0)[0][0]["value"], "tëxt");
 
         // A cursor: its header, then one length-delimited entry at a time.
-        let request = CursorReq { baton: None, batch: Some(Batch { steps: vec![BatchStep { stmt: Some(stmt("SELECT value FROM generate_series(1, 3)", vec![])) }] }) };
+        let request = CursorReq { baton: None, batch: Some(Batch { steps: vec![BatchStep { stmt: Some(pb::stmt("SELECT value FROM generate_series(1, 3)", vec![])) }] }) };
         let (status, body) = post("/v3-protobuf/cursor", request.encode_to_vec()).await;
         assert_eq!(status, StatusCode::OK);
         let mut rest = body.as_slice();
@@ -253,7 +80,7 @@ fn pipelines_and_cursors_in_protobuf_answer_like_their_json_twins() {
 #[test]
 fn malformed_protobuf_bodies_are_400_and_the_server_goes_on() {
     run_sim(|_| {}, async {
-        let valid = PipelineReq { baton: None, requests: vec![execute("SELECT 1", vec![]), close()] }.encode_to_vec();
+        let valid = PipelineReq { baton: None, requests: vec![pb::execute("SELECT 1", vec![]), pb::close()] }.encode_to_vec();
         // Not protobuf at all, a valid message cut short, a length past the end, and (for a
         // pipeline) a request whose wire type does not match its field.
         let bodies: Vec<(Vec<u8>, &[&str])> = vec![
@@ -269,7 +96,7 @@ fn malformed_protobuf_bodies_are_400_and_the_server_goes_on() {
                 assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body:?}: {}", String::from_utf8_lossy(&answer));
             }
         }
-        let answer = protobuf_pipeline(vec![execute("SELECT 1", vec![]), close()]).await;
+        let answer = protobuf_pipeline(vec![pb::execute("SELECT 1", vec![]), pb::close()]).await;
         assert_eq!(result(&answer, 0).rows.len(), 1);
         Ok(())
     });

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod hrana_protobuf;
 pub mod primary;
 pub mod process;
 pub mod tokens;
