@@ -142,6 +142,8 @@ fn protocol_errors_close_the_socket_and_request_errors_do_not() {
             (Message::Text("{not json".into()), Some(1002)),
             (Message::Text(json!({"type": "request", "request_id": 1, "request": {"type": "open_stream", "stream_id": 1}}).to_string()), Some(1002)),
             (Message::Text(json!({"type": "goodbye"}).to_string()), Some(1002)),
+            // A field of the wrong shape is refused as it is read, never built.
+            (Message::Text(json!({"type": "hello", "jwt": [{"a": 0}, {"a": 0}]}).to_string()), Some(1002)),
             (Message::Binary(vec![1, 2, 3]), Some(1003)),
         ] {
             let (mut ws, _) = connect("hrana3").await;
@@ -197,6 +199,25 @@ fn streams_per_socket_are_bounded() {
         request(&mut ws, 6, json!({"type": "close_stream", "stream_id": 1})).await.unwrap();
         request(&mut ws, 7, json!({"type": "open_stream", "stream_id": 3})).await.unwrap();
         request(&mut ws, 8, json!({"type": "execute", "stream_id": 3, "stmt": stmt("SELECT 1")})).await.unwrap();
+        // Ids of streams that failed to open are bounded too: past twice the streams, the
+        // socket is closed.
+        for id in 10..12 {
+            request(&mut ws, id, json!({"type": "open_stream", "stream_id": id})).await.unwrap_err();
+        }
+        send(&mut ws, json!({"type": "request", "request_id": 20, "request": {"type": "open_stream", "stream_id": 20}})).await;
+        assert_eq!(next(&mut ws).await.unwrap_err(), Some(1008));
+
+        // Stored SQL is bounded in bytes as well as in count.
+        let (mut ws, _) = connect("hrana3").await;
+        hello(&mut ws, None).await;
+        let big = "SELECT 1 -- ".to_owned() + &"x".repeat((1 << 20) - 64);
+        for id in 0..4 {
+            request(&mut ws, id, json!({"type": "store_sql", "sql_id": id, "sql": big})).await.unwrap();
+        }
+        let refused = request(&mut ws, 4, json!({"type": "store_sql", "sql_id": 4, "sql": big})).await.unwrap_err();
+        assert_eq!(refused["code"], "SQL_STORE_TOO_LARGE", "{refused}");
+        request(&mut ws, 5, json!({"type": "close_sql", "sql_id": 0})).await.unwrap();
+        request(&mut ws, 6, json!({"type": "store_sql", "sql_id": 4, "sql": big})).await.unwrap();
         still_serving().await;
         Ok(())
     });
@@ -256,6 +277,42 @@ fn hello_authenticates_and_a_later_hello_replaces_the_token() {
             let answer = hello(&mut ws, Some(&foreign)).await;
             assert_eq!(answer["type"], "hello_error");
             assert_eq!(next(&mut ws).await.unwrap_err(), Some(1008));
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn silent_sockets_streams_and_cursors_do_not_hold_anything_for_long() {
+    run_sim(
+        |config| {
+            config.stream_expiry_s = 2;
+            config.header_read_timeout_s = 3;
+        },
+        async {
+            // A socket that never says hello is closed.
+            let (mut silent, _) = connect("hrana3").await;
+            assert_eq!(next(&mut silent).await.unwrap_err(), Some(1000));
+
+            // A stream and a cursor left unused past the stream expiry are rolled back and
+            // dropped; the socket goes on.
+            let (mut ws, _) = connect("hrana3").await;
+            hello(&mut ws, None).await;
+            request(&mut ws, 1, json!({"type": "open_stream", "stream_id": 1})).await.unwrap();
+            request(&mut ws, 2, json!({"type": "execute", "stream_id": 1, "stmt": stmt("BEGIN")})).await.unwrap();
+            request(&mut ws, 3, json!({"type": "execute", "stream_id": 1, "stmt": stmt("SELECT 1")})).await.unwrap();
+            request(&mut ws, 4, json!({"type": "open_stream", "stream_id": 2})).await.unwrap();
+            let batch = json!({"steps": [{"stmt": stmt("SELECT 1")}]});
+            request(&mut ws, 5, json!({"type": "open_cursor", "stream_id": 2, "cursor_id": 1, "batch": batch})).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+            let expired = request(&mut ws, 6, json!({"type": "execute", "stream_id": 1, "stmt": stmt("COMMIT")})).await.unwrap_err();
+            assert_eq!(expired["code"], "STREAM_EXPIRED", "{expired}");
+            let gone = request(&mut ws, 7, json!({"type": "fetch_cursor", "cursor_id": 1, "max_count": 10})).await.unwrap_err();
+            assert_eq!(gone["code"], "CURSOR_NOT_FOUND", "{gone}");
+            assert!(ws_metric("sqld_ws_streams 0").await);
+            request(&mut ws, 8, json!({"type": "close_stream", "stream_id": 1})).await.unwrap();
+            request(&mut ws, 9, json!({"type": "open_stream", "stream_id": 1})).await.unwrap();
+            request(&mut ws, 10, json!({"type": "execute", "stream_id": 1, "stmt": stmt("SELECT 1")})).await.unwrap();
             Ok(())
         },
     );

@@ -14,8 +14,9 @@ use crate::database::Limits;
 use crate::limit_hits::LimitHits;
 use crate::ws::SocketLimits;
 
-/// Cursors one WebSocket may hold open at once (each keeps its batch's answer until fetched).
-const MAX_CURSORS_PER_SOCKET: usize = 16;
+/// Cursors one WebSocket may hold open at once (each keeps its batch's answer, within the
+/// response bounds, until fetched).
+const MAX_CURSORS_PER_SOCKET: usize = 4;
 use crate::hrana::StreamLimits;
 
 use crate::namespace::StoreOptions;
@@ -118,7 +119,7 @@ pub struct Config {
     pub max_total_response_size: usize,
 
     /// Hrana WebSockets served at once; one more is answered 503.
-    #[arg(long, env = "SQLD_MAX_WEBSOCKETS", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "SQLD_MAX_WEBSOCKETS", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_websockets: u64,
 
     /// Seconds a Hrana WebSocket with no message from its client stays open.
@@ -202,6 +203,7 @@ impl Config {
             max_streams: self.max_streams_per_connection as usize,
             max_cursors: MAX_CURSORS_PER_SOCKET,
             idle_timeout: Duration::from_secs(self.websocket_idle_timeout_s),
+            stream_expiry: Duration::from_secs(self.stream_expiry_s),
             send_timeout: self.header_read_timeout(),
         }
     }

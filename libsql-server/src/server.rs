@@ -77,6 +77,7 @@ impl Server {
             places: self.websockets.clone(),
             limits: self.config.socket_limits(),
             max_message_size: self.config.max_body_size,
+            max_write_buffer: self.config.max_response_size + (1 << 20),
             stop: self.stop.subscribe(),
         };
         http::user::router(self.hrana.clone(), self.auth.clone(), self.metrics.clone(), limits, websockets)
@@ -143,13 +144,13 @@ impl Server {
         if tokio::time::timeout(self.config.shutdown_timeout(), in_flight_rx.recv()).await.is_err() {
             tracing::warn!("in-flight requests did not finish in time; stopping their statements");
         }
-        // WebSockets close on the stop signal, rolling their streams back: every place free
-        // again means every socket has ended.
-        let every_place = self.config.max_websockets as u32;
-        if tokio::time::timeout(self.config.shutdown_timeout(), self.websockets.acquire_many(every_place)).await.is_err() {
+        self.halt.store(true, Ordering::Relaxed);
+        // WebSockets close on the stop signal, rolling their streams back (a statement still
+        // running was just stopped): every place free again means every socket has ended.
+        let every_place = u32::try_from(self.config.max_websockets).unwrap_or(u32::MAX);
+        if tokio::time::timeout(self.config.header_read_timeout(), self.websockets.acquire_many(every_place)).await.is_err() {
             tracing::warn!("WebSockets did not close in time");
         }
-        self.halt.store(true, Ordering::Relaxed);
         let _ = reaper.await;
         self.hrana.close_all_streams().await;
         // Closing checkpoints every namespace; a namespace left open past the bound is not

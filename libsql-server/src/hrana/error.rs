@@ -30,6 +30,8 @@ pub enum StmtError {
     InvalidCondition(u32),
     #[error("too many SQL texts stored on this stream (at most {0})")]
     SqlStoreFull(usize),
+    #[error("stored SQL texts may take at most {0} bytes together; close some (close_sql) first")]
+    SqlStoreTooLarge(usize),
     #[error("the stream is closed")]
     StreamClosed,
     #[error(transparent)]
@@ -53,6 +55,7 @@ impl StmtError {
             StmtError::ArgsInvalid(_) => "ARGS_INVALID".into(),
             StmtError::InvalidCondition(_) => "BATCH_COND_INVALID".into(),
             StmtError::SqlStoreFull(_) => "SQL_STORE_TOO_MANY".into(),
+            StmtError::SqlStoreTooLarge(_) => "SQL_STORE_TOO_LARGE".into(),
             StmtError::StreamClosed => "STREAM_CLOSED".into(),
             StmtError::Access(AccessError::ReadsBlocked(_) | AccessError::WritesBlocked(_)) => "BLOCKED".into(),
             StmtError::Access(AccessError::WriteLockTimeout) => "SQLITE_BUSY".into(),

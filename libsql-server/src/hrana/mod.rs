@@ -116,8 +116,8 @@ impl Hrana {
     }
 
     /// Runs `f` on a stream its transport holds between requests (a WebSocket's), on the
-    /// blocking pool, stopped if the future is dropped (the client went away); gives the
-    /// stream back with `f`'s result and the budget its answer holds.
+    /// blocking pool, stopped if this future is dropped; gives the stream back with `f`'s
+    /// result and the budget its answer holds.
     pub async fn run_held<R: Send + 'static>(
         &self,
         stream: Stream,

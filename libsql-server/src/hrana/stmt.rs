@@ -17,22 +17,32 @@ use crate::database::{Connection, ConnectionParts, SingleStatements, WriteAccess
 #[derive(Default)]
 pub struct SqlStore {
     texts: HashMap<i32, String>,
+    bytes: usize,
 }
 
 impl SqlStore {
-    /// More than any real client keeps; bounds a stream's memory.
+    /// More than any real client keeps; with `MAX_BYTES`, bounds a stream's (or a socket's)
+    /// memory.
     pub const MAX_ENTRIES: usize = 1024;
+    pub const MAX_BYTES: usize = 4 << 20;
 
     pub fn store(&mut self, id: i32, sql: String) -> Result<(), StmtError> {
+        let replaced = self.texts.get(&id).map_or(0, String::len);
         if self.texts.len() >= Self::MAX_ENTRIES && !self.texts.contains_key(&id) {
             return Err(StmtError::SqlStoreFull(Self::MAX_ENTRIES));
         }
+        if self.bytes - replaced + sql.len() > Self::MAX_BYTES {
+            return Err(StmtError::SqlStoreTooLarge(Self::MAX_BYTES));
+        }
+        self.bytes = self.bytes - replaced + sql.len();
         self.texts.insert(id, sql);
         Ok(())
     }
 
     pub fn close(&mut self, id: i32) {
-        self.texts.remove(&id);
+        if let Some(sql) = self.texts.remove(&id) {
+            self.bytes -= sql.len();
+        }
     }
 
     pub fn resolve<'a>(&'a self, sql: Option<&'a str>, sql_id: Option<i32>) -> Result<&'a str, StmtError> {

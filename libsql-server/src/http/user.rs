@@ -45,6 +45,9 @@ pub struct WebSockets {
     pub limits: SocketLimits,
     /// Largest message a client may send (the request body bound).
     pub max_message_size: usize,
+    /// Most bytes a socket's outgoing buffer may hold (an answer, and the pongs of a client
+    /// that pings and never reads); past it the socket is dropped.
+    pub max_write_buffer: usize,
     /// Turns true when the server stops.
     pub stop: watch::Receiver<bool>,
 }
@@ -267,6 +270,7 @@ async fn websocket(
         .protocols(ws::PROTOCOLS)
         .max_message_size(websockets.max_message_size)
         .max_frame_size(websockets.max_message_size)
+        .max_write_buffer_size(websockets.max_write_buffer)
         .on_upgrade(move |socket_io| ws::serve(socket_io, socket)))
 }
 

@@ -5,10 +5,18 @@
 //!
 //! A socket's requests run one at a time, in order: the next message is not read before the
 //! answer to the last was sent, so a client that floods requests or never reads its answers
-//! is held back by TCP (and dropped after `send_timeout`), and nothing is buffered without
-//! bound. When the socket ends (the client vanished, the server stops, it sat idle), its
-//! streams are closed and their transactions rolled back; a stream whose transaction holds the
-//! write lock past its time limit is rolled back while the socket waits.
+//! is held back by TCP (and dropped after `send_timeout`, or once its outgoing buffer passes
+//! its bound), and nothing is buffered without bound. Messages are read into typed fields from
+//! their text (a hostile field is refused, not built). When the socket ends (the client
+//! vanished, the server stops, it sat idle or never said hello), its streams are closed and
+//! their transactions rolled back; a stream or cursor left unused past the stream expiry, or
+//! whose transaction holds the write lock past its time limit, is dropped while the socket
+//! waits. The token is checked at every request (it may expire).
+//!
+//! Known limits: one socket's streams wait for each other (a request waiting for the write
+//! lock its own socket's other stream holds waits out `--write-lock-timeout-ms`), and a
+//! statement running when its client vanishes runs to its time limit (the socket is not read
+//! while a request runs).
 
 mod session;
 
@@ -56,9 +64,12 @@ pub struct SocketLimits {
     pub max_streams: usize,
     /// Cursors open at once on one socket (each holds its batch's answer until fetched).
     pub max_cursors: usize,
-    /// A socket with no message for this long is closed.
+    /// A socket with no message for this long is closed (pings do not count).
     pub idle_timeout: Duration,
-    /// A client that does not take an answer within this is disconnected.
+    /// A stream or cursor left unused this long is rolled back (as an HTTP stream expires).
+    pub stream_expiry: Duration,
+    /// A client that does not take an answer within this is disconnected; also how long a
+    /// new socket has for its hello.
     pub send_timeout: Duration,
 }
 
