@@ -79,6 +79,8 @@ fn the_best_offered_subprotocol_and_every_request_type() {
     run_sim(|_| {}, async {
         let (_, chosen) = connect("hrana1, hrana2, hrana3").await;
         assert_eq!(chosen.as_deref(), Some("hrana3"));
+        let (_, chosen) = connect("hrana3-protobuf, hrana3, hrana2, hrana1").await;
+        assert_eq!(chosen.as_deref(), Some("hrana3-protobuf"));
         let (_, chosen) = connect("hrana2,hrana1").await;
         assert_eq!(chosen.as_deref(), Some("hrana2"));
 
@@ -147,6 +149,13 @@ fn protocol_errors_close_the_socket_and_request_errors_do_not() {
             (Message::Binary(vec![1, 2, 3]), Some(1003)),
         ] {
             let (mut ws, _) = connect("hrana3").await;
+            ws.send(first.clone()).await.unwrap();
+            assert_eq!(next(&mut ws).await.unwrap_err(), expected, "after {first:?}");
+        }
+        // hrana3-protobuf speaks binary messages only, and refuses what does not decode.
+        for (first, expected) in [(Message::Text(json!({"type": "hello"}).to_string()), Some(1003)), (Message::Binary(vec![0xff; 8]), Some(1002))] {
+            let (mut ws, chosen) = connect("hrana3-protobuf").await;
+            assert_eq!(chosen.as_deref(), Some("hrana3-protobuf"));
             ws.send(first.clone()).await.unwrap();
             assert_eq!(next(&mut ws).await.unwrap_err(), expected, "after {first:?}");
         }

@@ -1,7 +1,8 @@
 //! `@libsql/client` over WebSocket (`ws://`) against a real `sqld`: every value type, a batch
 //! in write mode, interactive transactions committed and rolled back; and its token in the
 //! socket's `hello` (read-write, read-only, missing, foreign). And `@libsql/hrana-client`, the
-//! Hrana library under it, over HTTP (Hrana 3 picks protobuf) and WebSocket, Hrana 2 and 3.
+//! Hrana library under it, over HTTP and WebSocket (Hrana 3 picks protobuf on both), Hrana 2
+//! and 3.
 
 use std::process::Command;
 
@@ -89,4 +90,7 @@ async fn the_hrana_client_library_over_every_transport_and_version() {
     let metrics = String::from_utf8(hyper::body::to_bytes(metrics.into_body()).await.unwrap().to_vec()).unwrap();
     assert!(metrics.contains("route=\"/v3-protobuf/cursor\",status=\"200\""), "{metrics}");
     assert!(metrics.contains("sqld_ws_requests_total{type=\"open_cursor\"} 1"), "{metrics}");
+    // The library offers hrana3-protobuf first for Hrana 3: that is what its socket spoke.
+    assert!(metrics.contains("sqld_ws_sockets_opened_total{protocol=\"hrana3-protobuf\"} 1"), "{metrics}");
+    assert!(metrics.contains("sqld_ws_sockets_opened_total{protocol=\"hrana2\"} 1"), "{metrics}");
 }

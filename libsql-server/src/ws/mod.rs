@@ -1,13 +1,14 @@
-//! Hrana over WebSocket (`hrana3`, `hrana2`, `hrana1`, JSON messages): a transport beside
-//! `http`. One socket carries many streams, each on a connection of its own through the same
+//! Hrana over WebSocket (`hrana3-protobuf`; `hrana3`, `hrana2`, `hrana1` in JSON): a transport
+//! beside `http`. One socket carries many streams, each on a connection of its own through the same
 //! `hrana` layer as HTTP (write gate, authorizer, limits); the socket's `hello` carries the JWT
 //! that `auth` checks, and a later `hello` (Hrana 2 and 3) replaces it.
 //!
 //! A socket's requests run one at a time, in order: the next message is not read before the
 //! answer to the last was sent, so a client that floods requests or never reads its answers
 //! is held back by TCP (and dropped after `send_timeout`, or once its outgoing buffer passes
-//! its bound), and nothing is buffered without bound. Messages are read into typed fields from
-//! their text (a hostile field is refused, not built). When the socket ends (the client
+//! its bound), and nothing is buffered without bound. Messages are read into typed requests
+//! (a hostile field is refused, not built), from JSON text or protobuf; both encodings run
+//! the same requests. When the socket ends (the client
 //! vanished, the server stops, it sat idle or never said hello), its streams are closed and
 //! their transactions rolled back; a stream or cursor left unused past the stream expiry, or
 //! whose transaction holds the write lock past its time limit, is dropped while the socket
@@ -18,13 +19,14 @@
 //! statement running when its client vanishes runs to its time limit (the socket is not read
 //! while a request runs).
 
+mod protobuf;
 mod session;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use serde_json::{json, Value};
+use libsql_hrana::proto::Error;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 pub use session::Session;
@@ -35,7 +37,7 @@ use crate::metrics::Metrics;
 use crate::namespace::NamespaceName;
 
 /// The subprotocols served, best first: a client gets the best one it offers.
-pub const PROTOCOLS: [&str; 3] = ["hrana3", "hrana2", "hrana1"];
+pub const PROTOCOLS: [&str; 4] = ["hrana3-protobuf", "hrana3", "hrana2", "hrana1"];
 
 /// Hrana's version on a socket: which requests it may send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -45,14 +47,22 @@ pub enum Version {
     Hrana3 = 3,
 }
 
+/// How a socket's messages are encoded: JSON text, or protobuf binary (`hrana3-protobuf`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Json,
+    Protobuf,
+}
+
 impl Version {
-    /// The version of the subprotocol the upgrade chose; a client that offered none of them
-    /// speaks Hrana 1.
-    pub fn of(protocol: Option<&str>) -> Version {
+    /// The version and encoding of the subprotocol the upgrade chose; a client that offered
+    /// none of them speaks Hrana 1.
+    pub fn of(protocol: Option<&str>) -> (Version, Encoding) {
         match protocol {
-            Some("hrana3") => Version::Hrana3,
-            Some("hrana2") => Version::Hrana2,
-            _ => Version::Hrana1,
+            Some("hrana3-protobuf") => (Version::Hrana3, Encoding::Protobuf),
+            Some("hrana3") => (Version::Hrana3, Encoding::Json),
+            Some("hrana2") => (Version::Hrana2, Encoding::Json),
+            _ => (Version::Hrana1, Encoding::Json),
         }
     }
 }
@@ -88,19 +98,22 @@ pub struct Socket {
 
 /// Serves one upgraded socket until it ends.
 pub async fn serve(socket: WebSocket, server: Socket) {
-    let version = Version::of(socket.protocol().and_then(|p| p.to_str().ok()));
+    let protocol = socket.protocol().and_then(|p| p.to_str().ok());
+    let (version, encoding) = Version::of(protocol);
+    let label = PROTOCOLS.into_iter().find(|p| Some(*p) == protocol).unwrap_or("none");
+    server.metrics.count_by("sqld_ws_sockets_opened_total", "Hrana WebSockets opened, by subprotocol.", "protocol", label, 1);
     server.metrics.gauge_add("sqld_ws_sockets", 1);
     let metrics = server.metrics.clone();
-    Session::new(server, version).run(socket).await;
+    Session::new(server, version, encoding).run(socket).await;
     metrics.gauge_add("sqld_ws_sockets", -1);
 }
 
-/// A Hrana error object.
-fn error(message: impl Into<String>, code: &str) -> Value {
-    json!({ "message": message.into(), "code": code })
+/// A Hrana error.
+fn error(message: impl Into<String>, code: &str) -> Error {
+    Error { message: message.into(), code: code.into() }
 }
 
-fn auth_error(e: &AuthError) -> Value {
+fn auth_error(e: &AuthError) -> Error {
     error(e.to_string(), e.code())
 }
 
