@@ -263,10 +263,18 @@ fn hello_authenticates_and_a_later_hello_replaces_the_token() {
     let signer = Signer::generate();
     let key = signer.pem();
     let (rw, ro, foreign) = (signer.token(json!({})), signer.token(json!({"a": "ro"})), Signer::generate().token(json!({})));
+    let expired = signer.token(json!({"exp": crate::common::tokens::epoch_secs(-3600)}));
+    let elsewhere = signer.token(json!({"a": "rw", "id": "other"}));
     run_sim(
         move |config| config.auth_jwt_key = Some(key.clone()),
         async move {
-            for (jwt, code) in [(None, "AUTH_MISSING"), (Some(foreign.as_str()), "AUTH_BAD_SIGNATURE"), (Some("not.a.jwt"), "AUTH_MALFORMED")] {
+            for (jwt, code) in [
+                (None, "AUTH_MISSING"),
+                (Some(foreign.as_str()), "AUTH_BAD_SIGNATURE"),
+                (Some("not.a.jwt"), "AUTH_MALFORMED"),
+                (Some(expired.as_str()), "AUTH_EXPIRED"),
+                (Some(elsewhere.as_str()), "AUTH_WRONG_NAMESPACE"),
+            ] {
                 let (mut ws, _) = connect("hrana3").await;
                 let answer = hello(&mut ws, jwt).await;
                 assert_eq!(answer["type"], "hello_error", "{answer}");
