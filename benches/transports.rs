@@ -143,7 +143,8 @@ async fn ws_reads(addr: std::net::SocketAddr) -> Measured {
 /// One protobuf pipeline: a statement with one integer argument, then close.
 async fn protobuf_request(client: &hyper::Client<hyper::client::HttpConnector>, url: &str, sql: &str, arg: i64) {
     let arg = hrana_protobuf::Value { integer: Some(arg), ..Default::default() };
-    let body = hrana_protobuf::PipelineReq { baton: None, requests: vec![hrana_protobuf::execute(sql, vec![arg]), hrana_protobuf::close()] };
+    let body =
+        hrana_protobuf::PipelineReq { baton: None, requests: vec![hrana_protobuf::execute(sql, vec![arg]), hrana_protobuf::close()] };
     let request = hyper::Request::post(url).body(hyper::Body::from(body.encode_to_vec())).unwrap();
     let response = client.request(request).await.unwrap();
     assert!(response.status().is_success());

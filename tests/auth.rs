@@ -93,94 +93,127 @@ fn every_user_route_checks_the_token_and_says_why_it_refused() {
         (Some(k1.token(json!({}))), "AUTH_MALFORMED"),
         (Some(format!("Bearer {}", k1.token(json!({"exp": "soon"})))), "AUTH_MALFORMED"),
     ];
-    run_sim(
-        move |config| config.auth_jwt_key = Some(keys.clone()),
-        async move {
-            create("a", json!({})).await;
-            create("b", json!({})).await;
-            let owner = format!("Bearer {}", valid[0]);
-            let (status, answer) = user(Method::POST, "/v2/pipeline", "a", Some(&owner), json!({"requests": [execute("CREATE TABLE t (x)"), execute("INSERT INTO t VALUES (0)"), close()]}).to_string()).await;
-            assert_eq!(status, StatusCode::OK, "{answer}");
-            assert_eq!(answer["results"][1]["type"], "ok", "{answer}");
+    run_sim(move |config| config.auth_jwt_key = Some(keys.clone()), async move {
+        create("a", json!({})).await;
+        create("b", json!({})).await;
+        let owner = format!("Bearer {}", valid[0]);
+        let (status, answer) = user(
+            Method::POST,
+            "/v2/pipeline",
+            "a",
+            Some(&owner),
+            json!({"requests": [execute("CREATE TABLE t (x)"), execute("INSERT INTO t VALUES (0)"), close()]}).to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["results"][1]["type"], "ok", "{answer}");
 
-            for (method, path, body, kind) in routes() {
-                let what = format!("{method} {path} ({kind:?})");
-                for (credential, code) in &refusals {
-                    let (status, answer) = user(method.clone(), path, "a", credential.as_deref(), body.clone()).await;
-                    assert_eq!(status, StatusCode::UNAUTHORIZED, "{what} with {code}: {answer}");
-                    assert_eq!(answer["code"], *code, "{what}: {answer}");
-                    // The reason is said; the credential is not echoed.
-                    if let Some(credential) = credential {
-                        let token = credential.trim_start_matches("Bearer ").trim_start_matches("Token ");
-                        assert!(token.len() < 8 || !answer.to_string().contains(token), "{what}: {answer}");
-                    }
-                }
-                for token in &valid {
-                    let (status, answer) = user(method.clone(), path, "a", Some(&format!("Bearer {token}")), body.clone()).await;
-                    assert_ne!(status, StatusCode::UNAUTHORIZED, "{what}: {answer}");
-                    assert!(!refused_read_only(status, &answer), "{what}: {answer}");
-                    if path != "/sync/1/1/2" {
-                        assert_eq!(status, StatusCode::OK, "{what}: {answer}");
-                    }
-                }
-                for token in &read_only {
-                    let (status, answer) = user(method.clone(), path, "a", Some(&format!("Bearer {token}")), body.clone()).await;
-                    match kind {
-                        Kind::Read => {
-                            assert_ne!(status, StatusCode::UNAUTHORIZED, "{what}: {answer}");
-                            assert!(!refused_read_only(status, &answer), "{what}: {answer}");
-                        }
-                        Kind::Write => assert!(refused_read_only(status, &answer), "{what} with a read-only token: {status} {answer}"),
-                    }
+        for (method, path, body, kind) in routes() {
+            let what = format!("{method} {path} ({kind:?})");
+            for (credential, code) in &refusals {
+                let (status, answer) = user(method.clone(), path, "a", credential.as_deref(), body.clone()).await;
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{what} with {code}: {answer}");
+                assert_eq!(answer["code"], *code, "{what}: {answer}");
+                // The reason is said; the credential is not echoed.
+                if let Some(credential) = credential {
+                    let token = credential.trim_start_matches("Bearer ").trim_start_matches("Token ");
+                    assert!(token.len() < 8 || !answer.to_string().contains(token), "{what}: {answer}");
                 }
             }
+            for token in &valid {
+                let (status, answer) = user(method.clone(), path, "a", Some(&format!("Bearer {token}")), body.clone()).await;
+                assert_ne!(status, StatusCode::UNAUTHORIZED, "{what}: {answer}");
+                assert!(!refused_read_only(status, &answer), "{what}: {answer}");
+                if path != "/sync/1/1/2" {
+                    assert_eq!(status, StatusCode::OK, "{what}: {answer}");
+                }
+            }
+            for token in &read_only {
+                let (status, answer) = user(method.clone(), path, "a", Some(&format!("Bearer {token}")), body.clone()).await;
+                match kind {
+                    Kind::Read => {
+                        assert_ne!(status, StatusCode::UNAUTHORIZED, "{what}: {answer}");
+                        assert!(!refused_read_only(status, &answer), "{what}: {answer}");
+                    }
+                    Kind::Write => assert!(refused_read_only(status, &answer), "{what} with a read-only token: {status} {answer}"),
+                }
+            }
+        }
 
-            // Nothing a read-only token sent was written: only the owner's rows are there.
-            let (_, answer) = user(Method::POST, "/v2/pipeline", "a", Some(&owner), json!({"requests": [execute("SELECT count(*) FROM t"), close()]}).to_string()).await;
-            let writes_with_valid_tokens = 2 * 5; // five write routes that insert, two tokens
-            assert_eq!(rows(&answer, 0)[0][0]["value"], (1 + writes_with_valid_tokens).to_string(), "{answer}");
+        // Nothing a read-only token sent was written: only the owner's rows are there.
+        let (_, answer) = user(
+            Method::POST,
+            "/v2/pipeline",
+            "a",
+            Some(&owner),
+            json!({"requests": [execute("SELECT count(*) FROM t"), close()]}).to_string(),
+        )
+        .await;
+        let writes_with_valid_tokens = 2 * 5; // five write routes that insert, two tokens
+        assert_eq!(rows(&answer, 0)[0][0]["value"], (1 + writes_with_valid_tokens).to_string(), "{answer}");
 
-            // A stream is authenticated per request: begun with a read-write token, it cannot
-            // write with a read-only one, nor open a write transaction.
-            let ro = format!("Bearer {}", read_only[0]);
-            let (_, answer) = user(Method::POST, "/v2/pipeline", "a", Some(&owner), json!({"requests": [execute("SELECT 1")]}).to_string()).await;
-            let baton = answer["baton"].as_str().unwrap().to_owned();
-            let (_, answer) = user(Method::POST, "/v2/pipeline", "a", Some(&ro), json!({"baton": baton, "requests": [execute("BEGIN IMMEDIATE"), execute("INSERT INTO t VALUES (2)"), execute("SELECT 1"), close()]}).to_string()).await;
-            assert_eq!(error_code(&answer, 0), "AUTH_READ_ONLY", "{answer}");
-            assert_eq!(error_code(&answer, 1), "AUTH_READ_ONLY", "{answer}");
-            assert_eq!(rows(&answer, 2).len(), 1, "{answer}");
+        // A stream is authenticated per request: begun with a read-write token, it cannot
+        // write with a read-only one, nor open a write transaction.
+        let ro = format!("Bearer {}", read_only[0]);
+        let (_, answer) =
+            user(Method::POST, "/v2/pipeline", "a", Some(&owner), json!({"requests": [execute("SELECT 1")]}).to_string()).await;
+        let baton = answer["baton"].as_str().unwrap().to_owned();
+        let (_, answer) = user(Method::POST, "/v2/pipeline", "a", Some(&ro), json!({"baton": baton, "requests": [execute("BEGIN IMMEDIATE"), execute("INSERT INTO t VALUES (2)"), execute("SELECT 1"), close()]}).to_string()).await;
+        assert_eq!(error_code(&answer, 0), "AUTH_READ_ONLY", "{answer}");
+        assert_eq!(error_code(&answer, 1), "AUTH_READ_ONLY", "{answer}");
+        assert_eq!(rows(&answer, 2).len(), 1, "{answer}");
 
-            // Nor commit a write transaction another grant began on it: it can only close the
-            // stream, which rolls the transaction back.
-            let (_, answer) = user(Method::POST, "/v2/pipeline", "a", Some(&owner), json!({"requests": [execute("BEGIN"), execute("INSERT INTO t VALUES (3)")]}).to_string()).await;
-            let baton = answer["baton"].as_str().unwrap().to_owned();
-            let (_, answer) = user(Method::POST, "/v2/pipeline", "a", Some(&ro), json!({"baton": baton, "requests": [execute("COMMIT"), close()]}).to_string()).await;
-            assert_eq!(error_code(&answer, 0), "AUTH_READ_ONLY", "{answer}");
-            let (_, answer) = user(Method::POST, "/v2/pipeline", "a", Some(&owner), json!({"requests": [execute("SELECT count(*) FROM t WHERE x = 3"), close()]}).to_string()).await;
-            assert_eq!(rows(&answer, 0)[0][0]["value"], "0", "{answer}");
+        // Nor commit a write transaction another grant began on it: it can only close the
+        // stream, which rolls the transaction back.
+        let (_, answer) = user(
+            Method::POST,
+            "/v2/pipeline",
+            "a",
+            Some(&owner),
+            json!({"requests": [execute("BEGIN"), execute("INSERT INTO t VALUES (3)")]}).to_string(),
+        )
+        .await;
+        let baton = answer["baton"].as_str().unwrap().to_owned();
+        let (_, answer) = user(
+            Method::POST,
+            "/v2/pipeline",
+            "a",
+            Some(&ro),
+            json!({"baton": baton, "requests": [execute("COMMIT"), close()]}).to_string(),
+        )
+        .await;
+        assert_eq!(error_code(&answer, 0), "AUTH_READ_ONLY", "{answer}");
+        let (_, answer) = user(
+            Method::POST,
+            "/v2/pipeline",
+            "a",
+            Some(&owner),
+            json!({"requests": [execute("SELECT count(*) FROM t WHERE x = 3"), close()]}).to_string(),
+        )
+        .await;
+        assert_eq!(rows(&answer, 0)[0][0]["value"], "0", "{answer}");
 
-            // Probes stay open.
-            let (status, _) = user(Method::GET, "/health", "a", None, String::new()).await;
-            assert_eq!(status, StatusCode::OK);
+        // Probes stay open.
+        let (status, _) = user(Method::GET, "/health", "a", None, String::new()).await;
+        assert_eq!(status, StatusCode::OK);
 
-            // Refusals are counted by reason.
-            let (status, metrics) = call("primary", ADMIN_PORT, Method::GET, "/metrics", &[], "").await;
-            assert_eq!(status, StatusCode::OK);
-            let metrics = String::from_utf8(metrics).unwrap();
-            let count = |reason: &str| -> u64 {
-                let prefix = format!("sqld_auth_refused_total{{reason=\"{reason}\"}} ");
-                metrics.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("{reason} not in metrics")).parse().unwrap()
-            };
-            let routes = routes().len() as u64;
-            assert_eq!(count("missing"), 2 * routes);
-            assert_eq!(count("malformed"), 4 * routes);
-            assert_eq!(count("bad_signature"), routes);
-            assert_eq!(count("expired"), routes);
-            assert_eq!(count("wrong_namespace"), 4 * routes);
-            assert!(count("read_only") >= 2 * 5 + 3, "{metrics}");
-            Ok(())
-        },
-    );
+        // Refusals are counted by reason.
+        let (status, metrics) = call("primary", ADMIN_PORT, Method::GET, "/metrics", &[], "").await;
+        assert_eq!(status, StatusCode::OK);
+        let metrics = String::from_utf8(metrics).unwrap();
+        let count = |reason: &str| -> u64 {
+            let prefix = format!("sqld_auth_refused_total{{reason=\"{reason}\"}} ");
+            metrics.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("{reason} not in metrics")).parse().unwrap()
+        };
+        let routes = routes().len() as u64;
+        assert_eq!(count("missing"), 2 * routes);
+        assert_eq!(count("malformed"), 4 * routes);
+        assert_eq!(count("bad_signature"), routes);
+        assert_eq!(count("expired"), routes);
+        assert_eq!(count("wrong_namespace"), 4 * routes);
+        assert!(count("read_only") >= 2 * 5 + 3, "{metrics}");
+        Ok(())
+    });
 }
 
 #[test]
@@ -207,7 +240,12 @@ fn a_namespace_key_guards_that_namespace_and_only_it() {
             let (status, answer) = admin(Method::POST, "/v1/namespaces/bad/create", &json!({"jwt_key": "not a key"}).to_string()).await;
             assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
             assert_eq!(answer["code"], "JWT_KEY_INVALID");
-            let (status, _) = admin(Method::POST, "/v1/namespaces/open/config", &json!({"jwt_key": "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----"}).to_string()).await;
+            let (status, _) = admin(
+                Method::POST,
+                "/v1/namespaces/open/config",
+                &json!({"jwt_key": "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----"}).to_string(),
+            )
+            .await;
             assert_eq!(status, StatusCode::BAD_REQUEST);
 
             // Without server keys, the other namespace needs nothing.
@@ -220,7 +258,12 @@ fn a_namespace_key_guards_that_namespace_and_only_it() {
             let (status, answer) = pipeline_as("locked", Some(own_rw.clone()), write.clone()).await;
             assert_eq!(status, StatusCode::OK, "{answer}");
             assert_eq!(answer["results"][0]["type"], "ok", "{answer}");
-            let (_, answer) = pipeline_as("locked", Some(own_ro.clone()), json!({"requests": [execute("INSERT INTO t VALUES (1)"), close()]}).to_string()).await;
+            let (_, answer) = pipeline_as(
+                "locked",
+                Some(own_ro.clone()),
+                json!({"requests": [execute("INSERT INTO t VALUES (1)"), close()]}).to_string(),
+            )
+            .await;
             assert_eq!(error_code(&answer, 0), "AUTH_READ_ONLY", "{answer}");
 
             // An empty key removes it.
@@ -260,21 +303,18 @@ fn a_namespace_key_guards_that_namespace_and_only_it() {
 fn basic_credentials_are_checked() {
     let credential = STANDARD.encode("alice:secret");
     let configured = format!("basic:{credential}");
-    run_sim(
-        move |config| config.http_auth = Some(configured.clone()),
-        async move {
-            let select = json!({"requests": [execute("SELECT 1"), close()]}).to_string();
-            let right = format!("Basic {credential}");
-            let wrong = format!("Basic {}", STANDARD.encode("alice:guess"));
-            let (status, answer) = user(Method::POST, "/v2/pipeline", "default", Some(&right), select.clone()).await;
-            assert_eq!(status, StatusCode::OK, "{answer}");
-            let (status, answer) = user(Method::POST, "/v2/pipeline", "default", Some(&wrong), select.clone()).await;
-            assert_eq!((status, answer["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("AUTH_BAD_PASSWORD")));
-            let (status, answer) = user(Method::POST, "/v2/pipeline", "default", None, select).await;
-            assert_eq!((status, answer["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("AUTH_MISSING")));
-            Ok(())
-        },
-    );
+    run_sim(move |config| config.http_auth = Some(configured.clone()), async move {
+        let select = json!({"requests": [execute("SELECT 1"), close()]}).to_string();
+        let right = format!("Basic {credential}");
+        let wrong = format!("Basic {}", STANDARD.encode("alice:guess"));
+        let (status, answer) = user(Method::POST, "/v2/pipeline", "default", Some(&right), select.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        let (status, answer) = user(Method::POST, "/v2/pipeline", "default", Some(&wrong), select.clone()).await;
+        assert_eq!((status, answer["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("AUTH_BAD_PASSWORD")));
+        let (status, answer) = user(Method::POST, "/v2/pipeline", "default", None, select).await;
+        assert_eq!((status, answer["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("AUTH_MISSING")));
+        Ok(())
+    });
 }
 
 #[test]

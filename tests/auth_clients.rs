@@ -107,7 +107,11 @@ async fn the_node_client_over_http_passes_its_auth_token() {
             .current_dir(clients_dir())
             .output()
             .expect("running node");
-        (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     };
     let (ok, out, err) = tokio::task::block_in_place(|| remote(&signer.token(json!({"a": "rw"}))));
     assert!(ok, "{err}");

@@ -8,7 +8,9 @@ use prost::Message;
 
 use crate::common::*;
 
-use crate::common::hrana_protobuf::{self as pb, Batch, BatchStep, CursorEntry, CursorReq, CursorResp, Empty, PipelineReq, PipelineResp, Row, StmtResult, StreamReq, Value};
+use crate::common::hrana_protobuf::{
+    self as pb, Batch, BatchStep, CursorEntry, CursorReq, CursorResp, Empty, PipelineReq, PipelineResp, Row, StmtResult, StreamReq, Value,
+};
 
 async fn post(path: &str, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
     call("primary", USER_PORT, Method::POST, path, &[("content-type", "application/x-protobuf"), ("x-namespace", "default")], body).await
@@ -55,11 +57,15 @@ fn pipelines_and_cursors_in_protobuf_answer_like_their_json_twins() {
         assert_eq!(answer.results[3].error.as_ref().map(|e| e.code.as_str()), Some("SQLITE_ERROR"));
 
         // The same rows through JSON.
-        let (_, json) = pipeline("default", serde_json::json!({"requests": [crate::common::execute("SELECT t FROM v"), crate::common::close()]})).await;
+        let (_, json) =
+            pipeline("default", serde_json::json!({"requests": [crate::common::execute("SELECT t FROM v"), crate::common::close()]})).await;
         assert_eq!(rows(&json, 0)[0][0]["value"], "tëxt");
 
         // A cursor: its header, then one length-delimited entry at a time.
-        let request = CursorReq { baton: None, batch: Some(Batch { steps: vec![BatchStep { stmt: Some(pb::stmt("SELECT value FROM generate_series(1, 3)", vec![])) }] }) };
+        let request = CursorReq {
+            baton: None,
+            batch: Some(Batch { steps: vec![BatchStep { stmt: Some(pb::stmt("SELECT value FROM generate_series(1, 3)", vec![])) }] }),
+        };
         let (status, body) = post("/v3-protobuf/cursor", request.encode_to_vec()).await;
         assert_eq!(status, StatusCode::OK);
         let mut rest = body.as_slice();

@@ -125,7 +125,8 @@ fn the_best_offered_subprotocol_and_every_request_type() {
         request(&mut old, 1, json!({"type": "open_stream", "stream_id": 1})).await.unwrap();
         let refused = request(&mut old, 2, json!({"type": "sequence", "stream_id": 1, "sql": "SELECT 1"})).await.unwrap_err();
         assert_eq!(refused["code"], "PROTO_ERROR", "{refused}");
-        let counted = request(&mut old, 3, json!({"type": "execute", "stream_id": 1, "stmt": stmt("SELECT count(*) FROM t")})).await.unwrap();
+        let counted =
+            request(&mut old, 3, json!({"type": "execute", "stream_id": 1, "stmt": stmt("SELECT count(*) FROM t")})).await.unwrap();
         assert_eq!(counted["result"]["rows"][0][0]["value"], "2");
         request(&mut ws, 14, json!({"type": "close_stream", "stream_id": 7})).await.unwrap();
 
@@ -142,7 +143,10 @@ fn protocol_errors_close_the_socket_and_request_errors_do_not() {
     run_sim(|config| config.max_body_size = 64 * 1024, async {
         for (first, expected) in [
             (Message::Text("{not json".into()), Some(1002)),
-            (Message::Text(json!({"type": "request", "request_id": 1, "request": {"type": "open_stream", "stream_id": 1}}).to_string()), Some(1002)),
+            (
+                Message::Text(json!({"type": "request", "request_id": 1, "request": {"type": "open_stream", "stream_id": 1}}).to_string()),
+                Some(1002),
+            ),
             (Message::Text(json!({"type": "goodbye"}).to_string()), Some(1002)),
             // A field of the wrong shape is refused as it is read, never built.
             (Message::Text(json!({"type": "hello", "jwt": [{"a": 0}, {"a": 0}]}).to_string()), Some(1002)),
@@ -153,7 +157,9 @@ fn protocol_errors_close_the_socket_and_request_errors_do_not() {
             assert_eq!(next(&mut ws).await.unwrap_err(), expected, "after {first:?}");
         }
         // hrana3-protobuf speaks binary messages only, and refuses what does not decode.
-        for (first, expected) in [(Message::Text(json!({"type": "hello"}).to_string()), Some(1003)), (Message::Binary(vec![0xff; 8]), Some(1002))] {
+        for (first, expected) in
+            [(Message::Text(json!({"type": "hello"}).to_string()), Some(1003)), (Message::Binary(vec![0xff; 8]), Some(1002))]
+        {
             let (mut ws, chosen) = connect("hrana3-protobuf").await;
             assert_eq!(chosen.as_deref(), Some("hrana3-protobuf"));
             ws.send(first.clone()).await.unwrap();
@@ -251,7 +257,8 @@ fn a_client_that_vanishes_inside_a_transaction_releases_the_write_lock() {
         // A second writer gets the lock (well before its 20 s wait would run out) and the
         // vanished client's write was rolled back.
         let started = tokio::time::Instant::now();
-        let (_, answer) = pipeline("default", json!({"requests": [execute("INSERT INTO t VALUES ('kept')"), execute("SELECT x FROM t"), close()]})).await;
+        let (_, answer) =
+            pipeline("default", json!({"requests": [execute("INSERT INTO t VALUES ('kept')"), execute("SELECT x FROM t"), close()]})).await;
         assert!(started.elapsed() < std::time::Duration::from_secs(10), "the writer waited {:?}", started.elapsed());
         assert_eq!(rows(&answer, 1), vec![json!([{"type": "text", "value": "kept"}])], "{answer}");
         Ok(())
@@ -265,38 +272,36 @@ fn hello_authenticates_and_a_later_hello_replaces_the_token() {
     let (rw, ro, foreign) = (signer.token(json!({})), signer.token(json!({"a": "ro"})), Signer::generate().token(json!({})));
     let expired = signer.token(json!({"exp": crate::common::tokens::epoch_secs(-3600)}));
     let elsewhere = signer.token(json!({"a": "rw", "id": "other"}));
-    run_sim(
-        move |config| config.auth_jwt_key = Some(key.clone()),
-        async move {
-            for (jwt, code) in [
-                (None, "AUTH_MISSING"),
-                (Some(foreign.as_str()), "AUTH_BAD_SIGNATURE"),
-                (Some("not.a.jwt"), "AUTH_MALFORMED"),
-                (Some(expired.as_str()), "AUTH_EXPIRED"),
-                (Some(elsewhere.as_str()), "AUTH_WRONG_NAMESPACE"),
-            ] {
-                let (mut ws, _) = connect("hrana3").await;
-                let answer = hello(&mut ws, jwt).await;
-                assert_eq!(answer["type"], "hello_error", "{answer}");
-                assert_eq!(answer["error"]["code"], code, "{answer}");
-                assert_eq!(next(&mut ws).await.unwrap_err(), Some(1008));
-            }
-            let (mut ws, _) = connect("hrana2").await;
-            assert_eq!(hello(&mut ws, Some(&ro)).await["type"], "hello_ok");
-            request(&mut ws, 1, json!({"type": "open_stream", "stream_id": 1})).await.unwrap();
-            request(&mut ws, 2, json!({"type": "execute", "stream_id": 1, "stmt": stmt("SELECT 1")})).await.unwrap();
-            let refused = request(&mut ws, 3, json!({"type": "execute", "stream_id": 1, "stmt": stmt("CREATE TABLE t (x)")})).await.unwrap_err();
-            assert_eq!(refused["code"], "AUTH_READ_ONLY", "{refused}");
-            // Hrana 2: a later hello replaces the token, for the streams already open too.
-            assert_eq!(hello(&mut ws, Some(&rw)).await["type"], "hello_ok");
-            request(&mut ws, 4, json!({"type": "execute", "stream_id": 1, "stmt": stmt("CREATE TABLE t (x)")})).await.unwrap();
-            // A refused later hello ends the socket.
-            let answer = hello(&mut ws, Some(&foreign)).await;
-            assert_eq!(answer["type"], "hello_error");
+    run_sim(move |config| config.auth_jwt_key = Some(key.clone()), async move {
+        for (jwt, code) in [
+            (None, "AUTH_MISSING"),
+            (Some(foreign.as_str()), "AUTH_BAD_SIGNATURE"),
+            (Some("not.a.jwt"), "AUTH_MALFORMED"),
+            (Some(expired.as_str()), "AUTH_EXPIRED"),
+            (Some(elsewhere.as_str()), "AUTH_WRONG_NAMESPACE"),
+        ] {
+            let (mut ws, _) = connect("hrana3").await;
+            let answer = hello(&mut ws, jwt).await;
+            assert_eq!(answer["type"], "hello_error", "{answer}");
+            assert_eq!(answer["error"]["code"], code, "{answer}");
             assert_eq!(next(&mut ws).await.unwrap_err(), Some(1008));
-            Ok(())
-        },
-    );
+        }
+        let (mut ws, _) = connect("hrana2").await;
+        assert_eq!(hello(&mut ws, Some(&ro)).await["type"], "hello_ok");
+        request(&mut ws, 1, json!({"type": "open_stream", "stream_id": 1})).await.unwrap();
+        request(&mut ws, 2, json!({"type": "execute", "stream_id": 1, "stmt": stmt("SELECT 1")})).await.unwrap();
+        let refused =
+            request(&mut ws, 3, json!({"type": "execute", "stream_id": 1, "stmt": stmt("CREATE TABLE t (x)")})).await.unwrap_err();
+        assert_eq!(refused["code"], "AUTH_READ_ONLY", "{refused}");
+        // Hrana 2: a later hello replaces the token, for the streams already open too.
+        assert_eq!(hello(&mut ws, Some(&rw)).await["type"], "hello_ok");
+        request(&mut ws, 4, json!({"type": "execute", "stream_id": 1, "stmt": stmt("CREATE TABLE t (x)")})).await.unwrap();
+        // A refused later hello ends the socket.
+        let answer = hello(&mut ws, Some(&foreign)).await;
+        assert_eq!(answer["type"], "hello_error");
+        assert_eq!(next(&mut ws).await.unwrap_err(), Some(1008));
+        Ok(())
+    });
 }
 
 #[test]

@@ -123,7 +123,8 @@ mod tests {
 
     #[test]
     fn claims_of_the_wrong_type_do_not_parse() {
-        for bad in [json!({"exp": "1000"}), json!({"exp": 1.5}), json!({"exp": 1e300}), json!({"a": 1}), json!({"p": {"ro": {"ns": "a"}}})] {
+        for bad in [json!({"exp": "1000"}), json!({"exp": 1.5}), json!({"exp": 1e300}), json!({"a": 1}), json!({"p": {"ro": {"ns": "a"}}})]
+        {
             assert!(serde_json::from_value::<Claims>(bad.clone()).is_err(), "{bad}");
         }
     }

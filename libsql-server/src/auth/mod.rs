@@ -246,7 +246,11 @@ fn parse_header(value: &[u8]) -> Result<Scheme<'_>, AuthError> {
     let (scheme, rest) = text.split_once(' ').unwrap_or((text, ""));
     let rest = rest.trim();
     if scheme.eq_ignore_ascii_case("bearer") {
-        if rest.is_empty() { Err(AuthError::Missing) } else { Ok(Scheme::Bearer(rest)) }
+        if rest.is_empty() {
+            Err(AuthError::Missing)
+        } else {
+            Ok(Scheme::Bearer(rest))
+        }
     } else if scheme.eq_ignore_ascii_case("basic") {
         Ok(Scheme::Basic(rest))
     } else if text.is_empty() {

@@ -19,6 +19,7 @@
 //! statement running when its client vanishes runs to its time limit (the socket is not read
 //! while a request runs).
 
+mod messages;
 mod protobuf;
 mod session;
 
