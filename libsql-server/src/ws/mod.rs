@@ -3,22 +3,19 @@
 //! `hrana` layer as HTTP (write gate, authorizer, limits); the socket's `hello` carries the JWT
 //! that `auth` checks, and a later `hello` (Hrana 2 and 3) replaces it.
 //!
-//! A socket's requests run one at a time, in order: the next message is not read before the
-//! answer to the last was sent, so a client that floods requests or never reads its answers
-//! is held back by TCP (and dropped after `send_timeout`, or once its outgoing buffer passes
-//! its bound), and nothing is buffered without bound. Messages are read into typed requests
-//! (a hostile field is refused, not built), from JSON text or protobuf; both encodings run
-//! the same requests. When the socket ends (the client
-//! vanished, the server stops, it sat idle or never said hello), its streams are closed and
-//! their transactions rolled back; a stream or cursor left unused past the stream expiry, or
-//! whose transaction holds the write lock past its time limit, is dropped while the socket
-//! waits. The token is checked at every request (it may expire).
-//!
-//! Known limits: one socket's streams wait for each other (a request waiting for the write
-//! lock its own socket's other stream holds waits out `--write-lock-timeout-ms`), and a
-//! statement running when its client vanishes runs to its time limit (the socket is not read
-//! while a request runs).
+//! Each stream is a task of its own (`lane`): its requests run in order, the socket's other
+//! streams run theirs meanwhile, and answers go back as they are ready (Hrana allows any
+//! order). At most 64 requests of a socket are running or waiting to be sent; past that the
+//! socket is not read (back-pressure through TCP), and a client that does not read its
+//! answers is dropped after `send_timeout`, or once its outgoing buffer passes its bound.
+//! Messages are read into typed requests (a hostile field is refused, not built), from JSON
+//! text or protobuf; both encodings run the same requests. When the socket ends (the client
+//! vanished, the server stops, it sat idle or never said hello), its lanes stop: a statement
+//! still running is interrupted and every stream is rolled back. A stream or cursor left
+//! unused past the stream expiry, or whose transaction holds the write lock past its time
+//! limit, is dropped by its lane. The token is checked at every request (it may expire).
 
+mod lane;
 mod messages;
 mod protobuf;
 mod session;
