@@ -265,6 +265,8 @@ async fn websocket(
         limits: websockets.limits,
         stop: websockets.stop.clone(),
         place,
+        running: state.limits.running.clone(),
+        queue_wait: state.limits.queue_wait,
     };
     Ok(upgrade
         .protocols(ws::PROTOCOLS)

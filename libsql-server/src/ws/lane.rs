@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use libsql_hrana::proto::{Batch, CursorEntry, Error, StreamRequest, StreamResult};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 
 use super::error;
@@ -63,6 +63,9 @@ pub(super) struct Context {
     pub metrics: Arc<Metrics>,
     pub ns: NamespaceName,
     pub limits: SocketLimits,
+    /// The places of the requests running at once, shared with HTTP.
+    pub running: Arc<Semaphore>,
+    pub queue_wait: Duration,
 }
 
 /// A cursor's entries, fetched a few at a time, with the budget their size holds.
@@ -185,6 +188,18 @@ async fn on_stream<R: Send + 'static>(
     access: Access,
     f: impl FnOnce(&mut Stream, &mut ResponseBudget) -> R + Send + 'static,
 ) -> Result<(R, ResponseBudget), Error> {
+    // A place among the requests running at once, as an HTTP request takes one; held with
+    // the answer's budget until the answer is sent.
+    let place = match ctx.running.clone().try_acquire_owned() {
+        Ok(place) => place,
+        Err(_) => match tokio::time::timeout(ctx.queue_wait, ctx.running.clone().acquire_owned()).await {
+            Ok(Ok(place)) => place,
+            _ => {
+                ctx.metrics.hits.hit(Limit::Requests, format_args!("namespace {}: a WebSocket request", ctx.ns));
+                return Err(error("too many requests are running; retry later", "REQUESTS_EXHAUSTED"));
+            }
+        },
+    };
     let (stream, held) = match std::mem::replace(state, State::Failed) {
         State::Open(stream, held) => (stream, held),
         State::Failed => return Err(error("the stream failed to open", "STREAM_NOT_FOUND")),
@@ -193,7 +208,7 @@ async fn on_stream<R: Send + 'static>(
             return Err(error("the stream was rolled back: it sat idle, or held the write lock, too long", "STREAM_EXPIRED"));
         }
     };
-    match ctx.hrana.run_held(stream, access, None, f).await {
+    match ctx.hrana.run_held(stream, access, Some(Box::new(place)), f).await {
         Ok((stream, result, budget)) => {
             *state = State::Open(stream, held);
             Ok((result, budget))

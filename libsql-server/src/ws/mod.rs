@@ -92,6 +92,10 @@ pub struct Socket {
     pub stop: watch::Receiver<bool>,
     /// Its place among the sockets served at once.
     pub place: OwnedSemaphorePermit,
+    /// The places of the requests running at once, shared with HTTP
+    /// (`--max-concurrent-requests`), and how long a request waits for one.
+    pub running: Arc<tokio::sync::Semaphore>,
+    pub queue_wait: Duration,
 }
 
 /// Serves one upgraded socket until it ends.

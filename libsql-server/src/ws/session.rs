@@ -293,6 +293,8 @@ impl Session {
             metrics: self.server.metrics.clone(),
             ns: self.server.ns.clone(),
             limits: self.server.limits,
+            running: self.server.running.clone(),
+            queue_wait: self.server.queue_wait,
         };
         self.tasks.spawn(lane::run(context, id, jobs, self.replies.0.clone(), self.lanes_stop.subscribe()));
         self.lanes.insert(stream_id, sender);
