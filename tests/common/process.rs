@@ -18,9 +18,18 @@ fn free_addr() -> SocketAddr {
 }
 
 impl Sqld {
+    /// A new server on free ports. A port found free may be taken by another test's process
+    /// before this one binds it: a start that fails is tried again on other ports.
     pub fn start(args: &[&str]) -> Sqld {
         let dir = tempfile::tempdir().unwrap();
         let mut sqld = Sqld { child: None, dir, user: free_addr(), admin: free_addr() };
+        for _ in 0..3 {
+            match sqld.try_spawn(args) {
+                Ok(()) => return sqld,
+                Err(why) => eprintln!("{why}; trying other ports"),
+            }
+            (sqld.user, sqld.admin) = (free_addr(), free_addr());
+        }
         sqld.spawn(args);
         sqld
     }
@@ -32,25 +41,41 @@ impl Sqld {
     /// Starts (or restarts) the process on the same directory and ports, and waits until it
     /// answers `/health` (polled, with a deadline).
     pub fn spawn(&mut self, args: &[&str]) {
+        if let Err(why) = self.try_spawn(args) {
+            panic!("{why}");
+        }
+    }
+
+    fn try_spawn(&mut self, args: &[&str]) -> Result<(), String> {
+        // The server's log (to stdout) goes to a file, shown if the start fails.
+        let log_path = self.dir.path().join("sqld.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_sqld"))
             .arg("--db-path")
             .arg(self.db_path())
             .args(["--http-listen-addr", &self.user.to_string(), "--admin-listen-addr", &self.admin.to_string()])
             .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            .env("RUST_LOG", "warn,sqld=info")
+            .env("NO_COLOR", "1")
+            .stdout(log)
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawning sqld");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.healthy() {
+        // Ours is listening (another test's server may have taken the port meanwhile and
+        // answer /health on it), and answers.
+        let listening = || std::fs::read_to_string(&log_path).is_ok_and(|log| log.contains("user API listening"));
+        while !(listening() && self.healthy()) {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("sqld exited during start-up: {status}");
+                self.child = None;
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(format!("sqld exited during start-up: {status}\n{log}"));
             }
             assert!(Instant::now() < deadline, "sqld did not become healthy in 30 s");
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     pub fn url(&self) -> String {
