@@ -64,17 +64,29 @@ pub fn start_server(sim: &mut turmoil::Sim<'_>, name: &str, tweak: impl Fn(&mut 
 
 /// One HTTP/1.1 request over the simulated network; the answer's status and body.
 pub async fn call(host: &str, port: u16, method: Method, path: &str, headers: &[(&str, &str)], body: impl Into<Body>) -> (StatusCode, Vec<u8>) {
-    let stream = turmoil::net::TcpStream::connect((host, port)).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::handshake(stream).await.expect("handshake");
+    try_call(host, port, method, path, headers, body).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`call`], or why it failed (a server refusing the connection may close it mid-request).
+pub async fn try_call(
+    host: &str,
+    port: u16,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Body>,
+) -> Result<(StatusCode, Vec<u8>), String> {
+    let stream = turmoil::net::TcpStream::connect((host, port)).await.map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::handshake(stream).await.map_err(|e| format!("handshake: {e}"))?;
     tokio::spawn(conn);
     let mut request = Request::builder().method(method).uri(path).header("host", host);
     for (k, v) in headers {
         request = request.header(*k, *v);
     }
-    let response = sender.send_request(request.body(body.into()).unwrap()).await.expect("request");
+    let response = sender.send_request(request.body(body.into()).unwrap()).await.map_err(|e| format!("request: {e}"))?;
     let status = response.status();
-    let body = hyper::body::to_bytes(response.into_body()).await.expect("body");
-    (status, body.to_vec())
+    let body = hyper::body::to_bytes(response.into_body()).await.map_err(|e| format!("body: {e}"))?;
+    Ok((status, body.to_vec()))
 }
 
 pub fn json(body: &[u8]) -> Value {
