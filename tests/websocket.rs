@@ -377,3 +377,47 @@ async fn a_sockets_streams_run_side_by_side() {
     let counted = request(&mut ws, 8, json!({"type": "execute", "stream_id": 2, "stmt": stmt("SELECT count(*) FROM t")})).await.unwrap();
     assert_eq!(counted["result"]["rows"][0][0]["value"], "2");
 }
+
+/// A WebSocket request takes one of the `--max-concurrent-requests` places, as an HTTP request
+/// does: with one place, held by a slow HTTP statement (about 2 s), a WebSocket `SELECT 1` is
+/// answered only once that request ends. (Without the shared place it would be answered at
+/// once, on another thread.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_requests_share_the_running_request_places_with_http() {
+    let sqld = std::sync::Arc::new(crate::common::process::Sqld::start(&["--max-concurrent-requests", "1"]));
+    let stream = tokio::net::TcpStream::connect(sqld.user).await.unwrap();
+    let mut request_head = format!("ws://{}/", sqld.user).into_client_request().unwrap();
+    request_head.headers_mut().insert("sec-websocket-protocol", "hrana3".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(request_head, stream).await.unwrap();
+    hello(&mut ws, None).await;
+    request(&mut ws, 1, json!({"type": "open_stream", "stream_id": 1})).await.unwrap();
+
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+    let slow = {
+        let sqld = sqld.clone();
+        tokio::spawn(async move {
+            let sql = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 20000000) SELECT count(*) FROM c";
+            let (status, answer) = sqld.pipeline(json!({"requests": [{"type": "execute", "stmt": {"sql": sql}}, {"type": "close"}]})).await;
+            let _ = done_tx.send(());
+            assert_eq!(status, 200, "{answer}");
+        })
+    };
+    // Once the slow statement holds the only place (its request is running), the WebSocket
+    // request is sent.
+    let admin = format!("http://{}/metrics", sqld.admin);
+    loop {
+        let metrics = hyper::Client::new().get(admin.parse().unwrap()).await.unwrap();
+        let metrics = String::from_utf8(hyper::body::to_bytes(metrics.into_body()).await.unwrap().to_vec()).unwrap();
+        if metrics.lines().any(|l| l == "sqld_requests_running 1") {
+            break;
+        }
+        assert!(done_rx.try_recv().is_err(), "the slow request ended before it was seen running");
+        tokio::task::yield_now().await;
+    }
+    request(&mut ws, 2, json!({"type": "execute", "stream_id": 1, "stmt": stmt("SELECT 1")})).await.unwrap();
+    // The HTTP request had ended (its answer at most on its way back); without the shared
+    // place it would still have seconds to run.
+    let ended = tokio::time::timeout(std::time::Duration::from_millis(500), &mut done_rx).await;
+    assert!(ended.is_ok(), "the WebSocket request ran beside the HTTP one that held the only place");
+    slow.await.unwrap();
+}

@@ -18,6 +18,8 @@ pub struct Metrics {
     labelled: Mutex<BTreeMap<(&'static str, &'static str, &'static str), (&'static str, u64)>>,
     /// Gauges that go up and down with what is open (sockets, streams).
     gauges: Mutex<BTreeMap<&'static str, i64>>,
+    /// The user API's places for running requests, and how many there are.
+    request_places: Mutex<Option<(Arc<tokio::sync::Semaphore>, usize)>>,
     /// Limits clients hit, counted by every layer.
     pub hits: Arc<LimitHits>,
 }
@@ -66,6 +68,12 @@ impl Metrics {
         labelled.entry((name, label, value)).or_insert((help, 0)).1 += by;
     }
 
+    /// The user API's places for running requests (HTTP and WebSocket), for the gauge
+    /// `sqld_requests_running`.
+    pub fn watch_request_places(&self, places: Arc<tokio::sync::Semaphore>, total: usize) {
+        *self.request_places.lock().unwrap_or_else(|e| e.into_inner()) = Some((places, total));
+    }
+
     /// Moves the gauge `name` by `delta`.
     pub fn gauge_add(&self, name: &'static str, delta: i64) {
         *self.gauges.lock().unwrap_or_else(|e| e.into_inner()).entry(name).or_insert(0) += delta;
@@ -104,6 +112,10 @@ impl Metrics {
         }
         for (name, value) in self.gauges.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "# TYPE {name} gauge\n{name} {value}");
+        }
+        if let Some((places, total)) = &*self.request_places.lock().unwrap_or_else(|e| e.into_inner()) {
+            let running = total.saturating_sub(places.available_permits());
+            let _ = writeln!(out, "# HELP sqld_requests_running User requests (HTTP and WebSocket) running right now.\n# TYPE sqld_requests_running gauge\nsqld_requests_running {running}");
         }
         out.push_str("# HELP sqld_limit_hits_total Requests and statements refused or stopped at a limit, by limit.\n");
         out.push_str("# TYPE sqld_limit_hits_total counter\n");

@@ -73,6 +73,7 @@ impl Server {
             self.config.max_concurrent_requests as usize,
             self.metrics.hits.clone(),
         );
+        self.metrics.watch_request_places(limits.running.clone(), self.config.max_concurrent_requests as usize);
         let websockets = http::user::WebSockets {
             places: self.websockets.clone(),
             limits: self.config.socket_limits(),
