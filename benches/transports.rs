@@ -6,7 +6,6 @@
 //!
 //! `cargo bench --bench transports` prints a table and writes `bench-results/transports.json`.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
@@ -84,49 +83,62 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-async fn http_reads(url: &str) -> Measured {
-    let http = Arc::new(Http::new(url.to_owned()));
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            let http = http.clone();
-            tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(READS_PER_CLIENT);
-                let mut key = c as i64;
-                for _ in 0..READS_PER_CLIENT {
-                    key = (key * 7919 + 13) % KEYS;
-                    let at = Instant::now();
-                    http.pipeline(vec![stmt("SELECT v FROM kv WHERE k = ?", vec![int(key)]), close()]).await;
-                    latencies.push(ms(at.elapsed()));
-                }
-                latencies
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    measured(CLIENTS * READS_PER_CLIENT, started.elapsed(), all)
+/// A client of one transport, sending one statement with one integer argument at a time.
+enum Client {
+    Json(Http),
+    Protobuf(hyper::Client<hyper::client::HttpConnector>, String),
+    WebSocket(Ws),
 }
 
-async fn ws_reads(addr: std::net::SocketAddr) -> Measured {
-    let mut sockets = Vec::new();
+impl Client {
+    async fn open(transport: &str, user: std::net::SocketAddr) -> Client {
+        match transport {
+            "HTTP JSON" => Client::Json(Http::new(format!("http://{user}/v2/pipeline"))),
+            "HTTP protobuf" => Client::Protobuf(hyper::Client::new(), format!("http://{user}/v3-protobuf/pipeline")),
+            _ => Client::WebSocket(Ws::open(user).await),
+        }
+    }
+
+    async fn run(&mut self, sql: &str, arg: i64) {
+        match self {
+            Client::Json(http) => {
+                http.pipeline(vec![stmt(sql, vec![int(arg)]), close()]).await;
+            }
+            Client::Protobuf(client, url) => {
+                let arg = hrana_protobuf::Value { integer: Some(arg), ..Default::default() };
+                let requests = vec![hrana_protobuf::execute(sql, vec![arg]), hrana_protobuf::close()];
+                let body = hrana_protobuf::PipelineReq { baton: None, requests };
+                let request = hyper::Request::post(url.as_str()).body(hyper::Body::from(body.encode_to_vec())).unwrap();
+                let response = client.request(request).await.unwrap();
+                assert!(response.status().is_success());
+                let answer = hrana_protobuf::PipelineResp::decode(hyper::body::to_bytes(response.into_body()).await.unwrap()).unwrap();
+                assert!(answer.results[0].error.is_none(), "{:?}", answer.results[0].error);
+            }
+            Client::WebSocket(ws) => {
+                ws.execute(sql, vec![int(arg)]).await;
+            }
+        }
+    }
+}
+
+/// Point reads from `CLIENTS` clients of `transport` at once.
+async fn reads(transport: &str, user: std::net::SocketAddr) -> Measured {
+    let mut clients = Vec::new();
     for _ in 0..CLIENTS {
-        sockets.push(Ws::open(addr).await);
+        clients.push(Client::open(transport, user).await);
     }
     let started = Instant::now();
-    let tasks: Vec<_> = sockets
+    let tasks: Vec<_> = clients
         .into_iter()
         .enumerate()
-        .map(|(c, mut ws)| {
+        .map(|(c, mut client)| {
             tokio::spawn(async move {
                 let mut latencies = Vec::with_capacity(READS_PER_CLIENT);
                 let mut key = c as i64;
                 for _ in 0..READS_PER_CLIENT {
                     key = (key * 7919 + 13) % KEYS;
                     let at = Instant::now();
-                    ws.execute("SELECT v FROM kv WHERE k = ?", vec![int(key)]).await;
+                    client.run("SELECT v FROM kv WHERE k = ?", key).await;
                     latencies.push(ms(at.elapsed()));
                 }
                 latencies
@@ -140,75 +152,14 @@ async fn ws_reads(addr: std::net::SocketAddr) -> Measured {
     measured(CLIENTS * READS_PER_CLIENT, started.elapsed(), all)
 }
 
-/// One protobuf pipeline: a statement with one integer argument, then close.
-async fn protobuf_request(client: &hyper::Client<hyper::client::HttpConnector>, url: &str, sql: &str, arg: i64) {
-    let arg = hrana_protobuf::Value { integer: Some(arg), ..Default::default() };
-    let body =
-        hrana_protobuf::PipelineReq { baton: None, requests: vec![hrana_protobuf::execute(sql, vec![arg]), hrana_protobuf::close()] };
-    let request = hyper::Request::post(url).body(hyper::Body::from(body.encode_to_vec())).unwrap();
-    let response = client.request(request).await.unwrap();
-    assert!(response.status().is_success());
-    let answer = hrana_protobuf::PipelineResp::decode(hyper::body::to_bytes(response.into_body()).await.unwrap()).unwrap();
-    assert!(answer.results[0].error.is_none(), "{:?}", answer.results[0].error);
-}
-
-async fn protobuf_reads(url: &str) -> Measured {
-    let client = hyper::Client::new();
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            let (client, url) = (client.clone(), url.to_owned());
-            tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(READS_PER_CLIENT);
-                let mut key = c as i64;
-                for _ in 0..READS_PER_CLIENT {
-                    key = (key * 7919 + 13) % KEYS;
-                    let at = Instant::now();
-                    protobuf_request(&client, &url, "SELECT v FROM kv WHERE k = ?", key).await;
-                    latencies.push(ms(at.elapsed()));
-                }
-                latencies
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    measured(CLIENTS * READS_PER_CLIENT, started.elapsed(), all)
-}
-
-async fn protobuf_inserts(url: &str, first: i64) -> Measured {
-    let client = hyper::Client::new();
+/// Single-row inserts one after the other over `transport`, keys from `first` on.
+async fn inserts(transport: &str, user: std::net::SocketAddr, first: i64) -> Measured {
+    let mut client = Client::open(transport, user).await;
     let mut latencies = Vec::with_capacity(INSERTS);
     let started = Instant::now();
     for i in 0..INSERTS as i64 {
         let at = Instant::now();
-        protobuf_request(&client, url, "INSERT INTO ins VALUES (?, randomblob(100))", first + i).await;
-        latencies.push(ms(at.elapsed()));
-    }
-    measured(INSERTS, started.elapsed(), latencies)
-}
-
-async fn http_inserts(url: &str, first: i64) -> Measured {
-    let http = Http::new(url.to_owned());
-    let mut latencies = Vec::with_capacity(INSERTS);
-    let started = Instant::now();
-    for i in 0..INSERTS as i64 {
-        let at = Instant::now();
-        http.pipeline(vec![stmt("INSERT INTO ins VALUES (?, randomblob(100))", vec![int(first + i)]), close()]).await;
-        latencies.push(ms(at.elapsed()));
-    }
-    measured(INSERTS, started.elapsed(), latencies)
-}
-
-async fn ws_inserts(addr: std::net::SocketAddr, first: i64) -> Measured {
-    let mut ws = Ws::open(addr).await;
-    let mut latencies = Vec::with_capacity(INSERTS);
-    let started = Instant::now();
-    for i in 0..INSERTS as i64 {
-        let at = Instant::now();
-        ws.execute("INSERT INTO ins VALUES (?, randomblob(100))", vec![int(first + i)]).await;
+        client.run("INSERT INTO ins VALUES (?, randomblob(100))", first + i).await;
         latencies.push(ms(at.elapsed()));
     }
     measured(INSERTS, started.elapsed(), latencies)
@@ -218,9 +169,8 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (child, user, _) = spawn_sqld(dir.path(), &["--max-concurrent-connections", "1000"]);
-    let url = format!("http://{user}/v2/pipeline");
     let rows = rt.block_on(async {
-        let http = Http::new(url.clone());
+        let http = Http::new(format!("http://{user}/v2/pipeline"));
         http.pipeline(vec![
             stmt("CREATE TABLE kv (k INTEGER PRIMARY KEY, v BLOB)", vec![]),
             stmt(&format!("INSERT INTO kv SELECT value, randomblob(100) FROM generate_series(0, {})", KEYS - 1), vec![]),
@@ -228,24 +178,20 @@ fn main() {
             close(),
         ])
         .await;
-        // Alternating, twice each, so neither transport gains from going first.
-        let protobuf_url = format!("http://{user}/v3-protobuf/pipeline");
-        let mut rows: Vec<(&str, &str, Vec<Measured>)> = vec![
-            ("point reads, 8 clients", "HTTP JSON", vec![]),
-            ("point reads, 8 clients", "HTTP protobuf", vec![]),
-            ("point reads, 8 clients", "WebSocket", vec![]),
-            ("single-row inserts, sequential", "HTTP JSON", vec![]),
-            ("single-row inserts, sequential", "HTTP protobuf", vec![]),
-            ("single-row inserts, sequential", "WebSocket", vec![]),
-        ];
+        // Alternating, twice each, so no transport gains from going first.
+        const TRANSPORTS: [&str; 3] = ["HTTP JSON", "HTTP protobuf", "WebSocket"];
+        let mut rows: Vec<(&str, &str, Vec<Measured>)> = Vec::new();
+        for workload in ["point reads, 8 clients", "single-row inserts, sequential"] {
+            rows.extend(TRANSPORTS.map(|transport| (workload, transport, Vec::new())));
+        }
         for round in 0..2i64 {
-            let first = round * 30 * INSERTS as i64;
-            rows[0].2.push(http_reads(&url).await);
-            rows[1].2.push(protobuf_reads(&protobuf_url).await);
-            rows[2].2.push(ws_reads(user).await);
-            rows[5].2.push(ws_inserts(user, first).await);
-            rows[4].2.push(protobuf_inserts(&protobuf_url, first + 10 * INSERTS as i64).await);
-            rows[3].2.push(http_inserts(&url, first + 20 * INSERTS as i64).await);
+            for (i, transport) in TRANSPORTS.into_iter().enumerate() {
+                rows[i].2.push(reads(transport, user).await);
+            }
+            for (i, transport) in TRANSPORTS.into_iter().enumerate().rev() {
+                let first = (round * 3 + i as i64) * 10 * INSERTS as i64;
+                rows[TRANSPORTS.len() + i].2.push(inserts(transport, user, first).await);
+            }
         }
         rows
     });
