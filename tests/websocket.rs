@@ -342,6 +342,17 @@ fn silent_sockets_streams_and_cursors_do_not_hold_anything_for_long() {
     );
 }
 
+/// A `hrana3` socket to a real `sqld`, past its hello, with stream 1 open.
+async fn connect_to_process(sqld: &crate::common::process::Sqld) -> WebSocketStream<tokio::net::TcpStream> {
+    let stream = tokio::net::TcpStream::connect(sqld.user).await.unwrap();
+    let mut request_head = format!("ws://{}/", sqld.user).into_client_request().unwrap();
+    request_head.headers_mut().insert("sec-websocket-protocol", "hrana3".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(request_head, stream).await.unwrap();
+    hello(&mut ws, None).await;
+    request(&mut ws, 1, json!({"type": "open_stream", "stream_id": 1})).await.unwrap();
+    ws
+}
+
 /// A socket's streams run side by side: a write on one stream waits for the transaction of
 /// another stream of the same socket, which commits meanwhile (as `@libsql/client` does when
 /// an app writes while one of its transactions is open). One request at a time per socket
@@ -350,12 +361,7 @@ fn silent_sockets_streams_and_cursors_do_not_hold_anything_for_long() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sockets_streams_run_side_by_side() {
     let sqld = crate::common::process::Sqld::start(&["--write-lock-timeout-ms", "20000"]);
-    let stream = tokio::net::TcpStream::connect(sqld.user).await.unwrap();
-    let mut request_head = format!("ws://{}/", sqld.user).into_client_request().unwrap();
-    request_head.headers_mut().insert("sec-websocket-protocol", "hrana3".parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::client_async(request_head, stream).await.unwrap();
-    hello(&mut ws, None).await;
-    request(&mut ws, 1, json!({"type": "open_stream", "stream_id": 1})).await.unwrap();
+    let mut ws = connect_to_process(&sqld).await;
     request(&mut ws, 2, json!({"type": "open_stream", "stream_id": 2})).await.unwrap();
     request(&mut ws, 3, json!({"type": "execute", "stream_id": 1, "stmt": stmt("CREATE TABLE t (x)")})).await.unwrap();
     request(&mut ws, 4, json!({"type": "execute", "stream_id": 1, "stmt": stmt("BEGIN IMMEDIATE")})).await.unwrap();
@@ -385,12 +391,7 @@ async fn a_sockets_streams_run_side_by_side() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_requests_share_the_running_request_places_with_http() {
     let sqld = std::sync::Arc::new(crate::common::process::Sqld::start(&["--max-concurrent-requests", "1"]));
-    let stream = tokio::net::TcpStream::connect(sqld.user).await.unwrap();
-    let mut request_head = format!("ws://{}/", sqld.user).into_client_request().unwrap();
-    request_head.headers_mut().insert("sec-websocket-protocol", "hrana3".parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::client_async(request_head, stream).await.unwrap();
-    hello(&mut ws, None).await;
-    request(&mut ws, 1, json!({"type": "open_stream", "stream_id": 1})).await.unwrap();
+    let mut ws = connect_to_process(&sqld).await;
 
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
     let slow = {
