@@ -188,6 +188,11 @@ async fn on_stream<R: Send + 'static>(
     access: Access,
     f: impl FnOnce(&mut Stream, &mut ResponseBudget) -> R + Send + 'static,
 ) -> Result<(R, ResponseBudget), Error> {
+    match state {
+        State::Open(..) => {}
+        State::Failed => return Err(error("the stream failed to open", "STREAM_NOT_FOUND")),
+        State::Expired => return Err(error("the stream was rolled back: it sat idle, or held the write lock, too long", "STREAM_EXPIRED")),
+    }
     // A place among the requests running at once, as an HTTP request takes one; held with
     // the answer's budget until the answer is sent.
     let place = match ctx.running.clone().try_acquire_owned() {
@@ -200,14 +205,7 @@ async fn on_stream<R: Send + 'static>(
             }
         },
     };
-    let (stream, held) = match std::mem::replace(state, State::Failed) {
-        State::Open(stream, held) => (stream, held),
-        State::Failed => return Err(error("the stream failed to open", "STREAM_NOT_FOUND")),
-        State::Expired => {
-            *state = State::Expired;
-            return Err(error("the stream was rolled back: it sat idle, or held the write lock, too long", "STREAM_EXPIRED"));
-        }
-    };
+    let State::Open(stream, held) = std::mem::replace(state, State::Failed) else { unreachable!("checked above") };
     match ctx.hrana.run_held(stream, access, Some(Box::new(place)), f).await {
         Ok((stream, result, budget)) => {
             *state = State::Open(stream, held);
