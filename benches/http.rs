@@ -52,7 +52,7 @@ async fn run() -> Vec<Row> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v2/pipeline", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server.serve(listener, None::<tokio::net::TcpListener>, async move {
+    let serving = tokio::spawn(server.serve(listener, None::<tokio::net::TcpListener>, None::<tokio::net::TcpListener>, async move {
         let _ = stopped.await;
     }));
     let http = Http::new(url);

@@ -12,4 +12,5 @@ mod foreign_clients;
 mod generation_switch;
 mod reset_replicas;
 mod ws_clients;
+mod grpc_v1;
 mod sync_v2;

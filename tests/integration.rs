@@ -5,6 +5,7 @@
 mod common;
 
 mod crash;
+mod grpc;
 
 mod abuse;
 mod admin;

@@ -25,11 +25,11 @@ async fn remote_replica_v2(sqld: &Sqld, path: &Path) -> Database {
         .unwrap()
 }
 
-const ALL: &str = "SELECT id, v FROM t ORDER BY id";
+pub const ALL: &str = "SELECT id, v FROM t ORDER BY id";
 
 /// Every row of `t`, fetched a page at a time (a whole table can be larger than one answer
 /// may be, `--max-response-size`).
-async fn all_rows(conn: &libsql::Connection) -> Vec<Vec<Value>> {
+pub async fn all_rows(conn: &libsql::Connection) -> Vec<Vec<Value>> {
     let mut out: Vec<Vec<Value>> = Vec::new();
     loop {
         let after = match out.last() {
@@ -49,7 +49,7 @@ async fn all_rows(conn: &libsql::Connection) -> Vec<Vec<Value>> {
 }
 
 /// Syncs `replica` and checks it holds exactly the primary's rows, every one compared.
-async fn assert_in_sync(primary: &libsql::Connection, replica: &Database) {
+pub async fn assert_in_sync(primary: &libsql::Connection, replica: &Database) {
     replica.sync().await.unwrap();
     let expected = all_rows(primary).await;
     let got = all_rows(&replica.connect().unwrap()).await;

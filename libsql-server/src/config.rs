@@ -39,6 +39,11 @@ pub struct Config {
     #[arg(long, env = "SQLD_ADMIN_LISTEN_ADDR")]
     pub admin_listen_addr: Option<SocketAddr>,
 
+    /// Address of the gRPC API over HTTP/2 (`wal_log.ReplicationLog`, what libSQL server
+    /// replicas pull from). Off unless given; the user port serves the same API as gRPC-web.
+    #[arg(long, env = "SQLD_GRPC_LISTEN_ADDR")]
+    pub grpc_listen_addr: Option<SocketAddr>,
+
     /// Bearer key every admin API request must carry (`Authorization: Bearer <key>`).
     #[arg(long, env = "LIBSQL_ADMIN_AUTH_KEY", hide_env_values = true)]
     pub admin_auth_key: Option<String>,
@@ -121,6 +126,11 @@ pub struct Config {
     /// Hrana WebSockets served at once; one more is answered 503.
     #[arg(long, env = "SQLD_MAX_WEBSOCKETS", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_websockets: u64,
+
+    /// Replication streams (gRPC `LogEntries` and `Snapshot`) served at once, over both ports;
+    /// one more is refused `RESOURCE_EXHAUSTED`.
+    #[arg(long, env = "SQLD_MAX_REPLICATION_STREAMS", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_replication_streams: u64,
 
     /// Seconds a Hrana WebSocket with no message from its client stays open.
     #[arg(long, env = "SQLD_WEBSOCKET_IDLE_TIMEOUT_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]

@@ -32,6 +32,7 @@ pub mod blocking;
 pub mod config;
 pub mod database;
 pub mod durable;
+pub mod grpc;
 pub mod hrana;
 pub mod http;
 pub mod limit_hits;

@@ -3,8 +3,22 @@
 //! at most once a second each.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// A place among `places` (the requests running at once, say): at once if one is free, else
+/// after a wait of at most `wait`; `None` if none freed up in time.
+pub async fn take_place(places: &Arc<Semaphore>, wait: Duration) -> Option<OwnedSemaphorePermit> {
+    if let Ok(place) = places.clone().try_acquire_owned() {
+        return Some(place);
+    }
+    match tokio::time::timeout(wait, places.clone().acquire_owned()).await {
+        Ok(Ok(place)) => Some(place),
+        _ => None,
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
@@ -23,10 +37,11 @@ pub enum Limit {
     TotalResponseSize,
     StalledReader,
     WebSockets,
+    ReplicationStreams,
 }
 
 impl Limit {
-    const ALL: [Limit; 15] = [
+    const ALL: [Limit; 16] = [
         Limit::StatementTimeout,
         Limit::StatementMemory,
         Limit::TransactionTimeout,
@@ -42,6 +57,7 @@ impl Limit {
         Limit::TotalResponseSize,
         Limit::StalledReader,
         Limit::WebSockets,
+        Limit::ReplicationStreams,
     ];
 
     /// The label in `/metrics`.
@@ -62,6 +78,7 @@ impl Limit {
             Limit::TotalResponseSize => "max_total_response_size",
             Limit::StalledReader => "unread_answer_timeout",
             Limit::WebSockets => "max_websockets",
+            Limit::ReplicationStreams => "max_replication_streams",
         }
     }
 }

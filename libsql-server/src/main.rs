@@ -46,13 +46,24 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         ),
         None => None,
     };
+    let grpc = match config.grpc_listen_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (--grpc-listen-addr): {e}"))?,
+        ),
+        None => None,
+    };
     tracing::info!(path = %config.db_path.display(), namespaces = config.enable_namespaces, "opening data directory");
     let server = Server::open(config).await?;
     tracing::info!(addr = %user.local_addr()?, "user API listening");
     if let Some(admin) = &admin {
         tracing::info!(addr = %admin.local_addr()?, "admin API listening");
     }
-    server.serve(user, admin, shutdown_signal()).await;
+    if let Some(grpc) = &grpc {
+        tracing::info!(addr = %grpc.local_addr()?, "gRPC API listening");
+    }
+    server.serve(user, admin, grpc, shutdown_signal()).await;
     Ok(())
 }
 

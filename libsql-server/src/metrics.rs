@@ -16,6 +16,9 @@ pub struct Metrics {
     counters: Mutex<BTreeMap<&'static str, (&'static str, u64)>>,
     /// Counters with one label: (name, label, value) → (help, count).
     labelled: Mutex<BTreeMap<(&'static str, &'static str, &'static str), (&'static str, u64)>>,
+    /// Counters by namespace: (name, namespace) → (help, count). Namespaces are created by
+    /// the operator, so their number is the operator's bound.
+    per_namespace: Mutex<BTreeMap<(&'static str, String), (&'static str, u64)>>,
     /// Gauges that go up and down with what is open (sockets, streams).
     gauges: Mutex<BTreeMap<&'static str, i64>>,
     /// The user API's places for running requests, and how many there are.
@@ -68,6 +71,15 @@ impl Metrics {
         labelled.entry((name, label, value)).or_insert((help, 0)).1 += by;
     }
 
+    /// Adds `by` to the counter `name` of namespace `ns` (which exists).
+    pub fn count_ns(&self, name: &'static str, help: &'static str, ns: &crate::namespace::NamespaceName, by: u64) {
+        let mut counters = self.per_namespace.lock().unwrap_or_else(|e| e.into_inner());
+        match counters.get_mut(&(name, ns.as_str().to_owned())) {
+            Some(counter) => counter.1 += by,
+            None => _ = counters.insert((name, ns.as_str().to_owned()), (help, by)),
+        }
+    }
+
     /// The user API's places for running requests (HTTP and WebSocket), for the gauge
     /// `sqld_requests_running`.
     pub fn watch_request_places(&self, places: Arc<tokio::sync::Semaphore>, total: usize) {
@@ -101,6 +113,14 @@ impl Metrics {
         }
         for (name, (help, value)) in self.counters.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        }
+        let mut named = None;
+        for ((name, ns), (help, count)) in self.per_namespace.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if named != Some(*name) {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+                named = Some(*name);
+            }
+            let _ = writeln!(out, "{name}{{namespace=\"{}\"}} {count}", escape(ns));
         }
         let mut named = None;
         for ((name, label, value), (help, count)) in self.labelled.lock().unwrap_or_else(|e| e.into_inner()).iter() {

@@ -33,6 +33,16 @@ pub struct ConnectionLimits {
     pub hits: Arc<LimitHits>,
 }
 
+/// The HTTP a listener speaks.
+#[derive(Debug, Clone, Copy)]
+pub enum Protocol {
+    /// HTTP/1.1 only (the user and admin ports): no client speaks HTTP/2 to them, and its
+    /// streams would slip past the per-connection limits.
+    Http1,
+    /// HTTP/2 only (the gRPC port), at most `max_streams` requests at once per connection.
+    Http2 { max_streams: u32 },
+}
+
 /// A source of client connections.
 pub trait Listener: Send + 'static {
     type Io: AsyncRead + AsyncWrite + Send + Unpin + 'static;
@@ -55,6 +65,7 @@ impl Listener for tokio::net::TcpListener {
 pub async fn serve(
     mut listener: impl Listener,
     router: Router,
+    protocol: Protocol,
     limits: ConnectionLimits,
     mut shutdown: watch::Receiver<bool>,
     in_flight: mpsc::Sender<()>,
@@ -94,13 +105,12 @@ pub async fn serve(
             let activity = Arc::new(Activity::new());
             let service = Tracked { router, activity: activity.clone(), id: ConnectionId(NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed)) };
             let io = Watched { io, activity: activity.clone() };
-            // HTTP/1 only: no client speaks HTTP/2 to this port, and its streams would slip
-            // past the per-connection limits.
-            let conn = hyper::server::conn::Http::new()
-                .http1_only(true)
-                .http1_header_read_timeout(header_read_timeout)
-                .serve_connection(io, service)
-                .with_upgrades();
+            let mut http = hyper::server::conn::Http::new();
+            match protocol {
+                Protocol::Http1 => http.http1_only(true).http1_header_read_timeout(header_read_timeout),
+                Protocol::Http2 { max_streams } => http.http2_only(true).http2_max_concurrent_streams(max_streams),
+            };
+            let conn = http.serve_connection(io, service).with_upgrades();
             tokio::pin!(conn);
             let result = tokio::select! {
                 result = conn.as_mut() => Some(result),

@@ -15,7 +15,8 @@ use crate::hrana::Hrana;
 use crate::http::limits::RequestLimits;
 use crate::metrics::Metrics;
 use crate::namespace::{self, NamespaceStore};
-use crate::net::{self, ConnectionLimits, Listener};
+use crate::grpc::{self, GrpcState};
+use crate::net::{self, ConnectionLimits, Listener, Protocol};
 use crate::http;
 
 /// Admin requests and connections served at once.
@@ -36,6 +37,9 @@ pub enum OpenError {
 pub struct Server {
     config: Config,
     auth: Arc<Auth>,
+    /// The user API's bounds per request; its places for running requests are shared by
+    /// HTTP, WebSocket and gRPC requests.
+    limits: RequestLimits,
     /// Turns true when the server stops: what outlives a request (WebSockets) watches it.
     stop: watch::Sender<bool>,
     /// One place per WebSocket served at once; all of them free once every socket ended.
@@ -59,21 +63,22 @@ impl Server {
         let hrana = Hrana::new(store, config.stream_limits(), budgets, metrics.hits.clone());
         let (stop, _) = watch::channel(false);
         let websockets = Arc::new(tokio::sync::Semaphore::new(config.max_websockets as usize));
-        Ok(Server { config, auth, stop, websockets, hrana, metrics, halt })
+        let limits = RequestLimits::new(
+            config.max_body_size,
+            config.body_read_timeout(),
+            config.max_concurrent_requests as usize,
+            metrics.hits.clone(),
+        );
+        metrics.watch_request_places(limits.running.clone(), config.max_concurrent_requests as usize);
+        Ok(Server { config, auth, limits, stop, websockets, hrana, metrics, halt })
     }
 
     pub fn store(&self) -> &NamespaceStore {
         self.hrana.store()
     }
 
-    pub fn user_router(&self) -> Router {
-        let limits = RequestLimits::new(
-            self.config.max_body_size,
-            self.config.body_read_timeout(),
-            self.config.max_concurrent_requests as usize,
-            self.metrics.hits.clone(),
-        );
-        self.metrics.watch_request_places(limits.running.clone(), self.config.max_concurrent_requests as usize);
+    /// The user API: Hrana over HTTP and WebSocket, sync v2, and the gRPC services as gRPC-web.
+    pub fn user_router(&self, grpc: Router) -> Router {
         let websockets = http::user::WebSockets {
             places: self.websockets.clone(),
             limits: self.config.socket_limits(),
@@ -81,7 +86,24 @@ impl Server {
             max_write_buffer: self.config.max_response_size + (1 << 20),
             stop: self.stop.subscribe(),
         };
-        http::user::router(self.hrana.clone(), self.auth.clone(), self.metrics.clone(), limits, websockets)
+        http::user::router(self.hrana.clone(), self.auth.clone(), self.metrics.clone(), self.limits.clone(), websockets).merge(grpc)
+    }
+
+    /// The gRPC services (one router for both ports).
+    fn grpc_router(&self) -> Router {
+        grpc::router(Arc::new(GrpcState {
+            hrana: self.hrana.clone(),
+            auth: self.auth.clone(),
+            metrics: self.metrics.clone(),
+            running: self.limits.running.clone(),
+            queue_wait: self.limits.queue_wait,
+            streams: Arc::new(tokio::sync::Semaphore::new(self.config.max_replication_streams as usize)),
+            max_message_size: self.config.max_body_size,
+            stop: self.stop.subscribe(),
+            session: uuid::Uuid::new_v4(),
+            // Under the connections' idle timeout: a waiting stream never idles one out.
+            follow_idle: self.config.idle_connection_timeout() / 2,
+        }))
     }
 
     /// The admin API has its own places, so a flood of user requests never locks the
@@ -104,7 +126,13 @@ impl Server {
     /// Serves until `shutdown` resolves, then: stops accepting, lets in-flight requests finish
     /// (bounded by the shutdown timeout), rolls back idle streams, and closes every namespace
     /// after a checkpoint.
-    pub async fn serve<U: Listener, A: Listener>(self, user: U, admin: Option<A>, shutdown: impl Future<Output = ()>) {
+    pub async fn serve<U: Listener, A: Listener, G: Listener>(
+        self,
+        user: U,
+        admin: Option<A>,
+        grpc: Option<G>,
+        shutdown: impl Future<Output = ()>,
+    ) {
         let stop_tx = self.stop.clone();
         let stop_rx = stop_tx.subscribe();
         let (in_flight_tx, mut in_flight_rx) = mpsc::channel::<()>(1);
@@ -113,11 +141,23 @@ impl Server {
         let reaper = tokio::spawn(self.hrana.clone().reap_idle_streams(async move {
             let _ = reaper_stop.changed().await;
         }));
-        let mut tasks =
-            vec![tokio::spawn(net::serve(user, self.user_router(), self.connection_limits(), stop_rx.clone(), in_flight_tx.clone()))];
+        let grpc_router = self.grpc_router();
+        let user_router = self.user_router(grpc_router.clone());
+        let mut tasks = vec![tokio::spawn(net::serve(
+            user,
+            user_router,
+            Protocol::Http1,
+            self.connection_limits(),
+            stop_rx.clone(),
+            in_flight_tx.clone(),
+        ))];
         if let Some(admin) = admin {
             let limits = ConnectionLimits { max_connections: ADMIN_MAX_CONCURRENT, ..self.connection_limits() };
-            tasks.push(tokio::spawn(net::serve(admin, self.admin_router(), limits, stop_rx.clone(), in_flight_tx.clone())));
+            tasks.push(tokio::spawn(net::serve(admin, self.admin_router(), Protocol::Http1, limits, stop_rx.clone(), in_flight_tx.clone())));
+        }
+        if let Some(grpc) = grpc {
+            let protocol = Protocol::Http2 { max_streams: self.config.max_streams_per_connection as u32 };
+            tasks.push(tokio::spawn(net::serve(grpc, grpc_router, protocol, self.connection_limits(), stop_rx.clone(), in_flight_tx.clone())));
         }
         drop(in_flight_tx);
         if let Some(secs) = self.config.checkpoint_interval_s {

@@ -55,7 +55,7 @@ pub fn start_server(sim: &mut turmoil::Sim<'_>, name: &str, tweak: impl Fn(&mut 
             let server = Server::open(config).await?;
             let user = SimListener(turmoil::net::TcpListener::bind(("0.0.0.0", USER_PORT)).await?);
             let admin = SimListener(turmoil::net::TcpListener::bind(("0.0.0.0", ADMIN_PORT)).await?);
-            server.serve(user, Some(admin), std::future::pending()).await;
+            server.serve(user, Some(admin), None::<SimListener>, std::future::pending()).await;
             Ok(())
         }
     });

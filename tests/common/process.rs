@@ -11,6 +11,8 @@ pub struct Sqld {
     pub dir: tempfile::TempDir,
     pub user: SocketAddr,
     pub admin: SocketAddr,
+    /// The gRPC port (HTTP/2).
+    pub grpc: SocketAddr,
 }
 
 fn free_addr() -> SocketAddr {
@@ -22,13 +24,13 @@ impl Sqld {
     /// before this one binds it: a start that fails is tried again on other ports.
     pub fn start(args: &[&str]) -> Sqld {
         let dir = tempfile::tempdir().unwrap();
-        let mut sqld = Sqld { child: None, dir, user: free_addr(), admin: free_addr() };
+        let mut sqld = Sqld { child: None, dir, user: free_addr(), admin: free_addr(), grpc: free_addr() };
         for _ in 0..3 {
             match sqld.try_spawn(args) {
                 Ok(()) => return sqld,
                 Err(why) => eprintln!("{why}; trying other ports"),
             }
-            (sqld.user, sqld.admin) = (free_addr(), free_addr());
+            (sqld.user, sqld.admin, sqld.grpc) = (free_addr(), free_addr(), free_addr());
         }
         sqld.spawn(args);
         sqld
@@ -54,6 +56,7 @@ impl Sqld {
             .arg("--db-path")
             .arg(self.db_path())
             .args(["--http-listen-addr", &self.user.to_string(), "--admin-listen-addr", &self.admin.to_string()])
+            .args(["--grpc-listen-addr", &self.grpc.to_string()])
             .args(args)
             .env("RUST_LOG", "warn,sqld=info")
             .env("NO_COLOR", "1")

@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::ApiError;
 use crate::hrana::budget::ResponseBudget;
-use crate::limit_hits::{Limit, LimitHits};
+use crate::limit_hits::{self, Limit, LimitHits};
 
 #[derive(Clone)]
 pub struct RequestLimits {
@@ -140,10 +140,7 @@ async fn read_limited(limits: &RequestLimits, parts: &Parts, mut body: Body) -> 
 
 /// A place among the running requests: at once if one is free, else after a bounded wait.
 async fn take_place(limits: &RequestLimits, parts: &Parts) -> Result<OwnedSemaphorePermit, Response> {
-    if let Ok(place) = limits.running.clone().try_acquire_owned() {
-        return Ok(place);
-    }
-    if let Ok(Ok(place)) = Box::pin(tokio::time::timeout(limits.queue_wait, limits.running.clone().acquire_owned())).await {
+    if let Some(place) = Box::pin(limit_hits::take_place(&limits.running, limits.queue_wait)).await {
         return Ok(place);
     }
     limits.hits.hit(Limit::Requests, format_args!("{} {}", parts.method, parts.uri.path()));

@@ -16,6 +16,7 @@ use uuid::Uuid;
 use super::format::{checksum, FrameHeader, LogHeader, SnapshotHeader, FRAME_SIZE, LOG_HEADER_SIZE};
 use super::generation::{self, GenerationRecord};
 use super::synced::{self, SyncedThrough};
+use super::feed::FeedView;
 use super::image::{write_image, ImageTarget};
 use super::{compaction, failpoint, pagecache, LogError, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG};
 use crate::durable;
@@ -72,6 +73,8 @@ pub struct ReplicationLogger {
     /// The current generation's number, readable without the log's lock (which a commit holds
     /// through its fsync, and a compaction through a full image).
     generation: AtomicU64,
+    /// Bumped whenever the log moves (see [`Self::watch`]).
+    moved: tokio::sync::watch::Sender<u64>,
 }
 
 struct LogState {
@@ -171,6 +174,7 @@ impl ReplicationLogger {
             resetting: AtomicBool::new(false),
             synced: Mutex::new(synced::read(dir)),
             generation: AtomicU64::new(generation.generation),
+            moved: tokio::sync::watch::channel(0).0,
         });
         // Finish what a previous run left: redundant snapshots, and the snapshots of logs it
         // retired but did not get to write.
@@ -285,6 +289,7 @@ impl ReplicationLogger {
         if self.should_retire(state) {
             self.retire_wanted.store(true, Ordering::Release);
         }
+        self.mark_moved();
         Ok(())
     }
 
@@ -325,6 +330,7 @@ impl ReplicationLogger {
             }
             self.written.compactions.fetch_add(1, Ordering::Relaxed);
             self.supersede(outgoing);
+            self.mark_moved();
         }
         self.retire_wanted.store(false, Ordering::Release);
         Ok(())
@@ -407,6 +413,28 @@ impl ReplicationLogger {
     pub fn sync_view(&self) -> (u64, Arc<File>, LogHeader) {
         let state = self.lock();
         (state.generation.generation, state.file.clone(), state.header)
+    }
+
+    /// The current log as replicas of the older protocol are served from it (see `feed`).
+    pub fn feed_view(&self) -> FeedView {
+        let state = self.lock();
+        FeedView {
+            path: self.dir.join(WALLOG),
+            file: state.file.clone(),
+            header: state.header,
+            image_frames: state.image_frames,
+            generation: state.generation.generation,
+        }
+    }
+
+    /// Changes whenever the log moves: a commit, a compaction, a reset. Replicas waiting for
+    /// frames wait on it.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.moved.subscribe()
+    }
+
+    fn mark_moved(&self) {
+        self.moved.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Full when the changes logged after the opening image reach the flag's size (or the

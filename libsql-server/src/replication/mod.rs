@@ -9,10 +9,13 @@
 //! * [`recovery`] decides at open whether the log can be trusted (`.sentinel`, missing or old
 //!   log); after a crash it rolls the data file forward from the log, then rebuilds the log
 //!   from the data file.
+//! * [`feed`] serves replicas of the older protocol (gRPC): frames from a frame_no, and the
+//!   log's opening image as the snapshot.
 //! * [`verify`] walks log and snapshots, and replays them to compare with the data file.
 
 pub mod compaction;
 pub mod failpoint;
+pub mod feed;
 pub mod format;
 pub mod generation;
 mod image;

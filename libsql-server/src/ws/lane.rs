@@ -18,7 +18,7 @@ use super::SocketLimits;
 use crate::auth::Access;
 use crate::hrana::budget::ResponseBudget;
 use crate::hrana::{cursor_entries, Held, Hrana, RequestError, Stream};
-use crate::limit_hits::Limit;
+use crate::limit_hits::{take_place, Limit};
 use crate::metrics::Metrics;
 use crate::namespace::NamespaceName;
 
@@ -195,15 +195,9 @@ async fn on_stream<R: Send + 'static>(
     }
     // A place among the requests running at once, as an HTTP request takes one; held with
     // the answer's budget until the answer is sent.
-    let place = match ctx.running.clone().try_acquire_owned() {
-        Ok(place) => place,
-        Err(_) => match tokio::time::timeout(ctx.queue_wait, ctx.running.clone().acquire_owned()).await {
-            Ok(Ok(place)) => place,
-            _ => {
-                ctx.metrics.hits.hit(Limit::Requests, format_args!("namespace {}: a WebSocket request", ctx.ns));
-                return Err(error("too many requests are running; retry later", "REQUESTS_EXHAUSTED"));
-            }
-        },
+    let Some(place) = take_place(&ctx.running, ctx.queue_wait).await else {
+        ctx.metrics.hits.hit(Limit::Requests, format_args!("namespace {}: a WebSocket request", ctx.ns));
+        return Err(error("too many requests are running; retry later", "REQUESTS_EXHAUSTED"));
     };
     let State::Open(stream, held) = std::mem::replace(state, State::Failed) else { unreachable!("checked above") };
     match ctx.hrana.run_held(stream, access, Some(Box::new(place)), f).await {

@@ -107,6 +107,7 @@ impl ReplicationLogger {
         if outgoing.frame_count > 0 {
             self.supersede(outgoing);
         }
+        self.mark_moved();
         Ok((state.header.log_id, generation.generation, prepared.image_pages))
     }
 
@@ -165,6 +166,7 @@ impl ReplicationLogger {
             Ok(new) => {
                 self.generation.store(new.generation.generation, Ordering::Release);
                 *state = new;
+                self.mark_moved();
             }
             Err(e) => {
                 state.poisoned = Some(format!("a reset failed after swapping in its new log ({why}), which could not be taken up: {e}"));

@@ -1,0 +1,109 @@
+//! gRPC, a transport beside `http` and `ws`: the replication log service replicas pull from
+//! (`wal_log.ReplicationLog`, see [`replication_log`]).
+//!
+//! One router serves it both ways: over HTTP/2 on `--grpc-listen-addr` (libSQL server replicas)
+//! and as gRPC-web over HTTP/1.1 on the user port (embedded replicas of the `libsql` crate and
+//! of the clients built on it, which speak nothing else). Every call names its namespace in
+//! `x-namespace-bin` (the `default` namespace without it) and carries its credential in
+//! `x-authorization` (gRPC-web) or `authorization`; both go through [`crate::auth`] as every
+//! other transport's do. Calls take a place among the running requests as HTTP and WebSocket
+//! requests do; the long-lived streams (`LogEntries`, `Snapshot`) take one of
+//! `--max-replication-streams` instead. Every error becomes a status in [`status`].
+
+mod replication_log;
+mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use libsql_replication::rpc::replication::replication_log_server::ReplicationLogServer;
+use libsql_replication::rpc::replication::NAMESPACE_METADATA_KEY;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tonic::metadata::MetadataMap;
+use tonic::Status;
+use tower::Layer;
+use uuid::Uuid;
+
+use crate::auth::{Access, Auth, Credential};
+use crate::hrana::Hrana;
+use crate::limit_hits::{take_place, Limit};
+use crate::metrics::Metrics;
+use crate::namespace::NamespaceName;
+
+pub use status::StatusOf;
+
+/// What every gRPC service of a server shares.
+pub struct GrpcState {
+    pub hrana: Hrana,
+    pub auth: Arc<Auth>,
+    pub metrics: Arc<Metrics>,
+    /// The places of the requests running at once, shared with HTTP and WebSocket requests.
+    pub running: Arc<Semaphore>,
+    pub queue_wait: Duration,
+    /// One place per replication stream served at once.
+    pub streams: Arc<Semaphore>,
+    /// Largest request message a client may send (the request body bound).
+    pub max_message_size: usize,
+    /// Turns true when the server stops: streams end.
+    pub stop: watch::Receiver<bool>,
+    /// This process's session: session tokens from before a restart are refused.
+    pub session: Uuid,
+    /// How long a `LogEntries` stream waits for a new commit before it ends.
+    pub follow_idle: Duration,
+}
+
+/// The gRPC services, for the user port (as gRPC-web) and the gRPC port (HTTP/2).
+pub fn router(state: Arc<GrpcState>) -> Router {
+    let log = ReplicationLogServer::new(replication_log::ReplicationLogService::new(state.clone()))
+        .max_decoding_message_size(state.max_message_size);
+    Router::new().route_service("/wal_log.ReplicationLog/*method", tonic_web::GrpcWebLayer::new().layer(log))
+}
+
+/// Whose call this is: its namespace, and what its credential grants there.
+pub struct Caller {
+    pub ns: NamespaceName,
+    pub access: Access,
+}
+
+impl GrpcState {
+    /// The namespace a call names and the access its credential grants there.
+    pub fn admit(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
+        let ns = self.namespace(metadata)?;
+        let credential =
+            metadata.get("x-authorization").or_else(|| metadata.get("authorization")).map(|value| value.as_bytes());
+        let access = self.auth.check(Credential::Header(credential), &ns, self.hrana.store().jwt_key(&ns).as_deref()).map_err(|e| e.status())?;
+        Ok(Caller { ns, access })
+    }
+
+    fn namespace(&self, metadata: &MetadataMap) -> Result<NamespaceName, Status> {
+        if !self.hrana.store().namespaces_enabled() {
+            return Ok(NamespaceName::default_namespace());
+        }
+        let Some(value) = metadata.get_bin(NAMESPACE_METADATA_KEY) else {
+            return Ok(NamespaceName::default_namespace());
+        };
+        let bytes = value.to_bytes().map_err(|_| Status::invalid_argument(format!("{NAMESPACE_METADATA_KEY} is not base64")))?;
+        let name = String::from_utf8(bytes.to_vec()).map_err(|_| Status::invalid_argument(format!("{NAMESPACE_METADATA_KEY} is not UTF-8")))?;
+        NamespaceName::new(name).map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+
+    /// A place among the requests running at once, after a bounded wait.
+    pub async fn place(&self, ns: &NamespaceName, call: &str) -> Result<OwnedSemaphorePermit, Status> {
+        match take_place(&self.running, self.queue_wait).await {
+            Some(place) => Ok(place),
+            None => {
+                self.metrics.hits.hit(Limit::Requests, format_args!("namespace {ns}: gRPC {call}"));
+                Err(Status::resource_exhausted("too many requests are running; retry later"))
+            }
+        }
+    }
+
+    /// A place among the replication streams served at once; none is waited for.
+    pub fn stream_place(&self, ns: &NamespaceName, call: &str) -> Result<OwnedSemaphorePermit, Status> {
+        self.streams.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.hits.hit(Limit::ReplicationStreams, format_args!("namespace {ns}: gRPC {call}"));
+            Status::resource_exhausted("too many replication streams are open; retry later")
+        })
+    }
+}

@@ -1,0 +1,327 @@
+//! gRPC replication (`wal_log.ReplicationLog`) against a real `sqld`: a replica built on
+//! `libsql_replication`'s own `Replicator` and injector (what libSQL server replicas run)
+//! follows this server over HTTP/2 through commits, compactions, a reset and a `kill -9`; and
+//! bad input gets the statuses replicas expect while the server goes on.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use libsql_replication::frame::FrameNo;
+use libsql_replication::meta::{Error as MetaError, WalIndexMeta};
+use libsql_replication::replicator::{Error, Replicator, ReplicatorClient};
+use libsql_replication::rpc::replication::log_offset::WalFlavor;
+use libsql_replication::rpc::replication::replication_log_client::ReplicationLogClient;
+use libsql_replication::rpc::replication::{Frame as RpcFrame, HelloRequest, LogOffset};
+use libsql_sys::rusqlite;
+use serde_json::json;
+use tonic::metadata::{AsciiMetadataValue, BinaryMetadataValue};
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::common::process::{rows, Sqld};
+use crate::common::tokens::Signer;
+
+/// No frame received yet.
+const NONE: u64 = u64::MAX;
+
+/// A replica's view of the primary, as a libSQL server replica has it: what
+/// `libsql_replication`'s `Replicator` pulls through.
+struct Primary {
+    client: ReplicationLogClient<Channel>,
+    session: Option<AsciiMetadataValue>,
+    meta: WalIndexMeta,
+    /// The newest frame_no received (NONE if none), updated as frames stream in.
+    received: Arc<AtomicU64>,
+}
+
+impl Primary {
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(session) = &self.session {
+            request.metadata_mut().insert("x-session-token", session.clone());
+        }
+        request
+    }
+
+    fn offset(&self) -> LogOffset {
+        let received = self.received.load(Ordering::SeqCst);
+        LogOffset { next_offset: if received == NONE { 0 } else { received + 1 }, wal_flavor: None }
+    }
+
+    /// The frames of a stream, noting the newest frame_no received: a log's last, a
+    /// snapshot's first (it comes newest first).
+    fn track(&self, stream: tonic::Streaming<RpcFrame>, snapshot: bool) -> FrameStream {
+        let received = self.received.clone();
+        let mut first = true;
+        Box::pin(stream.map(move |frame| {
+            let frame = frame.map_err(Error::from)?;
+            if !snapshot || std::mem::take(&mut first) {
+                received.store(u64::from_le_bytes(frame.data[0..8].try_into().unwrap()), Ordering::SeqCst);
+            }
+            Ok(frame)
+        }))
+    }
+}
+
+type FrameStream = Pin<Box<dyn Stream<Item = Result<RpcFrame, Error>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl ReplicatorClient for Primary {
+    type FrameStream = FrameStream;
+
+    async fn handshake(&mut self) -> Result<(), Error> {
+        let hello = self.client.hello(self.request(HelloRequest::new())).await?.into_inner();
+        self.session = Some(AsciiMetadataValue::try_from(hello.session_token.to_vec()).unwrap());
+        if let Err(MetaError::LogIncompatible) = self.meta.init_from_hello(hello.clone()) {
+            // Another log: start over from its first frame (its full image).
+            self.meta.reset();
+            self.meta.init_from_hello(hello)?;
+        }
+        self.meta.flush().await?;
+        self.received.store(self.meta.current_frame_no().unwrap_or(NONE), Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn next_frames(&mut self) -> Result<FrameStream, Error> {
+        let stream = self.client.log_entries(self.request(self.offset())).await?.into_inner();
+        Ok(self.track(stream, false))
+    }
+
+    async fn snapshot(&mut self) -> Result<FrameStream, Error> {
+        let stream = self.client.snapshot(self.request(self.offset())).await?.into_inner();
+        Ok(self.track(stream, true))
+    }
+
+    async fn commit_frame_no(&mut self, frame_no: FrameNo) -> Result<(), Error> {
+        self.meta.set_commit_frame_no(frame_no).await?;
+        Ok(())
+    }
+
+    fn committed_frame_no(&self) -> Option<FrameNo> {
+        self.meta.current_frame_no()
+    }
+
+    fn rollback(&mut self) {
+        self.received.store(self.committed_frame_no().unwrap_or(NONE), Ordering::SeqCst);
+    }
+}
+
+async fn client(sqld: &Sqld) -> ReplicationLogClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", sqld.grpc)).unwrap().connect_lazy();
+    ReplicationLogClient::new(channel)
+}
+
+/// Runs a replica of `sqld`'s default namespace into `dir/data`, for the test's lifetime.
+async fn start_replica(sqld: &Sqld, dir: &Path) -> tokio::task::JoinHandle<()> {
+    let primary = Primary {
+        client: client(sqld).await,
+        session: None,
+        meta: WalIndexMeta::open(dir).await.unwrap(),
+        received: Arc::new(AtomicU64::new(NONE)),
+    };
+    let mut replicator = Replicator::new_sqlite(primary, dir.join("data"), 10_000, None).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            // Errors (the primary restarting, say) are retried, as replicas do.
+            if replicator.replicate().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    })
+}
+
+/// Every row of `t` in the replica's file.
+fn replica_rows(dir: &Path) -> Vec<(i64, Vec<u8>)> {
+    let conn = rusqlite::Connection::open_with_flags(dir.join("data"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let Ok(mut stmt) = conn.prepare("SELECT id, v FROM t ORDER BY id") else { return Vec::new() };
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().collect::<Result<_, _>>().unwrap_or_default()
+}
+
+async fn primary_rows(sqld: &Sqld) -> Vec<(i64, Vec<u8>)> {
+    let conn = sqld.connect().await;
+    rows(&conn, "SELECT id, v FROM t ORDER BY id")
+        .await
+        .into_iter()
+        .map(|r| match (&r[0], &r[1]) {
+            (libsql::Value::Integer(id), libsql::Value::Blob(v)) => (*id, v.clone()),
+            other => panic!("unexpected row {other:?}"),
+        })
+        .collect()
+}
+
+/// Waits (bounded) until the replica holds exactly the primary's rows.
+async fn assert_follows(sqld: &Sqld, dir: &Path) {
+    let expected = primary_rows(sqld).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let dir = dir.to_owned();
+        let got = tokio::task::spawn_blocking(move || replica_rows(&dir)).await.unwrap();
+        if got == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the replica did not reach the primary's {} rows (it holds {})", expected.len(), got.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_libsql_replicator_follows_over_http2_through_compactions_resets_and_kills() {
+    let args = ["--max-log-size", "1", "--idle-connection-timeout-s", "4"];
+    let mut sqld = Sqld::start(&args);
+    let conn = sqld.connect().await;
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
+    conn.execute("INSERT INTO t SELECT value, randomblob(100) FROM generate_series(1, 20000)", ()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let replica = start_replica(&sqld, dir.path()).await;
+    assert_follows(&sqld, dir.path()).await;
+
+    for i in 0..3 {
+        conn.execute("INSERT INTO t VALUES (?1, randomblob(50))", [100_000 + i]).await.unwrap();
+        assert_follows(&sqld, dir.path()).await;
+    }
+    // Compactions, while the replica follows.
+    for round in 0..4 {
+        conn.execute("UPDATE t SET v = randomblob(120) WHERE id % 4 = ?1", [round]).await.unwrap();
+    }
+    assert_follows(&sqld, dir.path()).await;
+    // A reset: a new log_id; the replica starts over from the new log's image.
+    let (status, body) = sqld.admin_post("/v1/namespaces/default/reset-replication").await;
+    assert_eq!(status, 200, "{body}");
+    conn.execute("DELETE FROM t WHERE id % 5 = 0", ()).await.unwrap();
+    assert_follows(&sqld, dir.path()).await;
+    // kill -9 of the primary: its log is rebuilt at the next open, and a new session starts.
+    tokio::task::block_in_place(|| {
+        sqld.signal("KILL");
+        sqld.spawn(&args);
+    });
+    sqld.connect().await.execute("UPDATE t SET v = x'01' WHERE id % 7 = 0", ()).await.unwrap();
+    assert_follows(&sqld, dir.path()).await;
+    replica.abort();
+}
+
+/// Sets the namespace and credential metadata of a request.
+fn decorate<T>(request: &mut tonic::Request<T>, namespace: Option<&str>, token: Option<&str>) {
+    if let Some(ns) = namespace {
+        request.metadata_mut().insert_bin("x-namespace-bin", BinaryMetadataValue::from_bytes(ns.as_bytes()));
+    }
+    if let Some(token) = token {
+        request.metadata_mut().insert("x-authorization", format!("Bearer {token}").parse().unwrap());
+    }
+}
+
+fn request<T>(message: T, namespace: Option<&str>, token: Option<&str>, session: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    decorate(&mut request, namespace, token);
+    if let Some(session) = session {
+        request.metadata_mut().insert("x-session-token", session.parse().unwrap());
+    }
+    request
+}
+
+fn offset(next_offset: u64) -> LogOffset {
+    LogOffset { next_offset, wal_flavor: None }
+}
+
+fn assert_status<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, message: Option<&str>) {
+    let status = result.expect_err("a refusal");
+    assert_eq!(status.code(), code, "{status:?}");
+    if let Some(message) = message {
+        assert_eq!(status.message(), message, "{status:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_grpc_input_gets_the_statuses_replicas_expect_and_the_server_goes_on() {
+    let signer = Signer::generate();
+    let key_dir = tempfile::tempdir().unwrap();
+    let key_file = key_dir.path().join("key.pem");
+    std::fs::write(&key_file, signer.pem()).unwrap();
+    let key_arg = key_file.to_str().unwrap().to_owned();
+    let args = ["--enable-namespaces", "--auth-jwt-key-file", &key_arg];
+    let mut sqld = Sqld::start(&args);
+    let (status, body) = sqld.admin_post("/v1/namespaces/tenant/create").await;
+    assert_eq!(status, 200, "{body}");
+    let token = signer.token(json!({}));
+    let pipeline = json!({"requests": [{"type": "execute", "stmt": {"sql": "CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)"}}]});
+    let response = hyper::Client::new()
+        .request(
+            hyper::Request::post(format!("{}/v2/pipeline", sqld.url()))
+                .header("x-namespace", "tenant")
+                .header("authorization", format!("Bearer {token}"))
+                .body(hyper::Body::from(pipeline.to_string()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let only_other = signer.token(json!({"id": "other"}));
+    let tok = Some(token.as_str());
+    let mut c = client(&sqld).await;
+
+    // Credentials: none, another namespace's.
+    assert_status(c.hello(request(HelloRequest::new(), Some("tenant"), None, None)).await, Code::Unauthenticated, None);
+    assert_status(c.hello(request(HelloRequest::new(), Some("tenant"), Some(&only_other), None)).await, Code::PermissionDenied, None);
+    // Unknown and malformed namespaces.
+    assert_status(c.hello(request(HelloRequest::new(), Some("missing"), tok, None)).await, Code::FailedPrecondition, Some("NAMESPACE_DOESNT_EXIST"));
+    assert_status(c.hello(request(HelloRequest::new(), Some("../etc"), tok, None)).await, Code::InvalidArgument, None);
+
+    let hello = c.hello(request(HelloRequest::new(), Some("tenant"), tok, None)).await.unwrap().into_inner();
+    let session = String::from_utf8(hello.session_token.to_vec()).unwrap();
+    assert!(session.parse::<uuid::Uuid>().is_ok() && hello.log_id.parse::<uuid::Uuid>().is_ok(), "{hello:?}");
+    let end = hello.current_replication_index.map_or(0, |f| f + 1);
+    // No session token, or one that is not this log's: hello first.
+    for session in [None, Some("not a token"), Some("8f4c3c63-0f6d-4c4b-9d0a-4c1f1a9a2b3c")] {
+        assert_status(c.batch_log_entries(request(offset(0), Some("tenant"), tok, session)).await, Code::FailedPrecondition, Some("NO_HELLO"));
+    }
+    // Past the end: only a snapshot makes such a replica consistent.
+    let s = Some(session.as_str());
+    assert_status(c.batch_log_entries(request(offset(end + 10), Some("tenant"), tok, s)).await, Code::FailedPrecondition, Some("NEED_SNAPSHOT"));
+    assert_status(c.log_entries(request(offset(end + 10), Some("tenant"), tok, s)).await, Code::FailedPrecondition, Some("NEED_SNAPSHOT"));
+    // At the end: nothing to send.
+    assert!(c.batch_log_entries(request(offset(end), Some("tenant"), tok, s)).await.unwrap().into_inner().frames.is_empty());
+    // Frames of another layout than SQLite's are not served.
+    let libsql_flavor = LogOffset { next_offset: 0, wal_flavor: Some(WalFlavor::Libsql as i32) };
+    assert_status(c.batch_log_entries(request(libsql_flavor, Some("tenant"), tok, s)).await, Code::InvalidArgument, None);
+
+    // Malformed and oversized messages, as gRPC-web on the user port: a gRPC status (tonic's
+    // INTERNAL for a message that does not decode, OUT_OF_RANGE for one past the bound), never
+    // a crash.
+    let malformed = vec![0u8, 0, 0, 0, 3, 0xff, 0xff, 0xff];
+    let oversized = [&[0u8, 0x7f, 0xff, 0xff, 0xff][..], &[0u8; 64]].concat();
+    for (body, expected) in [(malformed, "13"), (oversized, "11")] {
+        let response = hyper::Client::new()
+            .request(
+                hyper::Request::post(format!("{}/wal_log.ReplicationLog/BatchLogEntries", sqld.url()))
+                    .header("content-type", "application/grpc-web+proto")
+                    .header("x-namespace-bin", "dGVuYW50")
+                    .header("x-authorization", format!("Bearer {token}"))
+                    .body(hyper::Body::from(body))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let in_head = response.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
+        let body = hyper::body::to_bytes(response.into_body()).await.unwrap();
+        let text = String::from_utf8_lossy(&body);
+        let status = in_head.or_else(|| text.split("grpc-status:").nth(1).map(|s| s.trim().split_whitespace().next().unwrap().to_owned()));
+        assert_eq!(status.as_deref(), Some(expected), "{text}");
+    }
+
+    // A session from before a restart.
+    tokio::task::block_in_place(|| {
+        sqld.signal("TERM");
+        sqld.spawn(&args);
+    });
+    let mut c = client(&sqld).await;
+    assert_status(c.batch_log_entries(request(offset(0), Some("tenant"), tok, s)).await, Code::FailedPrecondition, Some("NO_HELLO"));
+    // The server goes on serving: a hello and the frames from the start (the log's image).
+    let hello = c.hello(request(HelloRequest::new(), Some("tenant"), tok, None)).await.unwrap().into_inner();
+    let session = String::from_utf8(hello.session_token.to_vec()).unwrap();
+    let frames = c.batch_log_entries(request(offset(0), Some("tenant"), tok, Some(&session))).await.unwrap().into_inner().frames;
+    assert_eq!(frames.len() as u64, hello.current_replication_index.unwrap() + 1);
+    assert!(frames.iter().all(|f| f.data.len() == 24 + 4096));
+}

@@ -1,0 +1,95 @@
+//! Embedded replicas of the older protocol (the `libsql` crate with `SyncProtocol::V1`: gRPC-web
+//! `wal_log.ReplicationLog` on the user port) against a real `sqld`: bootstrap, follow commits,
+//! follow compactions, a reset-replication and a rebuild after `kill -9`, every row compared.
+
+use std::path::Path;
+
+use libsql::Database;
+
+use crate::common::process::Sqld;
+use crate::sync_v2::assert_in_sync;
+
+async fn replica_v1(sqld: &Sqld, path: &Path) -> Database {
+    libsql::Builder::new_remote_replica(path, sqld.url(), String::new())
+        .connector(hyper::client::HttpConnector::new())
+        .sync_protocol(libsql::SyncProtocol::V1)
+        .build()
+        .await
+        .unwrap()
+}
+
+async fn log_stats(sqld: &Sqld) -> serde_json::Value {
+    let response = hyper::Client::new()
+        .get(format!("http://{}/v1/namespaces/default/stats", sqld.admin).parse().unwrap())
+        .await
+        .unwrap();
+    serde_json::from_slice(&hyper::body::to_bytes(response.into_body()).await.unwrap()).unwrap()
+}
+
+/// A value of the admin API's `/metrics` (0 if absent).
+pub async fn metric(sqld: &Sqld, series: &str) -> u64 {
+    let response = hyper::Client::new().get(format!("http://{}/metrics", sqld.admin).parse().unwrap()).await.unwrap();
+    let text = String::from_utf8(hyper::body::to_bytes(response.into_body()).await.unwrap().to_vec()).unwrap();
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_replicas_bootstrap_follow_compactions_and_log_rebuilds() {
+    // A small log: rewriting the table a few times retires it (compaction, snapshots).
+    let mut sqld = Sqld::start(&["--max-log-size", "1"]);
+    let primary = sqld.connect().await;
+    primary.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
+    primary.execute("INSERT INTO t SELECT value, randomblob(100) FROM generate_series(1, 20000)", ()).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let replica = replica_v1(&sqld, &dir.path().join("replica.db")).await;
+    assert_in_sync(&primary, &replica).await;
+    // A second replica that bootstraps later, and one that stays behind through compactions.
+    let behind = replica_v1(&sqld, &dir.path().join("behind.db")).await;
+    assert_in_sync(&primary, &behind).await;
+
+    for i in 0..3 {
+        primary.execute("INSERT INTO t VALUES (?1, randomblob(50))", [100_000 + i]).await.unwrap();
+        assert_in_sync(&primary, &replica).await;
+    }
+    // A transaction larger than SQLite's page cache, pulled across several batches.
+    let tx = primary.transaction().await.unwrap();
+    tx.execute("UPDATE t SET v = randomblob(300) WHERE id % 2 = 0", ()).await.unwrap();
+    tx.execute("INSERT INTO t SELECT 200000 + value, randomblob(1000) FROM generate_series(1, 6000)", ()).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_in_sync(&primary, &replica).await;
+
+    // Compactions: the log moves past where `behind` stands; it gets the snapshot (the new
+    // log's image) and goes on from there.
+    let compactions_before = log_stats(&sqld).await["replication"]["compactions"].as_u64().unwrap_or(0);
+    for round in 0..4 {
+        primary.execute("UPDATE t SET v = randomblob(120) WHERE id % 4 = ?1", [round]).await.unwrap();
+        assert_in_sync(&primary, &replica).await;
+    }
+    let stats = log_stats(&sqld).await;
+    assert!(stats["replication"]["compactions"].as_u64().unwrap() > compactions_before, "the log was compacted: {stats}");
+    assert_in_sync(&primary, &behind).await;
+    assert!(metric(&sqld, "sqld_replication_snapshots_served_total{namespace=\"default\"}").await >= 1, "behind was sent a snapshot");
+
+    // reset-replication: a new log_id; replicas start over from its image.
+    let (status, body) = sqld.admin_post("/v1/namespaces/default/reset-replication").await;
+    assert_eq!(status, 200, "{body}");
+    primary.execute("DELETE FROM t WHERE id % 5 = 0", ()).await.unwrap();
+    assert_in_sync(&primary, &replica).await;
+
+    // kill -9: the next open rebuilds the log (a new log_id again), and a new session.
+    tokio::task::block_in_place(|| {
+        sqld.signal("KILL");
+        sqld.spawn(&["--max-log-size", "1"]);
+    });
+    let primary = sqld.connect().await;
+    primary.execute("UPDATE t SET v = x'01' WHERE id % 7 = 0", ()).await.unwrap();
+    assert_in_sync(&primary, &replica).await;
+    assert_in_sync(&primary, &behind).await;
+
+    // Reopened from its own files, a replica resumes.
+    drop(replica);
+    let reopened = replica_v1(&sqld, &dir.path().join("replica.db")).await;
+    primary.execute("INSERT INTO t VALUES (999999, 'after reopening')", ()).await.unwrap();
+    assert_in_sync(&primary, &reopened).await;
+}
