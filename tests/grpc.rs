@@ -13,6 +13,8 @@ use futures::{Stream, StreamExt};
 use libsql_replication::frame::FrameNo;
 use libsql_replication::meta::{Error as MetaError, WalIndexMeta};
 use libsql_replication::replicator::{Error, Replicator, ReplicatorClient};
+use libsql_replication::rpc::proxy::proxy_client::ProxyClient;
+use libsql_replication::rpc::proxy::{query, query_result, Positional, Program, ProgramReq, Query, Step, Value as ProxyValue};
 use libsql_replication::rpc::replication::log_offset::WalFlavor;
 use libsql_replication::rpc::replication::replication_log_client::ReplicationLogClient;
 use libsql_replication::rpc::replication::{Frame as RpcFrame, HelloRequest, LogOffset};
@@ -286,6 +288,38 @@ async fn bad_grpc_input_gets_the_statuses_replicas_expect_and_the_server_goes_on
     // Frames of another layout than SQLite's are not served.
     let libsql_flavor = LogOffset { next_offset: 0, wal_flavor: Some(WalFlavor::Libsql as i32) };
     assert_status(c.batch_log_entries(request(libsql_flavor, Some("tenant"), tok, s)).await, Code::InvalidArgument, None);
+
+    // Forwarded writes (proxy.Proxy): the same credentials and admission as Hrana.
+    let mut proxy = ProxyClient::new(tonic::transport::Endpoint::from_shared(format!("http://{}", sqld.grpc)).unwrap().connect_lazy());
+    let program = |sql: &str, values: Vec<Vec<u8>>| ProgramReq {
+        client_id: "c1".into(),
+        pgm: Some(Program {
+            steps: vec![Step {
+                cond: None,
+                query: Some(Query {
+                    stmt: sql.into(),
+                    params: Some(query::Params::Positional(Positional { values: values.into_iter().map(|data| ProxyValue { data }).collect() })),
+                    skip_rows: false,
+                }),
+            }],
+        }),
+    };
+    let read_only = signer.token(json!({"a": "ro"}));
+    let answer = proxy.execute(request(program("INSERT INTO t VALUES (1, x'00')", vec![]), Some("tenant"), Some(&read_only), None)).await.unwrap().into_inner();
+    let error = match &answer.results[0].row_result {
+        Some(query_result::RowResult::Error(e)) => e.message.clone(),
+        other => panic!("a read-only grant must not write: {other:?}"),
+    };
+    assert!(error.contains("read-only"), "{error}");
+    assert_status(proxy.execute(request(program("SELECT 1", vec![]), Some("tenant"), Some(&only_other), None)).await, Code::PermissionDenied, None);
+    assert_status(proxy.execute(request(program("SELECT ?1", vec![vec![7, 0, 0, 0]]), Some("tenant"), tok, None)).await, Code::InvalidArgument, None);
+    let mut long = program("SELECT 1", vec![]);
+    let step = long.pgm.as_ref().unwrap().steps[0].clone();
+    long.pgm.as_mut().unwrap().steps = vec![step; 1025];
+    assert_status(proxy.execute(request(long, Some("tenant"), tok, None)).await, Code::InvalidArgument, None);
+    let answer = proxy.execute(request(program("INSERT INTO t VALUES (?1, x'00')", vec![vec![1, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0]]), Some("tenant"), tok, None)).await.unwrap().into_inner();
+    assert!(matches!(&answer.results[0].row_result, Some(query_result::RowResult::Row(r)) if r.affected_row_count == 1), "{answer:?}");
+    assert!(answer.current_frame_no.is_some(), "the answer names the frame the write is in");
 
     // Malformed and oversized messages, as gRPC-web on the user port: a gRPC status (tonic's
     // INTERNAL for a message that does not decode, OUT_OF_RANGE for one past the bound), never

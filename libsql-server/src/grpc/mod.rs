@@ -1,5 +1,6 @@
 //! gRPC, a transport beside `http` and `ws`: the replication log service replicas pull from
-//! (`wal_log.ReplicationLog`, see [`replication_log`]).
+//! (`wal_log.ReplicationLog`, see [`replication_log`]) and the writes they forward (`proxy.Proxy`,
+//! see [`proxy`]).
 //!
 //! One router serves it both ways: over HTTP/2 on `--grpc-listen-addr` (libSQL server replicas)
 //! and as gRPC-web over HTTP/1.1 on the user port (embedded replicas of the `libsql` crate and
@@ -10,13 +11,16 @@
 //! requests do; the long-lived streams (`LogEntries`, `Snapshot`) take one of
 //! `--max-replication-streams` instead. Every error becomes a status in [`status`].
 
+mod proxy;
 mod replication_log;
 mod status;
+mod value;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use libsql_replication::rpc::proxy::proxy_server::ProxyServer;
 use libsql_replication::rpc::replication::replication_log_server::ReplicationLogServer;
 use libsql_replication::rpc::replication::NAMESPACE_METADATA_KEY;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -57,7 +61,10 @@ pub struct GrpcState {
 pub fn router(state: Arc<GrpcState>) -> Router {
     let log = ReplicationLogServer::new(replication_log::ReplicationLogService::new(state.clone()))
         .max_decoding_message_size(state.max_message_size);
-    Router::new().route_service("/wal_log.ReplicationLog/*method", tonic_web::GrpcWebLayer::new().layer(log))
+    let proxy = ProxyServer::new(proxy::ProxyService::new(state.clone())).max_decoding_message_size(state.max_message_size);
+    Router::new()
+        .route_service("/wal_log.ReplicationLog/*method", tonic_web::GrpcWebLayer::new().layer(log))
+        .route_service("/proxy.Proxy/*method", tonic_web::GrpcWebLayer::new().layer(proxy))
 }
 
 /// Whose call this is: its namespace, and what its credential grants there.

@@ -7,6 +7,7 @@ use tonic::Status;
 
 use crate::auth::AuthError;
 use crate::blocking::Panicked;
+use crate::hrana::RequestError;
 use crate::namespace;
 use crate::replication::LogError;
 
@@ -32,6 +33,19 @@ impl StatusOf for namespace::Error {
             E::InvalidName(_) | E::NamespacesDisabled => Status::invalid_argument(self.to_string()),
             E::ShuttingDown => Status::unavailable(self.to_string()),
             _ => internal(self),
+        }
+    }
+}
+
+impl StatusOf for RequestError {
+    fn status(&self) -> Status {
+        use RequestError as E;
+        match self {
+            E::Namespace(e) => e.status(),
+            E::Internal(e) => e.status(),
+            // The client's transaction is gone (rolled back); its next call starts afresh.
+            E::UnknownBaton | E::ExpiredBaton | E::TransactionTimedOut | E::BatonNamespaceMismatch => Status::aborted(self.to_string()),
+            E::TooManyStreams | E::TooManyNamespaceStreams | E::TooManyConnectionStreams => Status::resource_exhausted(self.to_string()),
         }
     }
 }

@@ -79,15 +79,32 @@ impl StmtError {
     }
 }
 
-/// SQLite's name for the primary result code of an engine error.
-fn sqlite_code(e: &rusqlite::Error) -> &'static str {
-    let code = match e {
-        rusqlite::Error::SqliteFailure(e, _) => e.extended_code & 0xff,
-        rusqlite::Error::SqlInputError { error, .. } => error.extended_code & 0xff,
+impl StmtError {
+    /// SQLite's extended result code for an engine error (the write lock's timeout is
+    /// `SQLITE_BUSY`, a quota `SQLITE_FULL`); `SQLITE_ERROR` for the server's own refusals.
+    pub fn extended_code(&self) -> i32 {
+        match self {
+            StmtError::Access(AccessError::Sqlite(e)) | StmtError::Sqlite(e) => extended_code(e),
+            StmtError::Access(AccessError::WriteLockTimeout) => 5,
+            StmtError::Access(AccessError::QuotaExceeded { .. }) => 13,
+            StmtError::Access(AccessError::Interrupted(_)) => 9,
+            _ => 1,
+        }
+    }
+}
+
+fn extended_code(e: &rusqlite::Error) -> i32 {
+    match e {
+        rusqlite::Error::SqliteFailure(e, _) => e.extended_code,
+        rusqlite::Error::SqlInputError { error, .. } => error.extended_code,
         rusqlite::Error::InvalidParameterCount(..) | rusqlite::Error::InvalidParameterName(_) => 25,
         _ => 1,
-    };
-    match code {
+    }
+}
+
+/// SQLite's name for the primary result code of an engine error.
+fn sqlite_code(e: &rusqlite::Error) -> &'static str {
+    match extended_code(e) & 0xff {
         1 => "SQLITE_ERROR",
         2 => "SQLITE_INTERNAL",
         3 => "SQLITE_PERM",

@@ -139,6 +139,49 @@ impl Hrana {
         Ok((stream, result, budget))
     }
 
+    /// Runs `f` on the stream a proxy client (a replica forwarding its writes) keeps under
+    /// `key`, or on a new one. The stream stays under `key` while it holds a transaction, and
+    /// is closed otherwise; an expired one is reported once, then the key starts afresh.
+    pub async fn run_keyed<R: Send + 'static>(
+        &self,
+        ns: &NamespaceName,
+        access: Access,
+        key: &str,
+        hold: Hold,
+        f: impl FnOnce(&mut Stream, &mut ResponseBudget) -> R + Send + 'static,
+    ) -> Result<(R, bool, ResponseBudget), RequestError> {
+        let stream = match self.streams.take(key, ns) {
+            Ok(stream) => stream,
+            Err(RequestError::UnknownBaton) => self.stream_for(ns, None, true, None).await?,
+            Err(e) => {
+                self.streams.forget(key);
+                return Err(e);
+            }
+        };
+        let (stream, (result, in_transaction), budget) = self
+            .run_held(stream, access, hold, move |stream, budget| {
+                let result = f(stream, budget);
+                let in_transaction = !stream.is_autocommit();
+                if !in_transaction {
+                    stream.close();
+                }
+                (result, in_transaction)
+            })
+            .await?;
+        if in_transaction {
+            self.streams.park_as(key, stream);
+        }
+        Ok((result, in_transaction, budget))
+    }
+
+    /// Rolls back and drops the stream a proxy client keeps under `key`, if any.
+    pub fn discard_keyed(&self, ns: &NamespaceName, key: &str) {
+        match self.streams.take(key, ns) {
+            Ok(stream) => drop_off_runtime(vec![stream]),
+            Err(_) => self.streams.forget(key),
+        }
+    }
+
     /// Opens a stream on `ns` that its transport holds between requests, counted against the
     /// server's and the namespace's stream bounds until the returned [`Held`] is dropped.
     pub async fn open_held(&self, ns: &NamespaceName) -> Result<(Stream, Held), RequestError> {

@@ -110,6 +110,17 @@ impl Stream {
         })
     }
 
+    /// Whether the stream's connection is outside any transaction (a closed one is).
+    pub fn is_autocommit(&self) -> bool {
+        self.conn.as_ref().is_none_or(|c| c.sqlite().is_autocommit())
+    }
+
+    /// The frame_no of the last frame its namespace's log holds: a replica that has it has
+    /// every write this stream made. Blocking (the log's lock).
+    pub fn last_frame_no(&self) -> Option<u64> {
+        self.ns.db().logger().feed_view().last_frame_no()
+    }
+
     /// Runs a batch (the cursor endpoint). Blocking.
     pub fn run_batch(&mut self, batch: &Batch, budget: &mut ResponseBudget) -> Result<BatchResult, StmtError> {
         let (conn, sqls) = self.parts()?;
@@ -326,6 +337,24 @@ impl StreamRegistry {
         Ok(Held { registry: self.clone(), ns: ns.clone() })
     }
 
+    /// Parks a stream under `key`, chosen by its transport (a proxy client's id), until its
+    /// next request; a stream already parked under the key is dropped (rolled back).
+    pub fn park_as(&self, key: &str, stream: Stream) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let replaced = inner.remove(key);
+        inner.insert(key.to_owned(), Parked { stream, parked_at: Instant::now() });
+        drop(inner);
+        if let Some(replaced) = replaced {
+            drop_off_runtime(vec![replaced.stream]);
+        }
+    }
+
+    /// Forgets that the stream of `key` expired (it was reported once), so the key can be
+    /// used again.
+    pub fn forget(&self, key: &str) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).expired.remove(key);
+    }
+
     /// Parks a stream until its next request; returns its new baton. A new stream was let in
     /// by `check_room`; a continuing one had its place.
     pub fn park(&self, stream: Stream) -> String {
@@ -391,6 +420,12 @@ impl StreamRegistry {
 }
 
 impl Stream {
+    /// Describes one statement (a replica's forwarded `Describe`). Blocking.
+    pub fn describe(&mut self, sql: &str) -> Result<libsql_hrana::proto::DescribeResult, StmtError> {
+        let (conn, sqls) = self.parts()?;
+        stmt::describe(conn, sqls, Some(sql), None)
+    }
+
     /// Executes one statement (Hrana v1 over HTTP). Blocking.
     pub fn execute(
         &mut self,
