@@ -14,7 +14,10 @@ use libsql_replication::frame::FrameNo;
 use libsql_replication::meta::{Error as MetaError, WalIndexMeta};
 use libsql_replication::replicator::{Error, Replicator, ReplicatorClient};
 use libsql_replication::rpc::proxy::proxy_client::ProxyClient;
-use libsql_replication::rpc::proxy::{query, query_result, Positional, Program, ProgramReq, Query, Step, Value as ProxyValue};
+use libsql_replication::rpc::proxy::{
+    exec_req, exec_resp, query, query_result, resp_step, ExecReq, ExecResp, Finish, Positional, Program, ProgramReq, Query, Step,
+    StreamProgramReq, Value as ProxyValue,
+};
 use libsql_replication::rpc::replication::log_offset::WalFlavor;
 use libsql_replication::rpc::replication::replication_log_client::ReplicationLogClient;
 use libsql_replication::rpc::replication::{Frame as RpcFrame, HelloRequest, LogOffset};
@@ -358,4 +361,75 @@ async fn bad_grpc_input_gets_the_statuses_replicas_expect_and_the_server_goes_on
     let frames = c.batch_log_entries(request(offset(0), Some("tenant"), tok, Some(&session))).await.unwrap().into_inner().frames;
     assert_eq!(frames.len() as u64, hello.current_replication_index.unwrap() + 1);
     assert!(frames.iter().all(|f| f.data.len() == 24 + 4096));
+}
+
+fn exec(request_id: u32, sqls: &[&str]) -> ExecReq {
+    let steps = sqls
+        .iter()
+        .map(|sql| Step { cond: None, query: Some(Query { stmt: (*sql).into(), params: None, skip_rows: false }) })
+        .collect();
+    ExecReq { request_id, request: Some(exec_req::Request::Execute(StreamProgramReq { pgm: Some(Program { steps }) })) }
+}
+
+/// The steps of a program's answer, by name, and its `Finish`.
+fn step_names(answer: &ExecResp) -> (Vec<&'static str>, Option<Finish>) {
+    let Some(exec_resp::Response::ProgramResp(program)) = &answer.response else { panic!("not a program answer: {answer:?}") };
+    let mut finish = None;
+    let names = program
+        .steps
+        .iter()
+        .map(|s| match s.step.as_ref().unwrap() {
+            resp_step::Step::Init(_) => "init",
+            resp_step::Step::BeginStep(_) => "begin_step",
+            resp_step::Step::FinishStep(_) => "finish_step",
+            resp_step::Step::StepError(_) => "step_error",
+            resp_step::Step::ColsDescription(_) => "cols",
+            resp_step::Step::BeginRows(_) => "begin_rows",
+            resp_step::Step::BeginRow(_) => "begin_row",
+            resp_step::Step::AddRowValue(_) => "value",
+            resp_step::Step::FinishRow(_) => "finish_row",
+            resp_step::Step::FinishRows(_) => "finish_rows",
+            resp_step::Step::Finish(f) => {
+                finish = Some(f.clone());
+                "finish"
+            }
+        })
+        .collect();
+    (names, finish)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_exec_sessions_run_programs_and_one_that_vanishes_releases_the_write_lock() {
+    // No transaction time limit: only the session's end can release the lock.
+    let sqld = Sqld::start(&["--write-lock-timeout-ms", "30000", "--txn-timeout-s", "0"]);
+    sqld.connect().await.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)", ()).await.unwrap();
+    let mut proxy = ProxyClient::new(tonic::transport::Endpoint::from_shared(format!("http://{}", sqld.grpc)).unwrap().connect_lazy());
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut answers =
+        proxy.stream_exec(tokio_stream_of(rx)).await.unwrap().into_inner();
+    tx.send(exec(7, &["BEGIN", "INSERT INTO t VALUES (1)", "SELECT id FROM t", "SELECT nope"])).await.unwrap();
+    let answer = answers.message().await.unwrap().unwrap();
+    assert_eq!(answer.request_id, 7);
+    let (names, finish) = step_names(&answer);
+    let plain = ["begin_step", "cols", "begin_rows", "finish_rows", "finish_step"];
+    let with_row = ["begin_step", "cols", "begin_rows", "begin_row", "value", "finish_row", "finish_rows", "finish_step"];
+    let expected: Vec<&str> =
+        [&["init"][..], &plain, &plain, &with_row, &["begin_step", "step_error", "finish_step", "finish"]].concat();
+    assert_eq!(names, expected);
+    let finish = finish.unwrap();
+    assert!(!finish.is_autocommit, "the session holds its transaction");
+
+    // The replica goes away inside its transaction: its transaction is rolled back and the
+    // write lock released, so another writer proceeds (it would get SQLITE_BUSY otherwise).
+    drop(tx);
+    drop(answers);
+    let other = sqld.connect().await;
+    other.execute("INSERT INTO t VALUES (2)", ()).await.unwrap();
+    assert_eq!(rows(&other, "SELECT id FROM t").await, vec![vec![libsql::Value::Integer(2)]]);
+}
+
+/// A request stream for a client-streaming call, from a channel.
+fn tokio_stream_of<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<T>) -> impl Stream<Item = T> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
 }

@@ -13,6 +13,7 @@ mod auth;
 mod bad_input;
 mod client;
 mod hrana;
+mod interop;
 mod isolation;
 mod limits;
 mod log_bounds;

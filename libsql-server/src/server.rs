@@ -103,6 +103,8 @@ impl Server {
             session: uuid::Uuid::new_v4(),
             // Under the connections' idle timeout: a waiting stream never idles one out.
             follow_idle: self.config.idle_connection_timeout() / 2,
+            stream_expiry: std::time::Duration::from_secs(self.config.stream_expiry_s),
+            session_idle: std::time::Duration::from_secs(self.config.websocket_idle_timeout_s),
         }))
     }
 

@@ -14,6 +14,7 @@
 mod proxy;
 mod replication_log;
 mod status;
+mod stream_exec;
 mod value;
 
 use std::sync::Arc;
@@ -55,6 +56,9 @@ pub struct GrpcState {
     pub session: Uuid,
     /// How long a `LogEntries` stream waits for a new commit before it ends.
     pub follow_idle: Duration,
+    /// How long a `StreamExec` session waits for a request, inside a transaction and outside.
+    pub stream_expiry: Duration,
+    pub session_idle: Duration,
 }
 
 /// The gRPC services, for the user port (as gRPC-web) and the gRPC port (HTTP/2).

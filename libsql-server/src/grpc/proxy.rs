@@ -1,5 +1,6 @@
 //! `proxy.Proxy`: the writes replicas forward to the primary (`Execute`, `Describe`,
-//! `Disconnect`, as embedded replicas of the older protocol send them). A program runs as a
+//! `Disconnect`, as embedded replicas of the older protocol send them; `StreamExec`, as libSQL
+//! server replicas do, is in [`stream_exec`]). A program runs as a
 //! Hrana batch on a stream of the namespace, through the same admission as every Hrana request
 //! (write gate, blocks, authorizer, the credential's access, limits). A client's stream is kept
 //! under its `client_id` while it holds a transaction (an interactive transaction spans calls)
@@ -15,12 +16,12 @@ use libsql_replication::rpc::proxy::proxy_server::Proxy;
 use libsql_replication::rpc::proxy::query_result::RowResult;
 use libsql_replication::rpc::proxy::{
     cond, describe_result, query, Ack, Column, Cond, DescribeRequest, DescribeResult, Description, DisconnectMessage,
-    Error as ProxyError, ExecReq, ExecResp, ExecuteResults, Program, ProgramReq, QueryResult, ResultRows, Row, State,
+    Error as ProxyError, ExecReq, ExecuteResults, Program, ProgramReq, QueryResult, ResultRows, Row, State,
 };
 use tonic::{Request, Response, Status, Streaming};
 
 use super::status::StatusOf;
-use super::value;
+use super::{stream_exec, value};
 use super::GrpcState;
 use crate::hrana::StmtError;
 use crate::namespace::NamespaceName;
@@ -44,7 +45,7 @@ fn key(ns: &NamespaceName, client_id: &str) -> String {
 }
 
 /// A proxy program as the Hrana batch it means.
-fn batch(program: Program) -> Result<Batch, Status> {
+pub(super) fn batch(program: Program) -> Result<Batch, Status> {
     if program.steps.len() > MAX_STEPS {
         return Err(Status::invalid_argument(format!("a program may have at most {MAX_STEPS} steps")));
     }
@@ -92,11 +93,11 @@ fn condition(c: Cond) -> Result<BatchCond, Status> {
     })
 }
 
-fn error(e: &StmtError) -> ProxyError {
+pub(super) fn error(e: &StmtError) -> ProxyError {
     ProxyError { code: ErrorCode::SqlError as i32, message: e.to_string(), extended_code: e.extended_code() }
 }
 
-fn hrana_error(e: &hrana::Error) -> ProxyError {
+pub(super) fn hrana_error(e: &hrana::Error) -> ProxyError {
     ProxyError { code: ErrorCode::SqlError as i32, message: e.message.clone(), extended_code: 1 }
 }
 
@@ -111,7 +112,7 @@ fn rows(result: hrana::StmtResult) -> ResultRows {
 
 #[tonic::async_trait]
 impl Proxy for ProxyService {
-    type StreamExecStream = libsql_replication::rpc::replication::BoxStream<'static, Result<ExecResp, Status>>;
+    type StreamExecStream = stream_exec::Answers;
 
     async fn execute(&self, request: Request<ProgramReq>) -> Result<Response<ExecuteResults>, Status> {
         let caller = self.state.admit(request.metadata())?;
@@ -175,7 +176,8 @@ impl Proxy for ProxyService {
         Ok(Response::new(Ack {}))
     }
 
-    async fn stream_exec(&self, _request: Request<Streaming<ExecReq>>) -> Result<Response<Self::StreamExecStream>, Status> {
-        Err(Status::unimplemented("StreamExec is not served yet; replicas that need it fall back to Execute"))
+    async fn stream_exec(&self, request: Request<Streaming<ExecReq>>) -> Result<Response<Self::StreamExecStream>, Status> {
+        let (metadata, _, requests) = request.into_parts();
+        Ok(Response::new(stream_exec::open(self.state.clone(), metadata, requests).await?))
     }
 }

@@ -1,0 +1,119 @@
+//! Interoperability with the libSQL server itself (opt-in: `SQLD_UPSTREAM_BIN` names its
+//! binary, e.g. `../shared/bin/sqld-libsql-0.24.33`): that server as a replica of this one over
+//! gRPC, through a 20k-row bootstrap, writes on both sides (the replica's forwarded over
+//! `StreamExec`), and a log rebuild of the primary; exactly the primary's rows each time.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::process::{rows, Sqld};
+
+/// A libSQL server process, killed when dropped.
+struct Upstream {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn upstream_bin() -> Option<String> {
+    let bin = std::env::var("SQLD_UPSTREAM_BIN").ok();
+    if bin.is_none() {
+        eprintln!("skipped: set SQLD_UPSTREAM_BIN to the libSQL server's binary to run the interoperability tests");
+    }
+    bin
+}
+
+/// Starts the libSQL server as a replica of `primary_grpc` and waits until it answers.
+fn upstream_replica(bin: &str, primary_grpc: &str) -> Upstream {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let child = Command::new(bin)
+        .args(["--db-path", dir.path().join("r.sqld").to_str().unwrap()])
+        .args(["--http-listen-addr", &addr.to_string(), "--primary-grpc-url", primary_grpc])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawning the libSQL server");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "the libSQL server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Upstream { child, url: format!("http://{addr}"), _dir: dir }
+}
+
+async fn remote(url: &str) -> libsql::Connection {
+    libsql::Builder::new_remote(url.to_owned(), String::new())
+        .connector(hyper::client::HttpConnector::new())
+        .build()
+        .await
+        .unwrap()
+        .connect()
+        .unwrap()
+}
+
+const ALL: &str = "SELECT id, hex(v) FROM t ORDER BY id";
+
+/// Every row of `t`, or the error (the replica may not have the table yet).
+async fn try_rows(conn: &libsql::Connection) -> Result<Vec<Vec<libsql::Value>>, libsql::Error> {
+    let mut rows = conn.query(ALL, ()).await?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().await? {
+        out.push((0..row.column_count()).map(|i| row.get_value(i).unwrap()).collect());
+    }
+    Ok(out)
+}
+
+/// Waits (bounded) until `replica` answers exactly `primary`'s rows.
+async fn assert_same_rows(primary: &libsql::Connection, replica: &libsql::Connection) {
+    let expected = rows(primary, ALL).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = try_rows(replica).await.unwrap_or_default();
+        if got == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the replica holds {} rows, not the primary's {}", got.len(), expected.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_libsql_server_replicates_this_one() {
+    let Some(bin) = upstream_bin() else { return };
+    let sqld = Sqld::start(&[]);
+    let primary = sqld.connect().await;
+    primary.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
+    primary.execute("INSERT INTO t SELECT value, randomblob(100) FROM generate_series(1, 20000)", ()).await.unwrap();
+    let upstream = tokio::task::block_in_place(|| upstream_replica(&bin, &format!("http://{}", sqld.grpc)));
+    let replica = remote(&upstream.url).await;
+    assert_same_rows(&primary, &replica).await;
+
+    // Writes on the primary, and through the replica (forwarded over StreamExec).
+    primary.execute("UPDATE t SET v = x'00' WHERE id % 3 = 0", ()).await.unwrap();
+    // (The libSQL server's replica does not wait for its own forwarded write before a read on
+    // the same stream, with its own primary either: only convergence is checked.)
+    replica.execute("INSERT INTO t VALUES (30001, x'abcd')", ()).await.unwrap();
+    let tx = replica.transaction().await.unwrap();
+    tx.execute("INSERT INTO t VALUES (30002, x'01')", ()).await.unwrap();
+    tx.execute("DELETE FROM t WHERE id < 100", ()).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_same_rows(&primary, &replica).await;
+
+    // A log rebuild of the primary: the replica starts over from the new log and converges.
+    // (The libSQL server's replica resets its copy only once no client holds a connection on
+    // it: this client lets go of its own first.)
+    drop(replica);
+    let (status, body) = sqld.admin_post("/v1/namespaces/default/reset-replication").await;
+    assert_eq!(status, 200, "{body}");
+    primary.execute("DELETE FROM t WHERE id % 5 = 0", ()).await.unwrap();
+    assert_same_rows(&primary, &remote(&upstream.url).await).await;
+}
