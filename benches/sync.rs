@@ -1,11 +1,13 @@
-//! Sync protocol v2 as embedded replicas see it, against a real `sqld` process, each figure
-//! beside a baseline from the same run.
+//! Replicas as they see a real `sqld` primary, each figure beside a baseline from the same run.
 //!
 //! `cargo bench --bench sync` prints a table and writes `bench-results/sync.json`:
-//! * initial sync (bootstrap) of 20k and 200k rows with the `libsql` crate's synced database,
-//!   beside copying the (checkpointed) data file with an fsync;
-//! * steady-state lag under a write load: a commit acknowledged by the primary until it is
-//!   visible on a replica after `sync()`, beside the primary's own commit latency.
+//! * initial sync (bootstrap) of 20k and 200k rows with the `libsql` crate's embedded replicas,
+//!   over sync v2 and over the older gRPC-web protocol (`SyncProtocol::V1`), beside copying the
+//!   (checkpointed) data file with an fsync;
+//! * steady-state lag under a paced write load: a commit acknowledged by the primary until it
+//!   is visible on a replica after `sync()`, V2 and V1, beside the primary's own commit latency;
+//! * with `SQLD_UPSTREAM_BIN` naming the libSQL server's binary: the same for that server as a
+//!   replica of this one over gRPC (HTTP/2), visible through its Hrana API.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -19,13 +21,16 @@ use serde_json::json;
 struct Sqld {
     child: Child,
     url: String,
+    grpc: String,
 }
 
 impl Sqld {
     fn start(dir: &Path) -> Sqld {
         let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let grpc = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_sqld"))
             .args(["--db-path", dir.to_str().unwrap(), "--http-listen-addr", &addr.to_string()])
+            .args(["--grpc-listen-addr", &grpc.to_string()])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
@@ -35,17 +40,11 @@ impl Sqld {
             assert!(Instant::now() < deadline, "sqld did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
-        Sqld { child, url: format!("http://{addr}") }
+        Sqld { child, url: format!("http://{addr}"), grpc: format!("http://{grpc}") }
     }
 
     async fn connect(&self) -> libsql::Connection {
-        libsql::Builder::new_remote(self.url.clone(), String::new())
-            .connector(hyper::client::HttpConnector::new())
-            .build()
-            .await
-            .unwrap()
-            .connect()
-            .unwrap()
+        remote(&self.url).await
     }
 
     fn stop(mut self) {
@@ -54,12 +53,106 @@ impl Sqld {
     }
 }
 
-async fn replica(url: &str, path: &Path) -> libsql::Database {
-    libsql::Builder::new_synced_database(path, url.to_owned(), String::new())
+async fn remote(url: &str) -> libsql::Connection {
+    libsql::Builder::new_remote(url.to_owned(), String::new())
         .connector(hyper::client::HttpConnector::new())
         .build()
         .await
         .unwrap()
+        .connect()
+        .unwrap()
+}
+
+/// The replicas measured: the `libsql` crate's embedded replicas over each protocol, and
+/// (opt-in) the libSQL server as a replica server.
+#[derive(Clone, Copy)]
+enum Kind {
+    V2,
+    V1,
+    Upstream,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::V2 => "embedded replica, sync v2",
+            Kind::V1 => "embedded replica, gRPC-web (V1)",
+            Kind::Upstream => "libSQL server replica, gRPC",
+        }
+    }
+}
+
+/// A replica of `sqld` of one kind, in `dir`.
+enum Replica {
+    Embedded(libsql::Database, libsql::Connection),
+    Server(Child, libsql::Connection),
+}
+
+impl Replica {
+    async fn open(kind: Kind, sqld: &Sqld, dir: &Path) -> Replica {
+        let path = dir.join("replica.db");
+        let db = match kind {
+            Kind::V2 => libsql::Builder::new_synced_database(path, sqld.url.clone(), String::new())
+                .connector(hyper::client::HttpConnector::new())
+                .build()
+                .await
+                .unwrap(),
+            Kind::V1 => libsql::Builder::new_remote_replica(path, sqld.url.clone(), String::new())
+                .connector(hyper::client::HttpConnector::new())
+                .sync_protocol(libsql::SyncProtocol::V1)
+                .build()
+                .await
+                .unwrap(),
+            Kind::Upstream => {
+                let bin = std::env::var("SQLD_UPSTREAM_BIN").unwrap();
+                let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+                let child = Command::new(bin)
+                    .args(["--db-path", dir.join("upstream").to_str().unwrap(), "--http-listen-addr", &addr.to_string()])
+                    .args(["--primary-grpc-url", &sqld.grpc])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                while std::net::TcpStream::connect(addr).is_err() {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                return Replica::Server(child, remote(&format!("http://{addr}")).await);
+            }
+        };
+        let conn = db.connect().unwrap();
+        Replica::Embedded(db, conn)
+    }
+
+    /// Whether the replica (synced first, if embedded) answers `sql` with a first row whose
+    /// first value is `expected`.
+    async fn sees(&self, sql: &str, expected: i64) -> bool {
+        let conn = match self {
+            Replica::Embedded(db, conn) => {
+                db.sync().await.unwrap();
+                conn
+            }
+            Replica::Server(_, conn) => conn,
+        };
+        let Ok(mut rows) = conn.query(sql, ()).await else { return false };
+        matches!(rows.next().await, Ok(Some(row)) if row.get::<i64>(0).ok() == Some(expected))
+    }
+
+    fn stop(self) {
+        if let Replica::Server(mut child, _) = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn kinds() -> Vec<Kind> {
+    let mut kinds = vec![Kind::V2, Kind::V1];
+    if std::env::var("SQLD_UPSTREAM_BIN").is_ok() {
+        kinds.push(Kind::Upstream);
+    } else {
+        println!("(set SQLD_UPSTREAM_BIN to the libSQL server's binary to measure it as a replica too)");
+    }
+    kinds
 }
 
 /// Commits per second of the background write load during the lag measurement.
@@ -76,20 +169,25 @@ fn ms(d: Duration) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut results = Vec::new();
-    println!("\n{:<40} {:>12} {:>10} {:>14} {:>10}", "initial sync (2 cores)", "sync", "MB/s", "copy+fsync", "MB/s");
+    let kinds = kinds();
+    println!("\n{:<52} {:>12} {:>10} {:>14} {:>10}", "initial sync (2 cores)", "sync", "MB/s", "copy+fsync", "MB/s");
     for rows in [20_000u64, 200_000] {
         let dir = tempfile::tempdir().unwrap();
         let sqld = Sqld::start(&dir.path().join("server"));
         let conn = sqld.connect().await;
         conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
         conn.execute("INSERT INTO t SELECT value, randomblob(100) FROM generate_series(1, ?1)", [rows as i64]).await.unwrap();
-
-        let started = Instant::now();
-        let db = replica(&sqld.url, &dir.path().join("replica.db")).await;
-        db.sync().await.unwrap();
-        let sync_time = started.elapsed();
-        let mut check = db.connect().unwrap().query("SELECT count(*) FROM t", ()).await.unwrap();
-        assert_eq!(check.next().await.unwrap().unwrap().get::<u64>(0).unwrap(), rows);
+        let mut times = Vec::new();
+        for kind in &kinds {
+            let replica_dir = tempfile::tempdir().unwrap();
+            let started = Instant::now();
+            let replica = Replica::open(*kind, &sqld, replica_dir.path()).await;
+            while !replica.sees("SELECT count(*) FROM t", rows as i64).await {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            times.push((*kind, started.elapsed()));
+            replica.stop();
+        }
         sqld.stop();
 
         let data = dir.path().join("server/dbs/default/data");
@@ -99,74 +197,79 @@ async fn main() {
         std::fs::File::open(dir.path().join("copy")).unwrap().sync_all().unwrap();
         let copy_time = started.elapsed();
         let mb = bytes as f64 / 1e6;
-        println!(
-            "{:<40} {:>9.1} ms {:>10.1} {:>11.1} ms {:>10.1}",
-            format!("{rows} rows ({mb:.1} MB)"),
-            ms(sync_time),
-            mb / sync_time.as_secs_f64(),
-            ms(copy_time),
-            mb / copy_time.as_secs_f64()
-        );
-        results.push(json!({"workload": format!("initial sync, {rows} rows"), "bytes": bytes, "sync_ms": ms(sync_time), "copy_ms": ms(copy_time)}));
+        for (kind, sync_time) in times {
+            println!(
+                "{:<52} {:>9.1} ms {:>10.1} {:>11.1} ms {:>10.1}",
+                format!("{rows} rows ({mb:.1} MB), {}", kind.name()),
+                ms(sync_time),
+                mb / sync_time.as_secs_f64(),
+                ms(copy_time),
+                mb / copy_time.as_secs_f64()
+            );
+            results.push(json!({"workload": format!("initial sync, {rows} rows"), "replica": kind.name(), "bytes": bytes, "sync_ms": ms(sync_time), "copy_ms": ms(copy_time)}));
+        }
     }
 
     // Steady-state lag: a background writer commits continuously; a probe commits a row and
-    // syncs a replica until the row is there.
-    let dir = tempfile::tempdir().unwrap();
-    let sqld = Sqld::start(&dir.path().join("server"));
-    let conn = sqld.connect().await;
-    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
-    let db = replica(&sqld.url, &dir.path().join("replica.db")).await;
-    db.sync().await.unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let stop = stop.clone();
-        let writer = sqld.connect().await;
-        tokio::spawn(async move {
-            // Paced: a replica applies each pulled commit with an fsync of its own metadata,
-            // so an unpaced single-row writer can outrun any replica.
-            let mut pace = tokio::time::interval(Duration::from_micros(1_000_000 / LOAD_COMMITS_PER_SEC));
-            let mut id = 1_000_000i64;
-            while !stop.load(Ordering::Relaxed) {
-                pace.tick().await;
-                writer.execute("INSERT INTO t VALUES (?1, randomblob(200))", [id]).await.unwrap();
-                id += 1;
-            }
-            id - 1_000_000
-        })
-    };
-    let replica_conn = db.connect().unwrap();
-    let (mut lags, mut commits) = (Vec::new(), Vec::new());
-    for probe in 0..200i64 {
-        let started = Instant::now();
-        conn.execute("INSERT INTO t VALUES (?1, 'probe')", [probe]).await.unwrap();
-        let acked = Instant::now();
-        commits.push(acked - started);
-        loop {
-            db.sync().await.unwrap();
-            let mut rows = replica_conn.query("SELECT 1 FROM t WHERE id = ?1", [probe]).await.unwrap();
-            if rows.next().await.unwrap().is_some() {
-                break;
-            }
+    // polls a replica until the row is there.
+    println!("\n{:<52} {:>12} {:>12} {:>12}", "steady-state lag under load", "p50", "p90", "p99");
+    for kind in &kinds {
+        let dir = tempfile::tempdir().unwrap();
+        let sqld = Sqld::start(&dir.path().join("server"));
+        let conn = sqld.connect().await;
+        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
+        let replica = Replica::open(*kind, &sqld, dir.path()).await;
+        while !replica.sees("SELECT count(*) FROM t", 0).await {
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        lags.push(acked.elapsed());
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = {
+            let stop = stop.clone();
+            let writer = sqld.connect().await;
+            tokio::spawn(async move {
+                // Paced: a replica applies each pulled commit with an fsync of its own
+                // metadata, so an unpaced single-row writer can outrun any replica.
+                let mut pace = tokio::time::interval(Duration::from_micros(1_000_000 / LOAD_COMMITS_PER_SEC));
+                let mut id = 1_000_000i64;
+                while !stop.load(Ordering::Relaxed) {
+                    pace.tick().await;
+                    writer.execute("INSERT INTO t VALUES (?1, randomblob(200))", [id]).await.unwrap();
+                    id += 1;
+                }
+                id - 1_000_000
+            })
+        };
+        let (mut lags, mut commits) = (Vec::new(), Vec::new());
+        for probe in 0..200i64 {
+            let started = Instant::now();
+            conn.execute("INSERT INTO t VALUES (?1, 'probe')", [probe]).await.unwrap();
+            let acked = Instant::now();
+            commits.push(acked - started);
+            let sql = format!("SELECT count(*) FROM t WHERE id = {probe}");
+            while !replica.sees(&sql, 1).await {}
+            lags.push(acked.elapsed());
+        }
+        stop.store(true, Ordering::Relaxed);
+        let background = load.await.unwrap();
+        replica.stop();
+        sqld.stop();
+        lags.sort();
+        commits.sort();
+        let row = |what: String, d: &[Duration]| {
+            println!("{:<52} {:>9.2} ms {:>9.2} ms {:>9.2} ms", what, ms(percentile(d, 0.5)), ms(percentile(d, 0.9)), ms(percentile(d, 0.99)))
+        };
+        row(format!("commit -> visible, {}", kind.name()), &lags);
+        row("  baseline: the commit itself".into(), &commits);
+        println!("  (background load: {LOAD_COMMITS_PER_SEC} commits/s requested, {background} committed meanwhile)");
+        results.push(json!({
+            "workload": "steady-state lag under a write load",
+            "replica": kind.name(),
+            "lag_ms": {"p50": ms(percentile(&lags, 0.5)), "p90": ms(percentile(&lags, 0.9)), "p99": ms(percentile(&lags, 0.99))},
+            "commit_ms": {"p50": ms(percentile(&commits, 0.5)), "p90": ms(percentile(&commits, 0.9)), "p99": ms(percentile(&commits, 0.99))},
+            "background_commits": background,
+            "background_commits_per_sec_requested": LOAD_COMMITS_PER_SEC,
+        }));
     }
-    stop.store(true, Ordering::Relaxed);
-    let background = load.await.unwrap();
-    sqld.stop();
-    lags.sort();
-    commits.sort();
-    println!("\n{:<40} {:>12} {:>12} {:>12}", "steady-state lag under load", "p50", "p90", "p99");
-    println!("{:<40} {:>9.2} ms {:>9.2} ms {:>9.2} ms", "commit -> visible after sync()", ms(percentile(&lags, 0.5)), ms(percentile(&lags, 0.9)), ms(percentile(&lags, 0.99)));
-    println!("{:<40} {:>9.2} ms {:>9.2} ms {:>9.2} ms", "baseline: the commit itself", ms(percentile(&commits, 0.5)), ms(percentile(&commits, 0.9)), ms(percentile(&commits, 0.99)));
-    println!("(background load: {LOAD_COMMITS_PER_SEC} commits/s requested, {background} committed meanwhile)");
-    results.push(json!({
-        "workload": "steady-state lag under a write load",
-        "lag_ms": {"p50": ms(percentile(&lags, 0.5)), "p90": ms(percentile(&lags, 0.9)), "p99": ms(percentile(&lags, 0.99))},
-        "commit_ms": {"p50": ms(percentile(&commits, 0.5)), "p90": ms(percentile(&commits, 0.9)), "p99": ms(percentile(&commits, 0.99))},
-        "background_commits": background,
-        "background_commits_per_sec_requested": LOAD_COMMITS_PER_SEC,
-    }));
     std::fs::create_dir_all("bench-results").unwrap();
     let path = Path::new("bench-results/sync.json");
     std::fs::write(path, serde_json::to_string_pretty(&results).unwrap()).unwrap();
