@@ -1,18 +1,13 @@
-//! gRPC replication (`wal_log.ReplicationLog`) against a real `sqld`: a replica built on
-//! `libsql_replication`'s own `Replicator` and injector (what libSQL server replicas run)
-//! follows this server over HTTP/2 through commits, compactions, a reset and a `kill -9`; and
-//! bad input gets the statuses replicas expect while the server goes on.
+//! gRPC replication (`wal_log.ReplicationLog`, `proxy.Proxy`) against a real `sqld`: this
+//! server's follower, built on `libsql_replication`'s own `Replicator` and injector (what
+//! libSQL server replicas run), follows it over HTTP/2 through commits, compactions, a reset, a
+//! `kill -9` of the primary and a restart of its own; `StreamExec` sessions; and bad input gets
+//! the statuses replicas expect while the server goes on.
 
 use std::path::Path;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
-use libsql_replication::frame::FrameNo;
-use libsql_replication::meta::{Error as MetaError, WalIndexMeta};
-use libsql_replication::replicator::{Error, Replicator, ReplicatorClient};
+use futures::Stream;
 use libsql_replication::rpc::proxy::proxy_client::ProxyClient;
 use libsql_replication::rpc::proxy::{
     exec_req, exec_resp, query, query_result, resp_step, ExecReq, ExecResp, Finish, Positional, Program, ProgramReq, Query, Step,
@@ -20,123 +15,28 @@ use libsql_replication::rpc::proxy::{
 };
 use libsql_replication::rpc::replication::log_offset::WalFlavor;
 use libsql_replication::rpc::replication::replication_log_client::ReplicationLogClient;
-use libsql_replication::rpc::replication::{Frame as RpcFrame, HelloRequest, LogOffset};
+use libsql_replication::rpc::replication::{HelloRequest, LogOffset};
+use libsql_server::namespace::NamespaceName;
+use libsql_server::replica::Follower;
 use libsql_sys::rusqlite;
 use serde_json::json;
-use tonic::metadata::{AsciiMetadataValue, BinaryMetadataValue};
+use tonic::metadata::BinaryMetadataValue;
 use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::common::process::{rows, Sqld};
 use crate::common::tokens::Signer;
 
-/// No frame received yet.
-const NONE: u64 = u64::MAX;
-
-/// A replica's view of the primary, as a libSQL server replica has it: what
-/// `libsql_replication`'s `Replicator` pulls through.
-struct Primary {
-    client: ReplicationLogClient<Channel>,
-    session: Option<AsciiMetadataValue>,
-    meta: WalIndexMeta,
-    /// The newest frame_no received (NONE if none), updated as frames stream in.
-    received: Arc<AtomicU64>,
-}
-
-impl Primary {
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        if let Some(session) = &self.session {
-            request.metadata_mut().insert("x-session-token", session.clone());
-        }
-        request
-    }
-
-    fn offset(&self) -> LogOffset {
-        let received = self.received.load(Ordering::SeqCst);
-        LogOffset { next_offset: if received == NONE { 0 } else { received + 1 }, wal_flavor: None }
-    }
-
-    /// The frames of a stream, noting the newest frame_no received: a log's last, a
-    /// snapshot's first (it comes newest first).
-    fn track(&self, stream: tonic::Streaming<RpcFrame>, snapshot: bool) -> FrameStream {
-        let received = self.received.clone();
-        let mut first = true;
-        Box::pin(stream.map(move |frame| {
-            let frame = frame.map_err(Error::from)?;
-            if !snapshot || std::mem::take(&mut first) {
-                received.store(u64::from_le_bytes(frame.data[0..8].try_into().unwrap()), Ordering::SeqCst);
-            }
-            Ok(frame)
-        }))
-    }
-}
-
-type FrameStream = Pin<Box<dyn Stream<Item = Result<RpcFrame, Error>> + Send + 'static>>;
-
-#[tonic::async_trait]
-impl ReplicatorClient for Primary {
-    type FrameStream = FrameStream;
-
-    async fn handshake(&mut self) -> Result<(), Error> {
-        let hello = self.client.hello(self.request(HelloRequest::new())).await?.into_inner();
-        self.session = Some(AsciiMetadataValue::try_from(hello.session_token.to_vec()).unwrap());
-        if let Err(MetaError::LogIncompatible) = self.meta.init_from_hello(hello.clone()) {
-            // Another log: start over from its first frame (its full image).
-            self.meta.reset();
-            self.meta.init_from_hello(hello)?;
-        }
-        self.meta.flush().await?;
-        self.received.store(self.meta.current_frame_no().unwrap_or(NONE), Ordering::SeqCst);
-        Ok(())
-    }
-
-    async fn next_frames(&mut self) -> Result<FrameStream, Error> {
-        let stream = self.client.log_entries(self.request(self.offset())).await?.into_inner();
-        Ok(self.track(stream, false))
-    }
-
-    async fn snapshot(&mut self) -> Result<FrameStream, Error> {
-        let stream = self.client.snapshot(self.request(self.offset())).await?.into_inner();
-        Ok(self.track(stream, true))
-    }
-
-    async fn commit_frame_no(&mut self, frame_no: FrameNo) -> Result<(), Error> {
-        self.meta.set_commit_frame_no(frame_no).await?;
-        Ok(())
-    }
-
-    fn committed_frame_no(&self) -> Option<FrameNo> {
-        self.meta.current_frame_no()
-    }
-
-    fn rollback(&mut self) {
-        self.received.store(self.committed_frame_no().unwrap_or(NONE), Ordering::SeqCst);
-    }
-}
-
 async fn client(sqld: &Sqld) -> ReplicationLogClient<Channel> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", sqld.grpc)).unwrap().connect_lazy();
     ReplicationLogClient::new(channel)
 }
 
-/// Runs a replica of `sqld`'s default namespace into `dir/data`, for the test's lifetime.
-async fn start_replica(sqld: &Sqld, dir: &Path) -> tokio::task::JoinHandle<()> {
-    let primary = Primary {
-        client: client(sqld).await,
-        session: None,
-        meta: WalIndexMeta::open(dir).await.unwrap(),
-        received: Arc::new(AtomicU64::new(NONE)),
-    };
-    let mut replicator = Replicator::new_sqlite(primary, dir.join("data"), 10_000, None).await.unwrap();
-    tokio::spawn(async move {
-        loop {
-            // Errors (the primary restarting, say) are retried, as replicas do.
-            if replicator.replicate().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    })
+/// Follows `sqld`'s default namespace into `dir` (this server's own follower, built on
+/// `libsql_replication`'s replicator and injector, as the libSQL server's replicas are).
+fn follower(sqld: &Sqld, dir: &Path) -> Follower {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", sqld.grpc)).unwrap().connect_lazy();
+    Follower::start(channel, NamespaceName::default_namespace(), None, dir.to_owned())
 }
 
 /// Every row of `t` in the replica's file.
@@ -174,15 +74,16 @@ async fn assert_follows(sqld: &Sqld, dir: &Path) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_libsql_replicator_follows_over_http2_through_compactions_resets_and_kills() {
+async fn this_servers_follower_follows_over_http2_through_compactions_resets_kills_and_restarts() {
     let args = ["--max-log-size", "1", "--idle-connection-timeout-s", "4"];
     let mut sqld = Sqld::start(&args);
     let conn = sqld.connect().await;
     conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
     conn.execute("INSERT INTO t SELECT value, randomblob(100) FROM generate_series(1, 20000)", ()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let replica = start_replica(&sqld, dir.path()).await;
+    let replica = follower(&sqld, dir.path());
     assert_follows(&sqld, dir.path()).await;
+    let bootstrap_frames = frames_served(&sqld).await;
 
     for i in 0..3 {
         conn.execute("INSERT INTO t VALUES (?1, randomblob(50))", [100_000 + i]).await.unwrap();
@@ -205,7 +106,24 @@ async fn a_libsql_replicator_follows_over_http2_through_compactions_resets_and_k
     });
     sqld.connect().await.execute("UPDATE t SET v = x'01' WHERE id % 7 = 0", ()).await.unwrap();
     assert_follows(&sqld, dir.path()).await;
-    replica.abort();
+
+    // The replica stops and starts again from its own files: it resumes where it stood,
+    // pulling only what it misses, not its whole copy again.
+    drop(replica);
+    sqld.connect().await.execute("INSERT INTO t VALUES (500000, x'02')", ()).await.unwrap();
+    let before = frames_served(&sqld).await;
+    let replica = follower(&sqld, dir.path());
+    let stats = sqld.admin_get("/v1/namespaces/default/stats").await;
+    let last = stats["replication"]["last_frame_no"].as_u64().unwrap();
+    assert!(replica.wait_for(last, Duration::from_secs(30)).await, "the copy reaches the primary's last frame");
+    assert_follows(&sqld, dir.path()).await;
+    let pulled = frames_served(&sqld).await - before;
+    assert!(pulled < bootstrap_frames / 10, "resumed with {pulled} frames (a bootstrap took {bootstrap_frames})");
+    assert!(replica.progress().borrow().applied.is_some());
+}
+
+async fn frames_served(sqld: &Sqld) -> u64 {
+    crate::common::process::metric(sqld, "sqld_replication_frames_served_total{namespace=\"default\"}").await
 }
 
 /// Sets the namespace and credential metadata of a request.
@@ -316,6 +234,9 @@ async fn bad_grpc_input_gets_the_statuses_replicas_expect_and_the_server_goes_on
     assert!(error.contains("read-only"), "{error}");
     assert_status(proxy.execute(request(program("SELECT 1", vec![]), Some("tenant"), Some(&only_other), None)).await, Code::PermissionDenied, None);
     assert_status(proxy.execute(request(program("SELECT ?1", vec![vec![7, 0, 0, 0]]), Some("tenant"), tok, None)).await, Code::InvalidArgument, None);
+    let mut stranger = program("SELECT 1", vec![]);
+    stranger.client_id = "x".repeat(129);
+    assert_status(proxy.execute(request(stranger, Some("tenant"), tok, None)).await, Code::InvalidArgument, None);
     let mut long = program("SELECT 1", vec![]);
     let step = long.pgm.as_ref().unwrap().steps[0].clone();
     long.pgm.as_mut().unwrap().steps = vec![step; 1025];

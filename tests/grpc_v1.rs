@@ -26,13 +26,6 @@ async fn log_stats(sqld: &Sqld) -> serde_json::Value {
     serde_json::from_slice(&hyper::body::to_bytes(response.into_body()).await.unwrap()).unwrap()
 }
 
-/// A value of the admin API's `/metrics` (0 if absent).
-pub async fn metric(sqld: &Sqld, series: &str) -> u64 {
-    let response = hyper::Client::new().get(format!("http://{}/metrics", sqld.admin).parse().unwrap()).await.unwrap();
-    let text = String::from_utf8(hyper::body::to_bytes(response.into_body()).await.unwrap().to_vec()).unwrap();
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_replicas_bootstrap_follow_compactions_and_log_rebuilds() {
     // A small log: rewriting the table a few times retires it (compaction, snapshots).
@@ -69,7 +62,7 @@ async fn v1_replicas_bootstrap_follow_compactions_and_log_rebuilds() {
     let stats = log_stats(&sqld).await;
     assert!(stats["replication"]["compactions"].as_u64().unwrap() > compactions_before, "the log was compacted: {stats}");
     assert_in_sync(&primary, &behind).await;
-    assert!(metric(&sqld, "sqld_replication_snapshots_served_total{namespace=\"default\"}").await >= 1, "behind was sent a snapshot");
+    assert!(crate::common::process::metric(&sqld, "sqld_replication_snapshots_served_total{namespace=\"default\"}").await >= 1, "behind was sent a snapshot");
 
     // reset-replication: a new log_id; replicas start over from its image.
     let (status, body) = sqld.admin_post("/v1/namespaces/default/reset-replication").await;

@@ -1,11 +1,16 @@
 //! Interoperability with the libSQL server itself (opt-in: `SQLD_UPSTREAM_BIN` names its
 //! binary, e.g. `../shared/bin/sqld-libsql-0.24.33`): that server as a replica of this one over
 //! gRPC, through a 20k-row bootstrap, writes on both sides (the replica's forwarded over
-//! `StreamExec`), and a log rebuild of the primary; exactly the primary's rows each time.
+//! `StreamExec`), and a log rebuild of the primary; and this server's follower replicating that
+//! server through a 20k-row bootstrap, writes, and the log rebuild of a `kill -9`. Exactly the
+//! primary's rows each time.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use libsql_server::namespace::NamespaceName;
+use libsql_server::replica::Follower;
 
 use crate::common::process::{rows, Sqld};
 
@@ -13,6 +18,8 @@ use crate::common::process::{rows, Sqld};
 struct Upstream {
     child: Child,
     url: String,
+    grpc: String,
+    args: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -33,21 +40,46 @@ fn upstream_bin() -> Option<String> {
 
 /// Starts the libSQL server as a replica of `primary_grpc` and waits until it answers.
 fn upstream_replica(bin: &str, primary_grpc: &str) -> Upstream {
+    upstream(bin, &["--primary-grpc-url", primary_grpc])
+}
+
+/// Starts the libSQL server as a primary with a gRPC port.
+fn upstream_primary(bin: &str) -> Upstream {
+    let grpc = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let mut upstream = upstream(bin, &["--grpc-listen-addr", &grpc]);
+    upstream.grpc = format!("http://{grpc}");
+    upstream
+}
+
+fn upstream(bin: &str, args: &[&str]) -> Upstream {
     let dir = tempfile::tempdir().unwrap();
     let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let child = Command::new(bin)
-        .args(["--db-path", dir.path().join("r.sqld").to_str().unwrap()])
-        .args(["--http-listen-addr", &addr.to_string(), "--primary-grpc-url", primary_grpc])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawning the libSQL server");
+    let mut all = vec![bin.to_owned(), "--db-path".into(), dir.path().join("up.sqld").to_str().unwrap().into()];
+    all.extend(["--http-listen-addr".into(), addr.to_string()]);
+    all.extend(args.iter().map(|a| a.to_string()));
+    let child = spawn(&all, addr);
+    Upstream { child, url: format!("http://{addr}"), grpc: String::new(), args: all, _dir: dir }
+}
+
+/// Runs `args` (binary first) and waits until it listens on `addr`.
+fn spawn(args: &[String], addr: std::net::SocketAddr) -> Child {
+    let child = Command::new(&args[0]).args(&args[1..]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawning the libSQL server");
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(addr).is_err() {
         assert!(Instant::now() < deadline, "the libSQL server did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Upstream { child, url: format!("http://{addr}"), _dir: dir }
+    child
+}
+
+impl Upstream {
+    /// `kill -9`, then the same command again.
+    fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let addr = self.url.trim_start_matches("http://").parse().unwrap();
+        self.child = spawn(&self.args, addr);
+    }
 }
 
 async fn remote(url: &str) -> libsql::Connection {
@@ -116,4 +148,52 @@ async fn the_libsql_server_replicates_this_one() {
     assert_eq!(status, 200, "{body}");
     primary.execute("DELETE FROM t WHERE id % 5 = 0", ()).await.unwrap();
     assert_same_rows(&primary, &remote(&upstream.url).await).await;
+}
+
+/// Every row of `t` in a follower's copy, as the primary's Hrana answers them.
+fn copy_rows(dir: &std::path::Path) -> Vec<Vec<libsql::Value>> {
+    use libsql_sys::rusqlite;
+    let Ok(conn) = rusqlite::Connection::open_with_flags(dir.join("data"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else { return Vec::new() };
+    let Ok(mut stmt) = conn.prepare(ALL) else { return Vec::new() };
+    let rows = stmt.query_map([], |r| Ok(vec![libsql::Value::Integer(r.get(0)?), libsql::Value::Text(r.get(1)?)]));
+    rows.and_then(|rows| rows.collect()).unwrap_or_default()
+}
+
+/// Waits (bounded) until the follower's copy in `dir` holds exactly `primary`'s rows.
+async fn assert_copy_follows(primary: &libsql::Connection, dir: &std::path::Path) {
+    let expected = rows(primary, ALL).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let at = dir.to_owned();
+        let got = tokio::task::spawn_blocking(move || copy_rows(&at)).await.unwrap();
+        if got == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the copy holds {} rows, not the primary's {}", got.len(), expected.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn this_servers_follower_replicates_the_libsql_server() {
+    let Some(bin) = upstream_bin() else { return };
+    let mut upstream = tokio::task::block_in_place(|| upstream_primary(&bin));
+    let primary = remote(&upstream.url).await;
+    primary.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
+    primary.execute("INSERT INTO t SELECT value, randomblob(100) FROM generate_series(1, 20000)", ()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(upstream.grpc.clone()).unwrap().connect_lazy();
+    let _follower = Follower::start(channel, NamespaceName::default_namespace(), None, dir.path().to_owned());
+    assert_copy_follows(&primary, dir.path()).await;
+
+    primary.execute("UPDATE t SET v = x'00' WHERE id % 3 = 0", ()).await.unwrap();
+    primary.execute("DELETE FROM t WHERE id < 100", ()).await.unwrap();
+    assert_copy_follows(&primary, dir.path()).await;
+
+    // kill -9: the libSQL server rebuilds its log at the next start (a new log_id); the copy
+    // is discarded and bootstrapped again.
+    tokio::task::block_in_place(|| upstream.kill_and_restart());
+    let primary = remote(&upstream.url).await;
+    primary.execute("DELETE FROM t WHERE id % 5 = 0", ()).await.unwrap();
+    assert_copy_follows(&primary, dir.path()).await;
 }

@@ -39,6 +39,7 @@ pub mod limit_hits;
 pub mod metrics;
 pub mod namespace;
 pub mod net;
+pub mod replica;
 pub mod replication;
 pub mod server;
 pub mod ws;

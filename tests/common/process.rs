@@ -183,6 +183,12 @@ impl Sqld {
         (status, serde_json::from_slice(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body))))
     }
 
+    /// A GET of the admin API: the answer's JSON.
+    pub async fn admin_get(&self, path: &str) -> serde_json::Value {
+        let response = hyper::Client::new().get(format!("http://{}{path}", self.admin).parse().unwrap()).await.expect("request");
+        serde_json::from_slice(&hyper::body::to_bytes(response.into_body()).await.expect("body")).expect("JSON")
+    }
+
     /// Sends a pipeline on a raw connection and returns the connection without reading the
     /// answer (a client that may vanish).
     pub async fn send_raw_pipeline(&self, body: serde_json::Value) -> tokio::net::TcpStream {
@@ -203,4 +209,11 @@ impl Sqld {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A value of the admin API's `/metrics` (0 if absent).
+pub async fn metric(sqld: &Sqld, series: &str) -> u64 {
+    let response = hyper::Client::new().get(format!("http://{}/metrics", sqld.admin).parse().unwrap()).await.unwrap();
+    let text = String::from_utf8(hyper::body::to_bytes(response.into_body()).await.unwrap().to_vec()).unwrap();
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0)
 }

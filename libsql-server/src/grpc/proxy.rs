@@ -39,9 +39,15 @@ impl ProxyService {
     }
 }
 
+/// Longest `client_id` accepted (clients send a UUID).
+const MAX_CLIENT_ID: usize = 128;
+
 /// Where a client's stream is kept between calls: never a Hrana baton (those are hex).
-fn key(ns: &NamespaceName, client_id: &str) -> String {
-    format!("proxy/{ns}/{client_id}")
+fn key(ns: &NamespaceName, client_id: &str) -> Result<String, Status> {
+    if client_id.len() > MAX_CLIENT_ID {
+        return Err(Status::invalid_argument(format!("a client_id has at most {MAX_CLIENT_ID} bytes")));
+    }
+    Ok(format!("proxy/{ns}/{client_id}"))
 }
 
 /// A proxy program as the Hrana batch it means.
@@ -119,7 +125,7 @@ impl Proxy for ProxyService {
         let _place = self.state.place(&caller.ns, "Execute").await?;
         let ProgramReq { client_id, pgm } = request.into_inner();
         let batch = batch(pgm.unwrap_or_default())?;
-        let key = key(&caller.ns, &client_id);
+        let key = key(&caller.ns, &client_id)?;
         let hrana = &self.state.hrana;
         let ((result, frame_no), in_transaction, _budget) = hrana
             .run_keyed(&caller.ns, caller.access, &key, None, move |stream, budget| {
@@ -152,7 +158,7 @@ impl Proxy for ProxyService {
         let caller = self.state.admit(request.metadata())?;
         let _place = self.state.place(&caller.ns, "Describe").await?;
         let DescribeRequest { client_id, stmt: sql } = request.into_inner();
-        let key = key(&caller.ns, &client_id);
+        let key = key(&caller.ns, &client_id)?;
         let (result, _, _) = self
             .state
             .hrana
@@ -172,7 +178,7 @@ impl Proxy for ProxyService {
 
     async fn disconnect(&self, request: Request<DisconnectMessage>) -> Result<Response<Ack>, Status> {
         let caller = self.state.admit(request.metadata())?;
-        self.state.hrana.discard_keyed(&caller.ns, &key(&caller.ns, &request.get_ref().client_id));
+        self.state.hrana.discard_keyed(&caller.ns, &key(&caller.ns, &request.get_ref().client_id)?);
         Ok(Response::new(Ack {}))
     }
 

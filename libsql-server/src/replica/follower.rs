@@ -1,0 +1,135 @@
+//! One namespace's copy of a primary's database, kept up to date by a task: bootstrapped on
+//! start (from nothing, or from where a previous run left it), then following every commit.
+//!
+//! The copy is `data` (with SQLite's WAL) and its replicated index `client_wal_index` in the
+//! namespace's directory, written by `libsql_replication`'s injector, one transaction at a
+//! time: a `kill -9` leaves the copy at its last applied transaction and the index at it or
+//! one behind (re-applying the last transaction is harmless), so the next run resumes from
+//! there without downloading the rest again. A copy whose index is missing is not known to be
+//! any log's state and is discarded; so is a copy of another log (the primary's log was
+//! rebuilt, or it is another primary): the index goes first, then the data files, so a crash
+//! in between still leaves a copy without an index, which the next run discards.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use libsql_replication::meta::Error as MetaError;
+use libsql_replication::replicator::{Error, Replicator};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+use super::client::{PrimaryClient, Progress};
+use crate::blocking;
+use crate::durable;
+use crate::namespace::NamespaceName;
+
+/// The replicated index beside the data file (the libSQL server's replica layout).
+pub const INDEX: &str = "client_wal_index";
+
+/// The copy's files, in the order they are discarded.
+const DISCARD_ORDER: [&str; 4] = [INDEX, "data", "data-wal", "data-shm"];
+
+/// How many pages SQLite's WAL of the copy holds before the injector checkpoints it.
+const AUTO_CHECKPOINT: u32 = 1000;
+
+/// Waits between attempts after a failure (the primary down, say), doubling up to the last.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+pub struct Follower {
+    progress: watch::Receiver<Progress>,
+    task: JoinHandle<()>,
+}
+
+impl Follower {
+    /// Starts following namespace `ns` of the primary behind `channel` into `dir`, which
+    /// exists.
+    pub fn start(channel: Channel, ns: NamespaceName, token: Option<String>, dir: PathBuf) -> Follower {
+        let (progress, receiver) = watch::channel(Progress::default());
+        let task = tokio::spawn(run(channel, ns, token, dir, progress));
+        Follower { progress: receiver, task }
+    }
+
+    /// Where the copy stands, as it moves.
+    pub fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress.clone()
+    }
+
+    /// Waits until the copy has applied `frame_no` (a write its client made on the primary),
+    /// at most `timeout`; whether it has.
+    pub async fn wait_for(&self, frame_no: u64, timeout: Duration) -> bool {
+        let mut progress = self.progress.clone();
+        let reached = async move { progress.wait_for(|p| p.applied.is_some_and(|applied| applied >= frame_no)).await.is_ok() };
+        tokio::time::timeout(timeout, reached).await.unwrap_or(false)
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn run(channel: Channel, ns: NamespaceName, token: Option<String>, dir: PathBuf, progress: watch::Sender<Progress>) {
+    let mut retry = RETRY_FIRST;
+    loop {
+        match follow(&channel, &ns, token.as_deref(), &dir, &progress).await {
+            Error::Meta(MetaError::LogIncompatible) => {
+                tracing::info!(namespace = %ns, "the primary's log is not the one this copy follows; starting over from the primary");
+                if let Err(e) = discard(&dir).await {
+                    tracing::error!(namespace = %ns, error = %e, "discarding the replica's copy failed");
+                    tokio::time::sleep(retry).await;
+                }
+                progress.send_modify(|p| p.applied = None);
+            }
+            e => {
+                tracing::warn!(namespace = %ns, error = %e, retry_in = ?retry, "following the primary failed; retrying");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(RETRY_MAX);
+                continue;
+            }
+        }
+        retry = RETRY_FIRST;
+    }
+}
+
+/// Follows until an error ends it.
+async fn follow(channel: &Channel, ns: &NamespaceName, token: Option<&str>, dir: &Path, progress: &watch::Sender<Progress>) -> Error {
+    let index = dir.join(INDEX);
+    let indexed = blocking::run(move || std::fs::metadata(&index).is_ok_and(|m| m.len() > 0)).await.unwrap_or(false);
+    if !indexed {
+        if let Err(e) = discard(dir).await {
+            return Error::Internal(e.into());
+        }
+    }
+    let client = match PrimaryClient::new(channel.clone(), ns, token, dir, progress.clone()).await {
+        Ok(client) => client,
+        Err(e) => return e,
+    };
+    let mut replicator = match Replicator::new_sqlite(client, dir.join("data"), AUTO_CHECKPOINT, None).await {
+        Ok(replicator) => replicator,
+        Err(e) => return e,
+    };
+    loop {
+        if let Err(e) = replicator.replicate().await {
+            return e;
+        }
+    }
+}
+
+/// Removes the copy: its index first, then its data files; syncs the directory.
+async fn discard(dir: &Path) -> std::io::Result<()> {
+    let dir = dir.to_owned();
+    blocking::run(move || {
+        for name in DISCARD_ORDER {
+            match std::fs::remove_file(dir.join(name)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        durable::sync_dir(&dir)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
