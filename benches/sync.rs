@@ -6,6 +6,8 @@
 //!   (checkpointed) data file with an fsync;
 //! * steady-state lag under a paced write load: a commit acknowledged by the primary until it
 //!   is visible on a replica after `sync()`, V2 and V1, beside the primary's own commit latency;
+//! * the same for this server's follower (`replica::Follower`, the copy a replica keeps) over
+//!   gRPC (HTTP/2), read from its file;
 //! * with `SQLD_UPSTREAM_BIN` naming the libSQL server's binary: the same for that server as a
 //!   replica of this one over gRPC (HTTP/2), visible through its Hrana API.
 
@@ -69,6 +71,7 @@ async fn remote(url: &str) -> libsql::Connection {
 enum Kind {
     V2,
     V1,
+    Follower,
     Upstream,
 }
 
@@ -77,6 +80,7 @@ impl Kind {
         match self {
             Kind::V2 => "embedded replica, sync v2",
             Kind::V1 => "embedded replica, gRPC-web (V1)",
+            Kind::Follower => "this server's follower, gRPC",
             Kind::Upstream => "libSQL server replica, gRPC",
         }
     }
@@ -86,6 +90,8 @@ impl Kind {
 enum Replica {
     Embedded(libsql::Database, libsql::Connection),
     Server(Child, libsql::Connection),
+    /// The copy is read from its file.
+    Follower(libsql_server::replica::Follower, std::path::PathBuf),
 }
 
 impl Replica {
@@ -103,6 +109,12 @@ impl Replica {
                 .build()
                 .await
                 .unwrap(),
+            Kind::Follower => {
+                let channel = tonic::transport::Endpoint::from_shared(sqld.grpc.clone()).unwrap().connect_lazy();
+                let ns = libsql_server::namespace::NamespaceName::default_namespace();
+                let follower = libsql_server::replica::Follower::start(channel, ns, None, dir.to_owned());
+                return Replica::Follower(follower, dir.join("data"));
+            }
             Kind::Upstream => {
                 let bin = std::env::var("SQLD_UPSTREAM_BIN").unwrap();
                 let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
@@ -132,6 +144,16 @@ impl Replica {
                 conn
             }
             Replica::Server(_, conn) => conn,
+            Replica::Follower(_, data) => {
+                let (data, sql) = (data.clone(), sql.to_owned());
+                return tokio::task::spawn_blocking(move || {
+                    use libsql_sys::rusqlite::{Connection, OpenFlags};
+                    let Ok(conn) = Connection::open_with_flags(data, OpenFlags::SQLITE_OPEN_READ_ONLY) else { return false };
+                    conn.query_row(&sql, [], |r| r.get::<_, i64>(0)).ok() == Some(expected)
+                })
+                .await
+                .unwrap();
+            }
         };
         let Ok(mut rows) = conn.query(sql, ()).await else { return false };
         matches!(rows.next().await, Ok(Some(row)) if row.get::<i64>(0).ok() == Some(expected))
@@ -146,7 +168,7 @@ impl Replica {
 }
 
 fn kinds() -> Vec<Kind> {
-    let mut kinds = vec![Kind::V2, Kind::V1];
+    let mut kinds = vec![Kind::V2, Kind::V1, Kind::Follower];
     if std::env::var("SQLD_UPSTREAM_BIN").is_ok() {
         kinds.push(Kind::Upstream);
     } else {

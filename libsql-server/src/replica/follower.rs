@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use libsql_replication::meta::Error as MetaError;
+use libsql_sys::rusqlite;
+use libsql_replication::injector::SqliteInjector;
 use libsql_replication::replicator::{Error, Replicator};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -29,6 +31,10 @@ pub const INDEX: &str = "client_wal_index";
 
 /// The copy's files, in the order they are discarded.
 const DISCARD_ORDER: [&str; 4] = [INDEX, "data", "data-wal", "data-shm"];
+
+/// Frames the injector buffers before it writes them into SQLite's WAL (a large transaction
+/// is written in pieces of this many; each piece costs a statement): 2 MB.
+const INJECTOR_BUFFER: usize = 512;
 
 /// How many pages SQLite's WAL of the copy holds before the injector checkpoints it.
 const AUTO_CHECKPOINT: u32 = 1000;
@@ -107,9 +113,19 @@ async fn follow(channel: &Channel, ns: &NamespaceName, token: Option<&str>, dir:
         Ok(client) => client,
         Err(e) => return e,
     };
-    let mut replicator = match Replicator::new_sqlite(client, dir.join("data"), AUTO_CHECKPOINT, None).await {
-        Ok(replicator) => replicator,
-        Err(e) => return e,
+    let injector = match SqliteInjector::new(dir.join("data"), INJECTOR_BUFFER, AUTO_CHECKPOINT, None).await {
+        Ok(injector) => injector,
+        Err(e) => return e.into(),
+    };
+    let mut replicator = Replicator::new(client, injector);
+    // The injector opens a connection per transaction and closes the previous one; were that
+    // the file's last connection, each close would checkpoint (and sync) the whole WAL. One
+    // connection held open for as long as the copy is followed keeps closes cheap.
+    let data = dir.join("data");
+    let _keeper = match blocking::run(move || rusqlite::Connection::open_with_flags(data, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return Error::Internal(e.into()),
+        Err(e) => return Error::Internal(e.into()),
     };
     loop {
         if let Err(e) = replicator.replicate().await {
