@@ -354,3 +354,31 @@ async fn stream_exec_sessions_run_programs_and_one_that_vanishes_releases_the_wr
 fn tokio_stream_of<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<T>) -> impl Stream<Item = T> + Send + 'static {
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_message_trickled_slower_than_the_body_timeout_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sqld = Sqld::start(&["--body-read-timeout-s", "1"]);
+    // A gRPC-web Hello whose message never finishes arriving.
+    let mut stream = tokio::net::TcpStream::connect(sqld.user).await.unwrap();
+    let head = "POST /wal_log.ReplicationLog/Hello HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/grpc-web+proto\r\ncontent-length: 100\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&[0, 0, 0, 0, 95, 8]).await.unwrap();
+    // The answer comes (bounded here only so that a regression fails instead of hanging).
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).await.unwrap_or(0);
+            answer.extend_from_slice(&buf[..n]);
+            if n == 0 || String::from_utf8_lossy(&answer).contains("grpc-status") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer to a trickled message: {}", String::from_utf8_lossy(&answer));
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200") && !text.contains("grpc-status:0") && !text.contains("grpc-status: 0"), "{text}");
+    assert!(crate::common::process::metric(&sqld, "sqld_limit_hits_total{limit=\"body_read_timeout\"}").await >= 1);
+}

@@ -99,6 +99,7 @@ impl Server {
             queue_wait: self.limits.queue_wait,
             streams: Arc::new(tokio::sync::Semaphore::new(self.config.max_replication_streams as usize)),
             max_message_size: self.config.max_body_size,
+            body_read_timeout: self.config.body_read_timeout(),
             stop: self.stop.subscribe(),
             session: uuid::Uuid::new_v4(),
             // Under the connections' idle timeout: a waiting stream never idles one out.

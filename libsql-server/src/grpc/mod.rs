@@ -48,8 +48,10 @@ pub struct GrpcState {
     pub queue_wait: Duration,
     /// One place per replication stream served at once.
     pub streams: Arc<Semaphore>,
-    /// Largest request message a client may send (the request body bound).
+    /// Largest request message a client may send (the request body bound), and how long a
+    /// unary call's message may take to arrive.
     pub max_message_size: usize,
+    pub body_read_timeout: Duration,
     /// Turns true when the server stops: streams end.
     pub stop: watch::Receiver<bool>,
     /// This process's session: session tokens from before a restart are refused.
@@ -66,9 +68,39 @@ pub fn router(state: Arc<GrpcState>) -> Router {
     let log = ReplicationLogServer::new(replication_log::ReplicationLogService::new(state.clone()))
         .max_decoding_message_size(state.max_message_size);
     let proxy = ProxyServer::new(proxy::ProxyService::new(state.clone())).max_decoding_message_size(state.max_message_size);
+    let (timeout, hits) = (state.body_read_timeout, state.metrics.hits.clone());
+    // A unary call's message must arrive within the body read timeout, as an HTTP body must:
+    // a client trickling it would otherwise hold its connection for good. (`StreamExec`'s
+    // messages are bounded by the session's idle times instead.)
+    let deadline = tower::util::MapRequestLayer::new(move |request: http::Request<hyper::Body>| {
+        if request.uri().path().ends_with("/StreamExec") {
+            return request;
+        }
+        let (hits, path) = (hits.clone(), request.uri().path().to_owned());
+        request.map(|body| with_deadline(body, timeout, move || hits.hit(Limit::BodyTimeout, format_args!("gRPC {path}"))))
+    });
     Router::new()
-        .route_service("/wal_log.ReplicationLog/*method", tonic_web::GrpcWebLayer::new().layer(log))
-        .route_service("/proxy.Proxy/*method", tonic_web::GrpcWebLayer::new().layer(proxy))
+        .route_service("/wal_log.ReplicationLog/*method", deadline.clone().layer(tonic_web::GrpcWebLayer::new().layer(log)))
+        .route_service("/proxy.Proxy/*method", deadline.layer(tonic_web::GrpcWebLayer::new().layer(proxy)))
+}
+
+/// `body`, failing once `timeout` has passed before its end (`on_timeout` is called then).
+fn with_deadline(body: hyper::Body, timeout: Duration, on_timeout: impl FnOnce() + Send + 'static) -> hyper::Body {
+    use http_body::Body as _;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let chunks = futures::stream::unfold(Some((body, on_timeout)), move |state| async move {
+        let (mut body, on_timeout) = state?;
+        match tokio::time::timeout_at(deadline, body.data()).await {
+            Ok(Some(chunk)) => Some((chunk.map_err(std::io::Error::other), Some((body, on_timeout)))),
+            Ok(None) => None,
+            Err(_) => {
+                on_timeout();
+                let message = format!("the request's message did not arrive within {timeout:?}");
+                Some((Err(std::io::Error::new(std::io::ErrorKind::TimedOut, message)), None))
+            }
+        }
+    });
+    hyper::Body::wrap_stream(chunks)
 }
 
 /// Whose call this is: its namespace, and what its credential grants there.
