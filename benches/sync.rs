@@ -160,9 +160,14 @@ impl Replica {
     }
 
     fn stop(self) {
-        if let Replica::Server(mut child, _) = self {
-            let _ = child.kill();
-            let _ = child.wait();
+        match self {
+            Replica::Server(mut child, _) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            // Dropping it stops its task.
+            Replica::Follower(follower, _) => drop(follower),
+            Replica::Embedded(..) => {}
         }
     }
 }
