@@ -397,3 +397,30 @@ fn a_configuration_change_leaves_open_transactions_working() {
         Ok(())
     });
 }
+
+#[test]
+fn a_small_body_that_would_decode_into_a_huge_request_is_refused_before_decoding() {
+    run_sim(
+        |config| config.max_request_values = 10_000,
+        async {
+            // JSON: 20,001 values in 200 KB.
+            let requests = vec![json!({"type": "close"}); 10_000];
+            let (status, body) = pipeline("default", json!({ "requests": requests })).await;
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+            assert_eq!(body["code"], "BODY_TOO_MANY_VALUES");
+            // Protobuf: 10,001 empty requests in 20 KB (2 bytes each, 104 bytes decoded).
+            let empties: Vec<u8> = std::iter::repeat([0x12u8, 0x00]).take(10_001).flatten().collect();
+            let (status, body) = call("primary", USER_PORT, Method::POST, "/v3-protobuf/pipeline", &[], empties).await;
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{}", String::from_utf8_lossy(&body));
+            assert_eq!(json(&body)["code"], "BODY_TOO_MANY_VALUES");
+            assert_eq!(limit_hits("max_request_values").await, 2);
+            // Under the bound, a large batch is served.
+            let steps: Vec<_> = (0..3_000).map(|_| json!({"stmt": {"sql": "SELECT 1"}})).collect();
+            let (status, body) = pipeline("default", json!({"requests": [{"type": "batch", "batch": {"steps": steps}}, close()]})).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(body["results"][0]["response"]["result"]["step_results"].as_array().unwrap().len(), 3_000);
+            still_serving().await;
+            Ok(())
+        },
+    );
+}

@@ -189,7 +189,11 @@ async fn bad_grpc_input_gets_the_statuses_replicas_expect_and_the_server_goes_on
     assert_status(c.hello(request(HelloRequest::new(), Some("tenant"), None, None)).await, Code::Unauthenticated, None);
     assert_status(c.hello(request(HelloRequest::new(), Some("tenant"), Some(&only_other), None)).await, Code::PermissionDenied, None);
     // Unknown and malformed namespaces.
-    assert_status(c.hello(request(HelloRequest::new(), Some("missing"), tok, None)).await, Code::FailedPrecondition, Some("NAMESPACE_DOESNT_EXIST"));
+    assert_status(
+        c.hello(request(HelloRequest::new(), Some("missing"), tok, None)).await,
+        Code::FailedPrecondition,
+        Some("NAMESPACE_DOESNT_EXIST"),
+    );
     assert_status(c.hello(request(HelloRequest::new(), Some("../etc"), tok, None)).await, Code::InvalidArgument, None);
 
     let hello = c.hello(request(HelloRequest::new(), Some("tenant"), tok, None)).await.unwrap().into_inner();
@@ -198,11 +202,19 @@ async fn bad_grpc_input_gets_the_statuses_replicas_expect_and_the_server_goes_on
     let end = hello.current_replication_index.map_or(0, |f| f + 1);
     // No session token, or one that is not this log's: hello first.
     for session in [None, Some("not a token"), Some("8f4c3c63-0f6d-4c4b-9d0a-4c1f1a9a2b3c")] {
-        assert_status(c.batch_log_entries(request(offset(0), Some("tenant"), tok, session)).await, Code::FailedPrecondition, Some("NO_HELLO"));
+        assert_status(
+            c.batch_log_entries(request(offset(0), Some("tenant"), tok, session)).await,
+            Code::FailedPrecondition,
+            Some("NO_HELLO"),
+        );
     }
     // Past the end: only a snapshot makes such a replica consistent.
     let s = Some(session.as_str());
-    assert_status(c.batch_log_entries(request(offset(end + 10), Some("tenant"), tok, s)).await, Code::FailedPrecondition, Some("NEED_SNAPSHOT"));
+    assert_status(
+        c.batch_log_entries(request(offset(end + 10), Some("tenant"), tok, s)).await,
+        Code::FailedPrecondition,
+        Some("NEED_SNAPSHOT"),
+    );
     assert_status(c.log_entries(request(offset(end + 10), Some("tenant"), tok, s)).await, Code::FailedPrecondition, Some("NEED_SNAPSHOT"));
     // At the end: nothing to send.
     assert!(c.batch_log_entries(request(offset(end), Some("tenant"), tok, s)).await.unwrap().into_inner().frames.is_empty());
@@ -219,21 +231,35 @@ async fn bad_grpc_input_gets_the_statuses_replicas_expect_and_the_server_goes_on
                 cond: None,
                 query: Some(Query {
                     stmt: sql.into(),
-                    params: Some(query::Params::Positional(Positional { values: values.into_iter().map(|data| ProxyValue { data }).collect() })),
+                    params: Some(query::Params::Positional(Positional {
+                        values: values.into_iter().map(|data| ProxyValue { data }).collect(),
+                    })),
                     skip_rows: false,
                 }),
             }],
         }),
     };
     let read_only = signer.token(json!({"a": "ro"}));
-    let answer = proxy.execute(request(program("INSERT INTO t VALUES (1, x'00')", vec![]), Some("tenant"), Some(&read_only), None)).await.unwrap().into_inner();
+    let answer = proxy
+        .execute(request(program("INSERT INTO t VALUES (1, x'00')", vec![]), Some("tenant"), Some(&read_only), None))
+        .await
+        .unwrap()
+        .into_inner();
     let error = match &answer.results[0].row_result {
         Some(query_result::RowResult::Error(e)) => e.message.clone(),
         other => panic!("a read-only grant must not write: {other:?}"),
     };
     assert!(error.contains("read-only"), "{error}");
-    assert_status(proxy.execute(request(program("SELECT 1", vec![]), Some("tenant"), Some(&only_other), None)).await, Code::PermissionDenied, None);
-    assert_status(proxy.execute(request(program("SELECT ?1", vec![vec![7, 0, 0, 0]]), Some("tenant"), tok, None)).await, Code::InvalidArgument, None);
+    assert_status(
+        proxy.execute(request(program("SELECT 1", vec![]), Some("tenant"), Some(&only_other), None)).await,
+        Code::PermissionDenied,
+        None,
+    );
+    assert_status(
+        proxy.execute(request(program("SELECT ?1", vec![vec![7, 0, 0, 0]]), Some("tenant"), tok, None)).await,
+        Code::InvalidArgument,
+        None,
+    );
     let mut stranger = program("SELECT 1", vec![]);
     stranger.client_id = "x".repeat(129);
     assert_status(proxy.execute(request(stranger, Some("tenant"), tok, None)).await, Code::InvalidArgument, None);
@@ -241,7 +267,16 @@ async fn bad_grpc_input_gets_the_statuses_replicas_expect_and_the_server_goes_on
     let step = long.pgm.as_ref().unwrap().steps[0].clone();
     long.pgm.as_mut().unwrap().steps = vec![step; 1025];
     assert_status(proxy.execute(request(long, Some("tenant"), tok, None)).await, Code::InvalidArgument, None);
-    let answer = proxy.execute(request(program("INSERT INTO t VALUES (?1, x'00')", vec![vec![1, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0]]), Some("tenant"), tok, None)).await.unwrap().into_inner();
+    let answer = proxy
+        .execute(request(
+            program("INSERT INTO t VALUES (?1, x'00')", vec![vec![1, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0]]),
+            Some("tenant"),
+            tok,
+            None,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(matches!(&answer.results[0].row_result, Some(query_result::RowResult::Row(r)) if r.affected_row_count == 1), "{answer:?}");
     assert!(answer.current_frame_no.is_some(), "the answer names the frame the write is in");
 
@@ -285,10 +320,8 @@ async fn bad_grpc_input_gets_the_statuses_replicas_expect_and_the_server_goes_on
 }
 
 fn exec(request_id: u32, sqls: &[&str]) -> ExecReq {
-    let steps = sqls
-        .iter()
-        .map(|sql| Step { cond: None, query: Some(Query { stmt: (*sql).into(), params: None, skip_rows: false }) })
-        .collect();
+    let steps =
+        sqls.iter().map(|sql| Step { cond: None, query: Some(Query { stmt: (*sql).into(), params: None, skip_rows: false }) }).collect();
     ExecReq { request_id, request: Some(exec_req::Request::Execute(StreamProgramReq { pgm: Some(Program { steps }) })) }
 }
 
@@ -327,16 +360,14 @@ async fn stream_exec_sessions_run_programs_and_one_that_vanishes_releases_the_wr
     let mut proxy = ProxyClient::new(tonic::transport::Endpoint::from_shared(format!("http://{}", sqld.grpc)).unwrap().connect_lazy());
 
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut answers =
-        proxy.stream_exec(tokio_stream_of(rx)).await.unwrap().into_inner();
+    let mut answers = proxy.stream_exec(tokio_stream_of(rx)).await.unwrap().into_inner();
     tx.send(exec(7, &["BEGIN", "INSERT INTO t VALUES (1)", "SELECT id FROM t", "SELECT nope"])).await.unwrap();
     let answer = answers.message().await.unwrap().unwrap();
     assert_eq!(answer.request_id, 7);
     let (names, finish) = step_names(&answer);
     let plain = ["begin_step", "cols", "begin_rows", "finish_rows", "finish_step"];
     let with_row = ["begin_step", "cols", "begin_rows", "begin_row", "value", "finish_row", "finish_rows", "finish_step"];
-    let expected: Vec<&str> =
-        [&["init"][..], &plain, &plain, &with_row, &["begin_step", "step_error", "finish_step", "finish"]].concat();
+    let expected: Vec<&str> = [&["init"][..], &plain, &plain, &with_row, &["begin_step", "step_error", "finish_step", "finish"]].concat();
     assert_eq!(names, expected);
     let finish = finish.unwrap();
     assert!(!finish.is_autocommit, "the session holds its transaction");

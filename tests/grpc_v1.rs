@@ -19,10 +19,7 @@ async fn replica_v1(sqld: &Sqld, path: &Path) -> Database {
 }
 
 async fn log_stats(sqld: &Sqld) -> serde_json::Value {
-    let response = hyper::Client::new()
-        .get(format!("http://{}/v1/namespaces/default/stats", sqld.admin).parse().unwrap())
-        .await
-        .unwrap();
+    let response = hyper::Client::new().get(format!("http://{}/v1/namespaces/default/stats", sqld.admin).parse().unwrap()).await.unwrap();
     serde_json::from_slice(&hyper::body::to_bytes(response.into_body()).await.unwrap()).unwrap()
 }
 
@@ -62,7 +59,10 @@ async fn v1_replicas_bootstrap_follow_compactions_and_log_rebuilds() {
     let stats = log_stats(&sqld).await;
     assert!(stats["replication"]["compactions"].as_u64().unwrap() > compactions_before, "the log was compacted: {stats}");
     assert_in_sync(&primary, &behind).await;
-    assert!(crate::common::process::metric(&sqld, "sqld_replication_snapshots_served_total{namespace=\"default\"}").await >= 1, "behind was sent a snapshot");
+    assert!(
+        crate::common::process::metric(&sqld, "sqld_replication_snapshots_served_total{namespace=\"default\"}").await >= 1,
+        "behind was sent a snapshot"
+    );
 
     // reset-replication: a new log_id; replicas start over from its image.
     let (status, body) = sqld.admin_post("/v1/namespaces/default/reset-replication").await;
@@ -104,13 +104,7 @@ async fn v1_replica_writes_go_through_the_proxy_and_come_back() {
     let conn = replica.connect().unwrap();
 
     // Every value type, written through the replica: it reads its own write at once.
-    let values = [
-        Value::Null,
-        Value::Integer(-7),
-        Value::Real(2.5),
-        Value::Text("héllo".into()),
-        Value::Blob(vec![0, 1, 255]),
-    ];
+    let values = [Value::Null, Value::Integer(-7), Value::Real(2.5), Value::Text("héllo".into()), Value::Blob(vec![0, 1, 255])];
     for (i, v) in values.iter().enumerate() {
         conn.execute("INSERT INTO t VALUES (?1, ?2)", libsql::params![i as i64, v.clone()]).await.unwrap();
     }

@@ -63,7 +63,8 @@ fn upstream(bin: &str, args: &[&str]) -> Upstream {
 
 /// Runs `args` (binary first) and waits until it listens on `addr`.
 fn spawn(args: &[String], addr: std::net::SocketAddr) -> Child {
-    let child = Command::new(&args[0]).args(&args[1..]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawning the libSQL server");
+    let child =
+        Command::new(&args[0]).args(&args[1..]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawning the libSQL server");
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(addr).is_err() {
         assert!(Instant::now() < deadline, "the libSQL server did not start");
@@ -153,7 +154,9 @@ async fn the_libsql_server_replicates_this_one() {
 /// Every row of `t` in a follower's copy, as the primary's Hrana answers them.
 fn copy_rows(dir: &std::path::Path) -> Vec<Vec<libsql::Value>> {
     use libsql_sys::rusqlite;
-    let Ok(conn) = rusqlite::Connection::open_with_flags(dir.join("data"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else { return Vec::new() };
+    let Ok(conn) = rusqlite::Connection::open_with_flags(dir.join("data"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return Vec::new();
+    };
     let Ok(mut stmt) = conn.prepare(ALL) else { return Vec::new() };
     let rows = stmt.query_map([], |r| Ok(vec![libsql::Value::Integer(r.get(0)?), libsql::Value::Text(r.get(1)?)]));
     rows.and_then(|rows| rows.collect()).unwrap_or_default()

@@ -144,7 +144,11 @@ fn the_best_offered_subprotocol_and_every_request_type() {
 
 #[test]
 fn protocol_errors_close_the_socket_and_request_errors_do_not() {
-    run_sim(|config| config.max_body_size = 64 * 1024, async {
+    let limits = |config: &mut libsql_server::Config| {
+        config.max_body_size = 64 * 1024;
+        config.max_request_values = 1_000;
+    };
+    run_sim(limits, async {
         for (first, expected) in [
             (Message::Text("{not json".into()), Some(1002)),
             (
@@ -169,6 +173,13 @@ fn protocol_errors_close_the_socket_and_request_errors_do_not() {
             ws.send(first.clone()).await.unwrap();
             assert_eq!(next(&mut ws).await.unwrap_err(), expected, "after {first:?}");
         }
+        // Holding more values than a request may (a batch of 2,000 empty steps): closed.
+        let (mut ws, _) = connect("hrana3").await;
+        hello(&mut ws, None).await;
+        let steps = vec![json!({"stmt": {}}); 2_000];
+        let many = json!({"type": "request", "request_id": 1, "request": {"type": "batch", "stream_id": 1, "batch": {"steps": steps}}});
+        ws.send(Message::Text(many.to_string())).await.unwrap();
+        assert_eq!(next(&mut ws).await.unwrap_err(), Some(1002));
         // Larger than a request body may be: the socket is dropped.
         let (mut ws, _) = connect("hrana3").await;
         hello(&mut ws, None).await;

@@ -127,6 +127,12 @@ pub struct Config {
     #[arg(long, env = "SQLD_MAX_WEBSOCKETS", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_websockets: u64,
 
+    /// Most values one Hrana request (an HTTP body, a WebSocket message) may hold: JSON
+    /// scalars, arrays and objects, or protobuf fields. Checked before decoding, so a small
+    /// body never decodes into a large request; one past it is refused (413).
+    #[arg(long, env = "SQLD_MAX_REQUEST_VALUES", default_value_t = 262_144, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_request_values: u64,
+
     /// Replication streams (gRPC `LogEntries` and `Snapshot`) served at once, over both ports;
     /// one more is refused `RESOURCE_EXHAUSTED`.
     #[arg(long, env = "SQLD_MAX_REPLICATION_STREAMS", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
@@ -215,6 +221,7 @@ impl Config {
             idle_timeout: Duration::from_secs(self.websocket_idle_timeout_s),
             stream_expiry: Duration::from_secs(self.stream_expiry_s),
             send_timeout: self.header_read_timeout(),
+            max_values: self.max_request_values as usize,
         }
     }
 

@@ -38,10 +38,11 @@ pub enum Limit {
     StalledReader,
     WebSockets,
     ReplicationStreams,
+    RequestValues,
 }
 
 impl Limit {
-    const ALL: [Limit; 16] = [
+    const ALL: [Limit; 17] = [
         Limit::StatementTimeout,
         Limit::StatementMemory,
         Limit::TransactionTimeout,
@@ -58,6 +59,7 @@ impl Limit {
         Limit::StalledReader,
         Limit::WebSockets,
         Limit::ReplicationStreams,
+        Limit::RequestValues,
     ];
 
     /// The label in `/metrics`.
@@ -79,6 +81,7 @@ impl Limit {
             Limit::StalledReader => "unread_answer_timeout",
             Limit::WebSockets => "max_websockets",
             Limit::ReplicationStreams => "max_replication_streams",
+            Limit::RequestValues => "max_request_values",
         }
     }
 }

@@ -63,12 +63,13 @@ impl Server {
         let hrana = Hrana::new(store, config.stream_limits(), budgets, metrics.hits.clone());
         let (stop, _) = watch::channel(false);
         let websockets = Arc::new(tokio::sync::Semaphore::new(config.max_websockets as usize));
-        let limits = RequestLimits::new(
+        let mut limits = RequestLimits::new(
             config.max_body_size,
             config.body_read_timeout(),
             config.max_concurrent_requests as usize,
             metrics.hits.clone(),
         );
+        limits.max_values = config.max_request_values as usize;
         metrics.watch_request_places(limits.running.clone(), config.max_concurrent_requests as usize);
         Ok(Server { config, auth, limits, stop, websockets, hrana, metrics, halt })
     }

@@ -113,9 +113,9 @@ impl GrpcState {
     /// The namespace a call names and the access its credential grants there.
     pub fn admit(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
         let ns = self.namespace(metadata)?;
-        let credential =
-            metadata.get("x-authorization").or_else(|| metadata.get("authorization")).map(|value| value.as_bytes());
-        let access = self.auth.check(Credential::Header(credential), &ns, self.hrana.store().jwt_key(&ns).as_deref()).map_err(|e| e.status())?;
+        let credential = metadata.get("x-authorization").or_else(|| metadata.get("authorization")).map(|value| value.as_bytes());
+        let access =
+            self.auth.check(Credential::Header(credential), &ns, self.hrana.store().jwt_key(&ns).as_deref()).map_err(|e| e.status())?;
         Ok(Caller { ns, access })
     }
 
@@ -127,7 +127,8 @@ impl GrpcState {
             return Ok(NamespaceName::default_namespace());
         };
         let bytes = value.to_bytes().map_err(|_| Status::invalid_argument(format!("{NAMESPACE_METADATA_KEY} is not base64")))?;
-        let name = String::from_utf8(bytes.to_vec()).map_err(|_| Status::invalid_argument(format!("{NAMESPACE_METADATA_KEY} is not UTF-8")))?;
+        let name =
+            String::from_utf8(bytes.to_vec()).map_err(|_| Status::invalid_argument(format!("{NAMESPACE_METADATA_KEY} is not UTF-8")))?;
         NamespaceName::new(name).map_err(|e| Status::invalid_argument(e.to_string()))
     }
 

@@ -15,14 +15,14 @@ use libsql_replication::rpc::proxy::error::ErrorCode;
 use libsql_replication::rpc::proxy::proxy_server::Proxy;
 use libsql_replication::rpc::proxy::query_result::RowResult;
 use libsql_replication::rpc::proxy::{
-    cond, describe_result, query, Ack, Column, Cond, DescribeRequest, DescribeResult, Description, DisconnectMessage,
-    Error as ProxyError, ExecReq, ExecuteResults, Program, ProgramReq, QueryResult, ResultRows, Row, State,
+    cond, describe_result, query, Ack, Column, Cond, DescribeRequest, DescribeResult, Description, DisconnectMessage, Error as ProxyError,
+    ExecReq, ExecuteResults, Program, ProgramReq, QueryResult, ResultRows, Row, State,
 };
 use tonic::{Request, Response, Status, Streaming};
 
 use super::status::StatusOf;
-use super::{stream_exec, value};
 use super::GrpcState;
+use super::{stream_exec, value};
 use crate::hrana::StmtError;
 use crate::namespace::NamespaceName;
 
@@ -88,11 +88,15 @@ fn statement(query: libsql_replication::rpc::proxy::Query) -> Result<Stmt, Statu
 
 fn condition(c: Cond) -> Result<BatchCond, Status> {
     let step = |s: i64| u32::try_from(s).map_err(|_| Status::invalid_argument("a condition names a negative step"));
-    let list = |conds: Vec<Cond>| -> Result<BatchCondList, Status> { Ok(BatchCondList { conds: conds.into_iter().map(condition).collect::<Result<_, _>>()? }) };
+    let list = |conds: Vec<Cond>| -> Result<BatchCondList, Status> {
+        Ok(BatchCondList { conds: conds.into_iter().map(condition).collect::<Result<_, _>>()? })
+    };
     Ok(match c.cond.ok_or_else(|| Status::invalid_argument("an empty condition"))? {
         cond::Cond::Ok(c) => BatchCond::Ok { step: step(c.step)? },
         cond::Cond::Err(c) => BatchCond::Error { step: step(c.step)? },
-        cond::Cond::Not(c) => BatchCond::Not { cond: Box::new(condition(*c.cond.ok_or_else(|| Status::invalid_argument("an empty condition"))?)?) },
+        cond::Cond::Not(c) => {
+            BatchCond::Not { cond: Box::new(condition(*c.cond.ok_or_else(|| Status::invalid_argument("an empty condition"))?)?) }
+        }
         cond::Cond::And(c) => BatchCond::And(list(c.conds)?),
         cond::Cond::Or(c) => BatchCond::Or(list(c.conds)?),
         cond::Cond::IsAutocommit(_) => BatchCond::IsAutocommit {},

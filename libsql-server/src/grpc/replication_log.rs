@@ -90,7 +90,12 @@ impl ReplicationLogService {
     }
 
     fn count_frames(&self, ns: &NamespaceName, frames: usize) {
-        self.state.metrics.count_ns("sqld_replication_frames_served_total", "Frames served to gRPC replicas, by namespace.", ns, frames as u64);
+        self.state.metrics.count_ns(
+            "sqld_replication_frames_served_total",
+            "Frames served to gRPC replicas, by namespace.",
+            ns,
+            frames as u64,
+        );
     }
 }
 
@@ -187,7 +192,12 @@ impl ReplicationLog for ReplicationLogService {
         check_flavor(request.get_ref())?;
         let (view, first) = self.read(ns.db().logger(), given, |view| view.snapshot_frames(0, STREAM_CHUNK_FRAMES)).await?;
         let first = first.map_err(|e| e.status())?;
-        self.state.metrics.count_ns("sqld_replication_snapshots_served_total", "Snapshots served to gRPC replicas, by namespace.", &name, 1);
+        self.state.metrics.count_ns(
+            "sqld_replication_snapshots_served_total",
+            "Snapshots served to gRPC replicas, by namespace.",
+            &name,
+            1,
+        );
         self.count_frames(&name, view.snapshot_len() as usize);
         let snapshot = SnapshotStream { view, done: first.len() as u64, pending: VecDeque::from(first), _place: place };
         Ok(Response::new(Box::pin(futures::stream::unfold(snapshot, SnapshotStream::next_frame))))

@@ -16,8 +16,8 @@ use libsql_replication::rpc::proxy::exec_req::Request as ExecRequest;
 use libsql_replication::rpc::proxy::exec_resp::Response as ExecAnswer;
 use libsql_replication::rpc::proxy::resp_step::Step;
 use libsql_replication::rpc::proxy::{
-    row_value, AddRowValue, BeginRow, BeginRows, BeginStep, ColsDescription, Column, DescribeCol, DescribeParam, DescribeResp,
-    ExecReq, ExecResp, Finish, FinishRow, FinishRows, FinishStep, Init, ProgramResp, RespStep, RowValue, StepError,
+    row_value, AddRowValue, BeginRow, BeginRows, BeginStep, ColsDescription, Column, DescribeCol, DescribeParam, DescribeResp, ExecReq,
+    ExecResp, Finish, FinishRow, FinishRows, FinishStep, Init, ProgramResp, RespStep, RowValue, StepError,
 };
 use tokio::sync::mpsc;
 use tokio::time::{Duration, Instant};

@@ -151,6 +151,12 @@ impl From<PathRejection> for ApiError {
     }
 }
 
+impl From<crate::hrana::shape::TooManyValues> for ApiError {
+    fn from(e: crate::hrana::shape::TooManyValues) -> Self {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "BODY_TOO_MANY_VALUES", e.to_string())
+    }
+}
+
 /// Parses a JSON body; any mistake in it is the client's (400), with serde's explanation.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "BODY_INVALID", format!("invalid JSON body: {e}")))

@@ -31,12 +31,21 @@ pub struct RequestLimits {
     /// Requests running at once; a request waits at most `queue_wait` for a place.
     pub running: Arc<Semaphore>,
     pub queue_wait: Duration,
+    /// Most values a Hrana request may hold (see `hrana::shape`).
+    pub max_values: usize,
     pub hits: Arc<LimitHits>,
 }
 
 impl RequestLimits {
     pub fn new(max_body_size: usize, body_read_timeout: Duration, max_concurrent: usize, hits: Arc<LimitHits>) -> Self {
-        RequestLimits { max_body_size, body_read_timeout, running: Arc::new(Semaphore::new(max_concurrent)), queue_wait: QUEUE_WAIT, hits }
+        RequestLimits {
+            max_body_size,
+            body_read_timeout,
+            running: Arc::new(Semaphore::new(max_concurrent)),
+            queue_wait: QUEUE_WAIT,
+            max_values: usize::MAX,
+            hits,
+        }
     }
 }
 

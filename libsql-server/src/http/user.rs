@@ -17,6 +17,7 @@ use super::limits::{answer_buffer, budgeted, method_not_allowed, LimitedBody, Re
 use super::auth::Authorized;
 use super::{legacy, namespace_of, sync, track_requests, ApiError};
 use crate::hrana::budget::ResponseBudget;
+use crate::hrana::shape;
 use tokio::sync::{watch, Semaphore};
 
 use crate::auth::Auth;
@@ -101,11 +102,15 @@ enum Encoding {
 }
 
 impl Encoding {
-    fn decode<T: serde::de::DeserializeOwned + prost::Message + Default>(self, body: &[u8]) -> Result<T, ApiError> {
+    /// Decodes a body that holds at most `--max-request-values` values (checked first, so a
+    /// small body never decodes into a large request).
+    fn decode<T: serde::de::DeserializeOwned + prost::Message + Default>(self, body: &[u8], limits: &RequestLimits) -> Result<T, ApiError> {
         match self {
-            Encoding::Json => parse_json(body),
-            Encoding::Protobuf => T::decode(body)
-                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "BODY_INVALID", format!("invalid protobuf body: {e}"))),
+            Encoding::Json => decode_json(body, limits),
+            Encoding::Protobuf => {
+                shape::check_protobuf(body, limits.max_values).map_err(|e| too_many_values(e, limits))?;
+                T::decode(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "BODY_INVALID", format!("invalid protobuf body: {e}")))
+            }
         }
     }
 
@@ -125,6 +130,17 @@ impl Encoding {
             Encoding::Protobuf => "application/x-protobuf",
         }
     }
+}
+
+/// Decodes a JSON body that holds at most `--max-request-values` values.
+fn decode_json<T: serde::de::DeserializeOwned>(body: &[u8], limits: &RequestLimits) -> Result<T, ApiError> {
+    shape::check_json(body, limits.max_values).map_err(|e| too_many_values(e, limits))?;
+    parse_json(body)
+}
+
+fn too_many_values(e: shape::TooManyValues, limits: &RequestLimits) -> ApiError {
+    limits.hits.hit(Limit::RequestValues, format_args!("{e}"));
+    e.into()
 }
 
 /// Hrana clients send their bodies with or without `content-type` (the libSQL Rust crate sends
@@ -155,7 +171,7 @@ async fn run_pipeline(
     body: LimitedBody,
 ) -> Result<Response, ApiError> {
     let LimitedBody { bytes: body, place } = body;
-    let request: PipelineReqBody = encoding.decode(&body)?;
+    let request: PipelineReqBody = encoding.decode(&body, &state.limits)?;
     let Answered { answer, budget } = state.hrana.pipeline(&ns, access, request, origin.map(|o| o.0 .0), Some(Box::new(place))).await?;
     let mut out = answer_buffer(&budget);
     encoding.write(&answer, &mut out, false)?;
@@ -190,7 +206,7 @@ async fn run_cursor(
     body: LimitedBody,
 ) -> Result<Response, ApiError> {
     let LimitedBody { bytes: body, place } = body;
-    let request: CursorReqBody = encoding.decode(&body)?;
+    let request: CursorReqBody = encoding.decode(&body, &state.limits)?;
     let origin = origin.map(|o| o.0 .0);
     let Answered { answer: (baton, entries), budget } =
         state.hrana.cursor(&ns, access, request.baton.as_deref(), request.batch, origin, Some(Box::new(place))).await?;
@@ -223,7 +239,7 @@ struct BatchV1 {
 
 async fn execute_v1(State(state): State<UserState>, Authorized { ns, access }: Authorized, body: LimitedBody) -> Result<Response, ApiError> {
     let LimitedBody { bytes: body, place } = body;
-    let request: ExecuteV1 = parse_json(&body)?;
+    let request: ExecuteV1 = decode_json(&body, &state.limits)?;
     let Answered { answer, budget } = state.hrana.execute_once(&ns, access, request.stmt, Some(Box::new(place))).await?;
     let result = answer?;
     Ok(budgeted(JSON, to_json(&json!({ "result": result }), &budget)?, budget))
@@ -231,7 +247,7 @@ async fn execute_v1(State(state): State<UserState>, Authorized { ns, access }: A
 
 async fn batch_v1(State(state): State<UserState>, Authorized { ns, access }: Authorized, body: LimitedBody) -> Result<Response, ApiError> {
     let LimitedBody { bytes: body, place } = body;
-    let request: BatchV1 = parse_json(&body)?;
+    let request: BatchV1 = decode_json(&body, &state.limits)?;
     let Answered { answer, budget } = state.hrana.batch_once(&ns, access, request.batch, Some(Box::new(place))).await?;
     let result = answer?;
     Ok(budgeted(JSON, to_json(&json!({ "result": result }), &budget)?, budget))
@@ -239,7 +255,7 @@ async fn batch_v1(State(state): State<UserState>, Authorized { ns, access }: Aut
 
 async fn legacy_query(State(state): State<UserState>, Authorized { ns, access }: Authorized, body: LimitedBody) -> Result<Response, ApiError> {
     let LimitedBody { bytes: body, place } = body;
-    let request: legacy::QueryRequest = parse_json(&body)?;
+    let request: legacy::QueryRequest = decode_json(&body, &state.limits)?;
     legacy::run(&state.hrana, &ns, access, request, Some(Box::new(place))).await
 }
 

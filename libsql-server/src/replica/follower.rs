@@ -13,10 +13,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use libsql_replication::meta::Error as MetaError;
-use libsql_sys::rusqlite;
 use libsql_replication::injector::SqliteInjector;
+use libsql_replication::meta::Error as MetaError;
 use libsql_replication::replicator::{Error, Replicator};
+use libsql_sys::rusqlite;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -122,7 +122,8 @@ async fn follow(channel: &Channel, ns: &NamespaceName, token: Option<&str>, dir:
     // the file's last connection, each close would checkpoint (and sync) the whole WAL. One
     // connection held open for as long as the copy is followed keeps closes cheap.
     let data = dir.join("data");
-    let _keeper = match blocking::run(move || rusqlite::Connection::open_with_flags(data, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)).await {
+    let _keeper = match blocking::run(move || rusqlite::Connection::open_with_flags(data, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)).await
+    {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => return Error::Internal(e.into()),
         Err(e) => return Error::Internal(e.into()),

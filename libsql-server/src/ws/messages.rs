@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 use super::protobuf as pb;
 use super::{error, Encoding, Version};
 use crate::hrana::budget::ResponseBudget;
-use crate::hrana::JsonCursorEntry;
+use crate::hrana::{shape, JsonCursorEntry};
 
 /// A request, from either encoding.
 pub(super) enum Request {
@@ -207,9 +207,13 @@ fn stream_response(response: StreamResponse) -> Option<pb::Response> {
     })
 }
 
+/// Why a message holding more than `--max-request-values` values closes its socket.
+const TOO_MANY_VALUES: &str = "a message holding more values than --max-request-values";
+
 /// A JSON client message, read into typed fields from its text (a hostile field is refused,
 /// not built). `Err`: a protocol violation (the socket closes).
-pub(super) fn read_json(text: &str) -> Result<ClientMsg, &'static str> {
+pub(super) fn read_json(text: &str, max_values: usize) -> Result<ClientMsg, &'static str> {
+    shape::check_json(text.as_bytes(), max_values).map_err(|_| TOO_MANY_VALUES)?;
     let message: Envelope<'_> = serde_json::from_str(text).map_err(|_| "a message that is not a Hrana message")?;
     match message.kind.as_deref() {
         Some("hello") => Ok(ClientMsg::Hello(message.jwt)),
@@ -247,7 +251,8 @@ fn json_request(raw: &str) -> Result<Request, Error> {
 }
 
 /// A protobuf client message. `Err`: a protocol violation (the socket closes).
-pub(super) fn read_protobuf(bytes: &[u8]) -> Result<ClientMsg, &'static str> {
+pub(super) fn read_protobuf(bytes: &[u8], max_values: usize) -> Result<ClientMsg, &'static str> {
+    shape::check_protobuf(bytes, max_values).map_err(|_| TOO_MANY_VALUES)?;
     let message = pb::ClientMsg::decode(bytes).map_err(|_| "a message that is not a Hrana message")?;
     let request = match message.msg.ok_or("a message of unknown type")? {
         pb::ClientMsgKind::Hello(hello) => return Ok(ClientMsg::Hello(hello.jwt)),

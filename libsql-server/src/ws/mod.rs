@@ -79,6 +79,8 @@ pub struct SocketLimits {
     /// A client that does not take an answer within this is disconnected; also how long a
     /// new socket has for its hello.
     pub send_timeout: Duration,
+    /// Most values one message may hold (see `hrana::shape`).
+    pub max_values: usize,
 }
 
 /// What a socket needs from the server.

@@ -91,11 +91,11 @@ impl Session {
                         }
                         // Pings are answered by the socket itself; they do not keep it alive.
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                        Some(Ok(Message::Text(text))) if self.encoding == Encoding::Json => match read_json(&text) {
+                        Some(Ok(Message::Text(text))) if self.encoding == Encoding::Json => match read_json(&text, self.server.limits.max_values) {
                             Ok(message) => self.handle(message),
                             Err(why) => Some(Next::Close(None, close(close_code::PROTOCOL, why))),
                         },
-                        Some(Ok(Message::Binary(bytes))) if self.encoding == Encoding::Protobuf => match read_protobuf(&bytes) {
+                        Some(Ok(Message::Binary(bytes))) if self.encoding == Encoding::Protobuf => match read_protobuf(&bytes, self.server.limits.max_values) {
                             Ok(message) => self.handle(message),
                             Err(why) => Some(Next::Close(None, close(close_code::PROTOCOL, why))),
                         },
