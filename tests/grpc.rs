@@ -260,6 +260,12 @@ async fn bad_grpc_input_gets_the_statuses_replicas_expect_and_the_server_goes_on
         Code::InvalidArgument,
         None,
     );
+    // A small message that would decode into a huge program (empty steps, 2 bytes each) is
+    // refused before it is decoded.
+    let mut huge = program("SELECT 1", vec![]);
+    huge.pgm.as_mut().unwrap().steps = vec![Step::default(); 262_145];
+    assert!(proxy.execute(request(huge, Some("tenant"), tok, None)).await.is_err());
+    assert!(crate::common::process::metric(&sqld, "sqld_limit_hits_total{limit=\"max_request_values\"}").await >= 1);
     let mut stranger = program("SELECT 1", vec![]);
     stranger.client_id = "x".repeat(129);
     assert_status(proxy.execute(request(stranger, Some("tenant"), tok, None)).await, Code::InvalidArgument, None);
@@ -280,12 +286,12 @@ async fn bad_grpc_input_gets_the_statuses_replicas_expect_and_the_server_goes_on
     assert!(matches!(&answer.results[0].row_result, Some(query_result::RowResult::Row(r)) if r.affected_row_count == 1), "{answer:?}");
     assert!(answer.current_frame_no.is_some(), "the answer names the frame the write is in");
 
-    // Malformed and oversized messages, as gRPC-web on the user port: a gRPC status (tonic's
-    // INTERNAL for a message that does not decode, OUT_OF_RANGE for one past the bound), never
-    // a crash.
+    // Malformed and oversized messages, as gRPC-web on the user port: a gRPC status (UNKNOWN
+    // for a message refused before decoding, as it is read; OUT_OF_RANGE for one past the
+    // size bound), never a crash.
     let malformed = vec![0u8, 0, 0, 0, 3, 0xff, 0xff, 0xff];
     let oversized = [&[0u8, 0x7f, 0xff, 0xff, 0xff][..], &[0u8; 64]].concat();
-    for (body, expected) in [(malformed, "13"), (oversized, "11")] {
+    for (body, expected) in [(malformed, "2"), (oversized, "11")] {
         let response = hyper::Client::new()
             .request(
                 hyper::Request::post(format!("{}/wal_log.ReplicationLog/BatchLogEntries", sqld.url()))

@@ -101,10 +101,12 @@ impl Server {
             streams: Arc::new(tokio::sync::Semaphore::new(self.config.max_replication_streams as usize)),
             max_message_size: self.config.max_body_size,
             body_read_timeout: self.config.body_read_timeout(),
+            max_values: self.config.max_request_values as usize,
             stop: self.stop.subscribe(),
             session: uuid::Uuid::new_v4(),
             // Under the connections' idle timeout: a waiting stream never idles one out.
             follow_idle: self.config.idle_connection_timeout() / 2,
+            stall: self.config.header_read_timeout(),
             stream_expiry: std::time::Duration::from_secs(self.config.stream_expiry_s),
             session_idle: std::time::Duration::from_secs(self.config.websocket_idle_timeout_s),
         }))

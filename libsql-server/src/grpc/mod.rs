@@ -23,7 +23,7 @@ use std::time::Duration;
 use axum::Router;
 use libsql_replication::rpc::proxy::proxy_server::ProxyServer;
 use libsql_replication::rpc::replication::replication_log_server::ReplicationLogServer;
-use libsql_replication::rpc::replication::NAMESPACE_METADATA_KEY;
+use libsql_replication::rpc::replication::{BoxStream, NAMESPACE_METADATA_KEY};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tonic::metadata::MetadataMap;
 use tonic::Status;
@@ -31,7 +31,7 @@ use tower::Layer;
 use uuid::Uuid;
 
 use crate::auth::{Access, Auth, Credential};
-use crate::hrana::Hrana;
+use crate::hrana::{shape, Hrana};
 use crate::limit_hits::{take_place, Limit};
 use crate::metrics::Metrics;
 use crate::namespace::NamespaceName;
@@ -52,12 +52,16 @@ pub struct GrpcState {
     /// unary call's message may take to arrive.
     pub max_message_size: usize,
     pub body_read_timeout: Duration,
+    /// Most values one message may hold (`--max-request-values`, see `hrana::shape`).
+    pub max_values: usize,
     /// Turns true when the server stops: streams end.
     pub stop: watch::Receiver<bool>,
     /// This process's session: session tokens from before a restart are refused.
     pub session: Uuid,
     /// How long a `LogEntries` stream waits for a new commit before it ends.
     pub follow_idle: Duration,
+    /// How long a streamed answer may wait for the client to take it.
+    pub stall: Duration,
     /// How long a `StreamExec` session waits for a request, inside a transaction and outside.
     pub stream_expiry: Duration,
     pub session_idle: Duration,
@@ -79,9 +83,77 @@ pub fn router(state: Arc<GrpcState>) -> Router {
         let (hits, path) = (hits.clone(), request.uri().path().to_owned());
         request.map(|body| with_deadline(body, timeout, move || hits.hit(Limit::BodyTimeout, format_args!("gRPC {path}"))))
     });
+    // Each message is counted before tonic decodes it (see `hrana::shape`): a small message
+    // must not decode into a large one (an empty program step is 2 bytes, decoded ~130).
+    let (max_values, max_message, hits) = (state.max_values, state.max_message_size, state.metrics.hits.clone());
+    let checked = tower::util::MapRequestLayer::new(move |request: http::Request<hyper::Body>| {
+        let (hits, path) = (hits.clone(), request.uri().path().to_owned());
+        let refused = move || hits.hit(Limit::RequestValues, format_args!("gRPC {path}"));
+        request.map(|body| checked_messages(body, max_values, max_message, refused))
+    });
     Router::new()
-        .route_service("/wal_log.ReplicationLog/*method", deadline.clone().layer(tonic_web::GrpcWebLayer::new().layer(log)))
-        .route_service("/proxy.Proxy/*method", deadline.layer(tonic_web::GrpcWebLayer::new().layer(proxy)))
+        .route_service(
+            "/wal_log.ReplicationLog/*method",
+            deadline.clone().layer(tonic_web::GrpcWebLayer::new().layer(checked.clone().layer(log))),
+        )
+        .route_service("/proxy.Proxy/*method", deadline.layer(tonic_web::GrpcWebLayer::new().layer(checked.layer(proxy))))
+}
+
+/// `body`'s gRPC messages (a flag byte, a 4-byte big-endian length, the message), each
+/// passed on once [`shape::check_protobuf`] accepted it; the body fails at the first one
+/// that holds more than `max_values` values. A message declared larger than `max_message`
+/// is passed on unread (the decoder refuses it by its length).
+fn checked_messages(body: hyper::Body, max_values: usize, max_message: usize, refused: impl Fn() + Send + 'static) -> hyper::Body {
+    use bytes::BytesMut;
+    use http_body::Body as _;
+    struct Reading {
+        body: hyper::Body,
+        buffer: BytesMut,
+        /// Past a message too large to check: the rest is passed on as it comes.
+        unchecked: bool,
+    }
+    let start = Reading { body, buffer: BytesMut::new(), unchecked: false };
+    let chunks = futures::stream::unfold(Some((start, refused)), move |state| async move {
+        let (mut reading, refused) = state?;
+        loop {
+            if reading.unchecked && !reading.buffer.is_empty() {
+                let rest = reading.buffer.split().freeze();
+                return Some((Ok(rest), Some((reading, refused))));
+            }
+            if !reading.unchecked && reading.buffer.len() >= 5 {
+                let len = u32::from_be_bytes(reading.buffer[1..5].try_into().expect("4 bytes")) as usize;
+                if len > max_message {
+                    reading.unchecked = true;
+                    continue;
+                }
+                if reading.buffer.len() >= 5 + len {
+                    let frame = reading.buffer.split_to(5 + len).freeze();
+                    // Compressed messages are not accepted by the services: the decoder
+                    // refuses them.
+                    if frame[0] & 1 == 0 {
+                        if let Err(e) = shape::check_protobuf(&frame[5..], max_values) {
+                            if let shape::ProtobufRefused::TooManyValues(_) = e {
+                                refused();
+                            }
+                            return Some((Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)), None));
+                        }
+                    }
+                    return Some((Ok(frame), Some((reading, refused))));
+                }
+            }
+            match reading.body.data().await {
+                Some(Ok(chunk)) => reading.buffer.extend_from_slice(&chunk),
+                Some(Err(e)) => return Some((Err(std::io::Error::other(e)), None)),
+                // A truncated message is passed on as it is: the decoder reports it.
+                None if !reading.buffer.is_empty() => {
+                    let rest = reading.buffer.split().freeze();
+                    return Some((Ok(rest), None));
+                }
+                None => return None,
+            }
+        }
+    });
+    hyper::Body::wrap_stream(chunks)
 }
 
 /// `body`, failing once `timeout` has passed before its end (`on_timeout` is called then).
@@ -101,6 +173,29 @@ fn with_deadline(body: hyper::Body, timeout: Duration, on_timeout: impl FnOnce()
         }
     });
     hyper::Body::wrap_stream(chunks)
+}
+
+/// A stream of what `rx` receives.
+fn received<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<T>) -> BoxStream<'static, T> {
+    Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }))
+}
+
+/// Serves `stream` from a task of its own, which ends it once the client has left an item
+/// unread for `stall`: a replica that stops reading (over HTTP/2, a zero window stops it
+/// without the connection looking stalled) does not keep the stream's place, or its timers
+/// from running, for good.
+fn pumped<T: Send + 'static>(stream: impl futures::Stream<Item = T> + Send + 'static, stall: Duration) -> BoxStream<'static, T> {
+    use futures::StreamExt;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(item) = stream.next().await {
+            if !matches!(tokio::time::timeout(stall, tx.send(item)).await, Ok(Ok(()))) {
+                break;
+            }
+        }
+    });
+    received(rx)
 }
 
 /// Whose call this is: its namespace, and what its credential grants there.

@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::status::{need_snapshot, no_hello, StatusOf};
-use super::GrpcState;
+use super::{pumped, GrpcState};
 use crate::blocking;
 use crate::namespace::{Namespace, NamespaceName};
 use crate::replication::feed::{FeedView, Frames};
@@ -182,7 +182,7 @@ impl ReplicationLog for ReplicationLogService {
             done: false,
             _place: place,
         };
-        Ok(Response::new(Box::pin(futures::stream::unfold(follow, Follow::next_frame))))
+        Ok(Response::new(pumped(futures::stream::unfold(follow, Follow::next_frame), self.state.stall)))
     }
 
     async fn snapshot(&self, request: Request<LogOffset>) -> Result<Response<Self::SnapshotStream>, Status> {
@@ -200,7 +200,7 @@ impl ReplicationLog for ReplicationLogService {
         );
         self.count_frames(&name, view.snapshot_len() as usize);
         let snapshot = SnapshotStream { view, done: first.len() as u64, pending: VecDeque::from(first), _place: place };
-        Ok(Response::new(Box::pin(futures::stream::unfold(snapshot, SnapshotStream::next_frame))))
+        Ok(Response::new(pumped(futures::stream::unfold(snapshot, SnapshotStream::next_frame), self.state.stall)))
     }
 }
 

@@ -26,7 +26,7 @@ use tonic::{Status, Streaming};
 
 use super::proxy::{batch, error, hrana_error};
 use super::status::StatusOf;
-use super::GrpcState;
+use super::{received, GrpcState};
 use crate::hrana::{drop_off_runtime, Held, Stream};
 
 /// How often an idle session inside a transaction checks the transaction's time limit.
@@ -41,7 +41,7 @@ pub async fn open(state: Arc<GrpcState>, metadata: MetadataMap, requests: Stream
     // Answers wait here for the replica to read them: a few at most, then requests wait.
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(Session { state, metadata, stream: Some(stream), _held: held }.serve(requests, tx));
-    Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|answer| (answer, rx)) })))
+    Ok(received(rx))
 }
 
 struct Session {
@@ -58,7 +58,10 @@ impl Session {
         while let Some(request) = self.next_request(&mut requests, &tx, &mut stop).await {
             let answer = self.answer(request).await;
             let fatal = answer.is_err();
-            if tx.send(answer).await.is_err() || fatal {
+            // A replica that leaves its answer unread (over HTTP/2 a zero window does it
+            // quietly) must not keep the session's transaction, and its write lock, open.
+            let sent = tokio::time::timeout(self.state.stall, tx.send(answer)).await;
+            if !matches!(sent, Ok(Ok(()))) || fatal {
                 break;
             }
         }
@@ -103,11 +106,15 @@ impl Session {
         let caller = self.state.admit(&self.metadata)?;
         let _place = self.state.place(&caller.ns, "StreamExec").await?;
         let request_id = request.request_id;
-        let Some(stream) = self.stream.take() else { return Err(Status::aborted("the session's stream is gone")) };
-        let answer = match request.request {
+        // Checked before the stream is taken: a refusal leaves it in place.
+        let request = match request.request {
             None => return Err(Status::invalid_argument("a StreamExec request without a request")),
-            Some(ExecRequest::Execute(program)) => {
-                let batch = batch(program.pgm.unwrap_or_default())?;
+            Some(ExecRequest::Execute(program)) => Ok(batch(program.pgm.unwrap_or_default())?),
+            Some(ExecRequest::Describe(describe)) => Err(describe.stmt),
+        };
+        let Some(stream) = self.stream.take() else { return Err(Status::aborted("the session's stream is gone")) };
+        let answer = match request {
+            Ok(batch) => {
                 let run = self.state.hrana.run_held(stream, caller.access, None, move |stream, budget| {
                     let result = stream.run_batch(&batch, budget);
                     (result, stream.last_frame_no(), stream.is_autocommit())
@@ -119,8 +126,8 @@ impl Session {
                     Err(e) => ExecAnswer::Error(error(&e)),
                 }
             }
-            Some(ExecRequest::Describe(describe)) => {
-                let run = self.state.hrana.run_held(stream, caller.access, None, move |stream, _| stream.describe(&describe.stmt));
+            Err(sql) => {
+                let run = self.state.hrana.run_held(stream, caller.access, None, move |stream, _| stream.describe(&sql));
                 let (stream, result, _budget) = run.await.map_err(|e| e.status())?;
                 self.stream = Some(stream);
                 match result {

@@ -14,6 +14,15 @@ use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess,
 #[error("the request holds more than {0} values (--max-request-values); send it in parts")]
 pub struct TooManyValues(pub usize);
 
+/// Why a protobuf message is refused before it is decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtobufRefused {
+    #[error(transparent)]
+    TooManyValues(#[from] TooManyValues),
+    #[error("the body is not a protobuf message")]
+    NotAMessage,
+}
+
 /// Counts the values of a JSON text, up to `max`. Text that is not JSON passes: the decoder
 /// that follows reports it precisely.
 pub fn check_json(text: &[u8], max: usize) -> Result<(), TooManyValues> {
@@ -100,55 +109,88 @@ impl<'de> Visitor<'de> for &mut Counter {
     }
 }
 
-/// How deep length-delimited fields are looked into (Hrana's messages nest about 7 deep; a
-/// deeper one counts as one value, which bounds the walk's work).
+/// How deep length-delimited fields are looked into (Hrana's messages nest about 7 deep).
+/// Below that, a payload counts as many values as it could hold: one per 2 bytes (the
+/// smallest field), which bounds the walk's work without letting deep nesting hide values.
 const PROTOBUF_DEPTH: usize = 10;
 
-/// Counts the fields of a protobuf message, up to `max`. Bytes that are not a message pass:
-/// the decoder that follows reports them.
-pub fn check_protobuf(bytes: &[u8], max: usize) -> Result<(), TooManyValues> {
+/// Counts the fields of a protobuf message, up to `max`. Bytes that are not a message are
+/// refused too (decoders skip what they do not know, groups included, so what this walk
+/// cannot read must not pass unchecked).
+pub fn check_protobuf(bytes: &[u8], max: usize) -> Result<(), ProtobufRefused> {
     let mut left = max;
-    walk(bytes, 0, &mut left).map(|_| ()).map_err(|()| TooManyValues(max))
+    let mut rest = bytes;
+    match walk(&mut rest, 0, &mut left, None) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ProtobufRefused::NotAMessage),
+        Err(()) => Err(TooManyValues(max).into()),
+    }
 }
 
-/// Walks the fields of `bytes` as a message, taking one from `left` per field, nested ones
-/// included. `Ok(false)`: not a message (nothing taken); `Err`: `left` ran out.
-fn walk(mut bytes: &[u8], depth: usize, left: &mut usize) -> Result<bool, ()> {
+/// Walks fields off the front of `bytes` as a message (or, with `group`, as that group's
+/// fields up to its end tag), taking one from `left` per field, nested ones included.
+/// `Ok(false)`: not a message (nothing taken); `Err`: `left` ran out.
+fn walk(bytes: &mut &[u8], depth: usize, left: &mut usize, group: Option<u64>) -> Result<bool, ()> {
     let mut count = *left;
-    while !bytes.is_empty() {
-        let Some(key) = varint(&mut bytes) else { return Ok(false) };
-        if key >> 3 == 0 {
+    loop {
+        if bytes.is_empty() {
+            // A group must end with its end tag.
+            if group.is_some() {
+                return Ok(false);
+            }
+            break;
+        }
+        let Some(key) = varint(bytes) else { return Ok(false) };
+        let field = key >> 3;
+        if field == 0 {
             return Ok(false);
         }
-        // The field is read whole before it is counted: bytes that are not a message must
+        // Each field is read whole before it is counted: bytes that are not a message must
         // not use up the count.
-        let payload = match key & 7 {
+        let mut nested = None;
+        match key & 7 {
             0 => {
-                if varint(&mut bytes).is_none() {
+                if varint(bytes).is_none() {
                     return Ok(false);
                 }
-                None
             }
             1 | 5 => {
                 let width = if key & 7 == 1 { 8 } else { 4 };
                 let Some(rest) = bytes.get(width..) else { return Ok(false) };
-                bytes = rest;
-                None
+                *bytes = rest;
             }
             2 => {
-                let Some(len) = varint(&mut bytes).and_then(|l| usize::try_from(l).ok()) else { return Ok(false) };
+                let Some(len) = varint(bytes).and_then(|l| usize::try_from(l).ok()) else { return Ok(false) };
                 let Some(payload) = bytes.get(..len) else { return Ok(false) };
-                bytes = &bytes[len..];
-                Some(payload)
+                *bytes = &bytes[len..];
+                nested = Some(payload);
             }
+            3 => {
+                // Groups are not Hrana's; deep ones are refused rather than walked.
+                if depth >= PROTOBUF_DEPTH {
+                    return Ok(false);
+                }
+                let mut inner = count;
+                if !walk(bytes, depth + 1, &mut inner, Some(field))? {
+                    return Ok(false);
+                }
+                count = inner.checked_sub(1).ok_or(())?;
+                continue;
+            }
+            4 if group == Some(field) => break,
             _ => return Ok(false),
-        };
+        }
         count = count.checked_sub(1).ok_or(())?;
-        if let Some(payload) = payload.filter(|_| depth < PROTOBUF_DEPTH) {
-            // A nested message's fields count too; a string's or bytes' do not.
-            let mut inner = count;
-            if walk(payload, depth + 1, &mut inner)? {
-                count = inner;
+        if let Some(payload) = nested {
+            if depth >= PROTOBUF_DEPTH {
+                count = count.checked_sub(payload.len() / 2).ok_or(())?;
+            } else {
+                // A nested message's fields count too; a string's or bytes' do not.
+                let mut inner = count;
+                let mut rest = payload;
+                if walk(&mut rest, depth + 1, &mut inner, None)? {
+                    count = inner;
+                }
             }
         }
     }
@@ -196,7 +238,29 @@ mod tests {
         // Many empty entries: two bytes each.
         let empties: Vec<u8> = std::iter::repeat([0x12u8, 0x00]).take(1000).flatten().collect();
         assert!(check_protobuf(&empties, 1000).is_ok());
-        assert!(check_protobuf(&empties, 999).is_err());
-        assert!(check_protobuf(&[0xff], 1).is_ok(), "the decoder reports it");
+        assert!(matches!(check_protobuf(&empties, 999), Err(ProtobufRefused::TooManyValues(_))));
+        // What this walk cannot read as a message is refused (decoders would skip parts).
+        assert!(matches!(check_protobuf(&[0xff], 1), Err(ProtobufRefused::NotAMessage)));
+        // Groups (which decoders skip when unknown) are walked: their fields count.
+        let mut grouped = vec![0x7b]; // field 15, start group
+        grouped.extend(&empties);
+        grouped.push(0x7c); // field 15, end group
+        assert!(check_protobuf(&grouped, 1001).is_ok());
+        assert!(check_protobuf(&grouped, 1000).is_err());
+        assert!(check_protobuf(&[0x7b, 0x12, 0x00], 10).is_err(), "a group without its end");
+        // Nesting deeper than the walk looks counts by size: one value per 2 bytes.
+        let mut deep = empties.clone();
+        for _ in 0..12 {
+            let mut outer = vec![0x12];
+            let mut len = deep.len();
+            while len >= 0x80 {
+                outer.push((len as u8 & 0x7f) | 0x80);
+                len >>= 7;
+            }
+            outer.push(len as u8);
+            outer.extend(&deep);
+            deep = outer;
+        }
+        assert!(check_protobuf(&deep, 900).is_err(), "values hidden deep are still counted");
     }
 }

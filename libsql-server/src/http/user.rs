@@ -108,8 +108,13 @@ impl Encoding {
         match self {
             Encoding::Json => decode_json(body, limits),
             Encoding::Protobuf => {
-                shape::check_protobuf(body, limits.max_values).map_err(|e| too_many_values(e, limits))?;
-                T::decode(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "BODY_INVALID", format!("invalid protobuf body: {e}")))
+                let invalid = |e: &dyn std::fmt::Display| ApiError::new(StatusCode::BAD_REQUEST, "BODY_INVALID", format!("invalid protobuf body: {e}"));
+                match shape::check_protobuf(body, limits.max_values) {
+                    Ok(()) => {}
+                    Err(shape::ProtobufRefused::TooManyValues(e)) => return Err(too_many_values(e, limits)),
+                    Err(e @ shape::ProtobufRefused::NotAMessage) => return Err(invalid(&e)),
+                }
+                T::decode(body).map_err(|e| invalid(&e))
             }
         }
     }

@@ -95,6 +95,18 @@ impl FeedView {
         // Newest first: the `count` frames that end `done` frames before the image's end.
         let first = image - done - count;
         let mut frames = self.read(first, count)?;
+        // The image's length was found at open by its shape: each frame is checked to be the
+        // image's (page i at index i - 1) before it is sent as such.
+        for (i, frame) in frames.iter().enumerate() {
+            let page_no = u32::from_le_bytes(frame[16..20].try_into().expect("a frame header"));
+            if u64::from(page_no) != first + i as u64 + 1 {
+                return Err(LogError::corrupt(
+                    &self.path,
+                    Some(self.header.start_frame_no + first + i as u64),
+                    "not a frame of the log's opening image",
+                ));
+            }
+        }
         frames.reverse();
         for frame in frames.iter_mut() {
             frame[20..24].fill(0);

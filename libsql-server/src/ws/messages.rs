@@ -252,7 +252,10 @@ fn json_request(raw: &str) -> Result<Request, Error> {
 
 /// A protobuf client message. `Err`: a protocol violation (the socket closes).
 pub(super) fn read_protobuf(bytes: &[u8], max_values: usize) -> Result<ClientMsg, &'static str> {
-    shape::check_protobuf(bytes, max_values).map_err(|_| TOO_MANY_VALUES)?;
+    shape::check_protobuf(bytes, max_values).map_err(|e| match e {
+        shape::ProtobufRefused::TooManyValues(_) => TOO_MANY_VALUES,
+        shape::ProtobufRefused::NotAMessage => "a message that is not a Hrana message",
+    })?;
     let message = pb::ClientMsg::decode(bytes).map_err(|_| "a message that is not a Hrana message")?;
     let request = match message.msg.ok_or("a message of unknown type")? {
         pb::ClientMsgKind::Hello(hello) => return Ok(ClientMsg::Hello(hello.jwt)),
