@@ -101,8 +101,8 @@ pub fn router(state: Arc<GrpcState>) -> Router {
 
 /// `body`'s gRPC messages (a flag byte, a 4-byte big-endian length, the message), each
 /// passed on once [`shape::check_protobuf`] accepted it; the body fails at the first one
-/// that holds more than `max_values` values. A message declared larger than `max_message`
-/// is passed on unread (the decoder refuses it by its length).
+/// that holds more than `max_values` values or is not a message. A message declared larger
+/// than `max_message` is passed on unread (the decoder refuses it by its length).
 fn checked_messages(body: hyper::Body, max_values: usize, max_message: usize, refused: impl Fn() + Send + 'static) -> hyper::Body {
     use bytes::BytesMut;
     use http_body::Body as _;
