@@ -261,11 +261,14 @@ async fn bad_grpc_input_gets_the_statuses_replicas_expect_and_the_server_goes_on
         None,
     );
     // A small message that would decode into a huge program (empty steps, 2 bytes each) is
-    // refused before it is decoded.
+    // refused before it is decoded; without a credential, before it is read at all.
     let mut huge = program("SELECT 1", vec![]);
     huge.pgm.as_mut().unwrap().steps = vec![Step::default(); 262_145];
+    assert_status(proxy.execute(request(huge.clone(), Some("tenant"), None, None)).await, Code::Unauthenticated, None);
+    let values_hit = "sqld_limit_hits_total{limit=\"max_request_values\"}";
+    assert_eq!(crate::common::process::metric(&sqld, values_hit).await, 0, "not read without a credential");
     assert!(proxy.execute(request(huge, Some("tenant"), tok, None)).await.is_err());
-    assert!(crate::common::process::metric(&sqld, "sqld_limit_hits_total{limit=\"max_request_values\"}").await >= 1);
+    assert_eq!(crate::common::process::metric(&sqld, values_hit).await, 1);
     let mut stranger = program("SELECT 1", vec![]);
     stranger.client_id = "x".repeat(129);
     assert_status(proxy.execute(request(stranger, Some("tenant"), tok, None)).await, Code::InvalidArgument, None);

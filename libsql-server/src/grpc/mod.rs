@@ -11,6 +11,7 @@
 //! requests do; the long-lived streams (`LogEntries`, `Snapshot`) take one of
 //! `--max-replication-streams` instead. Every error becomes a status in [`status`].
 
+mod admit;
 mod proxy;
 mod replication_log;
 mod status;
@@ -91,12 +92,12 @@ pub fn router(state: Arc<GrpcState>) -> Router {
         let refused = move || hits.hit(Limit::RequestValues, format_args!("gRPC {path}"));
         request.map(|body| checked_messages(body, max_values, max_message, refused))
     });
+    let web = tonic_web::GrpcWebLayer::new();
+    let log = web.layer(admit::Admit::new(checked.clone().layer(log), state.clone()));
+    let proxy = web.layer(admit::Admit::new(checked.layer(proxy), state));
     Router::new()
-        .route_service(
-            "/wal_log.ReplicationLog/*method",
-            deadline.clone().layer(tonic_web::GrpcWebLayer::new().layer(checked.clone().layer(log))),
-        )
-        .route_service("/proxy.Proxy/*method", deadline.layer(tonic_web::GrpcWebLayer::new().layer(checked.layer(proxy))))
+        .route_service("/wal_log.ReplicationLog/*method", deadline.clone().layer(log))
+        .route_service("/proxy.Proxy/*method", deadline.layer(proxy))
 }
 
 /// `body`'s gRPC messages (a flag byte, a 4-byte big-endian length, the message), each
@@ -199,6 +200,7 @@ fn pumped<T: Send + 'static>(stream: impl futures::Stream<Item = T> + Send + 'st
 }
 
 /// Whose call this is: its namespace, and what its credential grants there.
+#[derive(Clone)]
 pub struct Caller {
     pub ns: NamespaceName,
     pub access: Access,

@@ -20,6 +20,7 @@ use libsql_replication::rpc::proxy::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
+use super::admit::caller;
 use super::status::StatusOf;
 use super::GrpcState;
 use super::{stream_exec, value};
@@ -125,7 +126,7 @@ impl Proxy for ProxyService {
     type StreamExecStream = stream_exec::Answers;
 
     async fn execute(&self, request: Request<ProgramReq>) -> Result<Response<ExecuteResults>, Status> {
-        let caller = self.state.admit(request.metadata())?;
+        let caller = caller(&request)?;
         let _place = self.state.place(&caller.ns, "Execute").await?;
         let ProgramReq { client_id, pgm } = request.into_inner();
         let batch = batch(pgm.unwrap_or_default())?;
@@ -159,7 +160,7 @@ impl Proxy for ProxyService {
     }
 
     async fn describe(&self, request: Request<DescribeRequest>) -> Result<Response<DescribeResult>, Status> {
-        let caller = self.state.admit(request.metadata())?;
+        let caller = caller(&request)?;
         let _place = self.state.place(&caller.ns, "Describe").await?;
         let DescribeRequest { client_id, stmt: sql } = request.into_inner();
         let key = key(&caller.ns, &client_id)?;
@@ -181,13 +182,14 @@ impl Proxy for ProxyService {
     }
 
     async fn disconnect(&self, request: Request<DisconnectMessage>) -> Result<Response<Ack>, Status> {
-        let caller = self.state.admit(request.metadata())?;
+        let caller = caller(&request)?;
         self.state.hrana.discard_keyed(&caller.ns, &key(&caller.ns, &request.get_ref().client_id)?);
         Ok(Response::new(Ack {}))
     }
 
     async fn stream_exec(&self, request: Request<Streaming<ExecReq>>) -> Result<Response<Self::StreamExecStream>, Status> {
+        let caller = caller(&request)?;
         let (metadata, _, requests) = request.into_parts();
-        Ok(Response::new(stream_exec::open(self.state.clone(), metadata, requests).await?))
+        Ok(Response::new(stream_exec::open(self.state.clone(), caller, metadata, requests).await?))
     }
 }

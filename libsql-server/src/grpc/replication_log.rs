@@ -24,6 +24,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use super::admit::caller;
 use super::status::{need_snapshot, no_hello, StatusOf};
 use super::{pumped, GrpcState};
 use crate::blocking;
@@ -57,9 +58,9 @@ impl ReplicationLogService {
         metadata.get(SESSION_TOKEN_KEY)?.to_str().ok()?.parse().ok()
     }
 
-    /// Admits a call (namespace, credential) and loads its namespace.
-    async fn namespace(&self, metadata: &MetadataMap) -> Result<(NamespaceName, Arc<Namespace>), Status> {
-        let caller = self.state.admit(metadata)?;
+    /// The call's namespace (admitted from its headers), loaded.
+    async fn namespace<T>(&self, request: &Request<T>) -> Result<(NamespaceName, Arc<Namespace>), Status> {
+        let caller = caller(request)?;
         let ns = self.state.hrana.store().get(&caller.ns).await.map_err(|e| e.status())?;
         Ok((caller.ns, ns))
     }
@@ -117,7 +118,7 @@ impl ReplicationLog for ReplicationLogService {
     type SnapshotStream = BoxStream<'static, Result<Frame, Status>>;
 
     async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
-        let (name, ns) = self.namespace(request.metadata()).await?;
+        let (name, ns) = self.namespace(&request).await?;
         let _place = self.state.place(&name, "Hello").await?;
         let logger = ns.db().logger().clone();
         let view = blocking::run(move || logger.feed_view()).await.map_err(|e| e.status())?;
@@ -135,7 +136,7 @@ impl ReplicationLog for ReplicationLogService {
     }
 
     async fn batch_log_entries(&self, request: Request<LogOffset>) -> Result<Response<RpcFrames>, Status> {
-        let (name, ns) = self.namespace(request.metadata()).await?;
+        let (name, ns) = self.namespace(&request).await?;
         let _place = self.state.place(&name, "BatchLogEntries").await?;
         let given = Self::given_token(request.metadata());
         let offset = request.into_inner();
@@ -153,7 +154,7 @@ impl ReplicationLog for ReplicationLogService {
     }
 
     async fn log_entries(&self, request: Request<LogOffset>) -> Result<Response<Self::LogEntriesStream>, Status> {
-        let (name, ns) = self.namespace(request.metadata()).await?;
+        let (name, ns) = self.namespace(&request).await?;
         let place = self.state.stream_place(&name, "LogEntries")?;
         let given = Self::given_token(request.metadata());
         let offset = request.into_inner();
@@ -186,7 +187,7 @@ impl ReplicationLog for ReplicationLogService {
     }
 
     async fn snapshot(&self, request: Request<LogOffset>) -> Result<Response<Self::SnapshotStream>, Status> {
-        let (name, ns) = self.namespace(request.metadata()).await?;
+        let (name, ns) = self.namespace(&request).await?;
         let place = self.state.stream_place(&name, "Snapshot")?;
         let given = Self::given_token(request.metadata());
         check_flavor(request.get_ref())?;

@@ -26,7 +26,7 @@ use tonic::{Status, Streaming};
 
 use super::proxy::{batch, error, hrana_error};
 use super::status::StatusOf;
-use super::{received, GrpcState};
+use super::{received, Caller, GrpcState};
 use crate::hrana::{drop_off_runtime, Held, Stream};
 
 /// How often an idle session inside a transaction checks the transaction's time limit.
@@ -34,9 +34,9 @@ const TRANSACTION_CHECK: Duration = Duration::from_millis(250);
 
 pub type Answers = libsql_replication::rpc::replication::BoxStream<'static, Result<ExecResp, Status>>;
 
-/// Opens a session for the caller of `metadata` and serves `requests` on it.
-pub async fn open(state: Arc<GrpcState>, metadata: MetadataMap, requests: Streaming<ExecReq>) -> Result<Answers, Status> {
-    let caller = state.admit(&metadata)?;
+/// Opens a session for `caller` (admitted with `metadata`, which each request is admitted
+/// with again) and serves `requests` on it.
+pub async fn open(state: Arc<GrpcState>, caller: Caller, metadata: MetadataMap, requests: Streaming<ExecReq>) -> Result<Answers, Status> {
     let (stream, held) = state.hrana.open_held(&caller.ns).await.map_err(|e| e.status())?;
     // Answers wait here for the replica to read them: a few at most, then requests wait.
     let (tx, rx) = mpsc::channel(4);
