@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use libsql_replication::rpc::proxy::proxy_client::ProxyClient;
 use libsql_replication::rpc::proxy::{
-    exec_req, exec_resp, query, query_result, resp_step, ExecReq, ExecResp, Finish, Positional, Program, ProgramReq, Query, Step,
+    exec_req, exec_resp, query, query_result, resp_step, DisconnectMessage, ExecReq, ExecResp, Finish, Positional, Program, ProgramReq, Query, Step,
     StreamProgramReq, Value as ProxyValue,
 };
 use libsql_replication::rpc::replication::log_offset::WalFlavor;
@@ -269,6 +269,21 @@ async fn bad_grpc_input_gets_the_statuses_replicas_expect_and_the_server_goes_on
     assert_eq!(crate::common::process::metric(&sqld, values_hit).await, 0, "not read without a credential");
     assert!(proxy.execute(request(huge, Some("tenant"), tok, None)).await.is_err());
     assert_eq!(crate::common::process::metric(&sqld, values_hit).await, 1);
+    // A transaction belongs to the credential that began it: another caller with the same
+    // client_id neither ends it nor joins it.
+    let other = signer.token(json!({"id": "tenant"}));
+    let mut begin = program("BEGIN", vec![]);
+    begin.client_id = "shared".into();
+    proxy.execute(request(begin, Some("tenant"), tok, None)).await.unwrap();
+    let mut insert = program("INSERT INTO t VALUES (2, x'00')", vec![]);
+    insert.client_id = "shared".into();
+    proxy.execute(request(insert, Some("tenant"), tok, None)).await.unwrap();
+    let disconnect = DisconnectMessage { client_id: "shared".into() };
+    proxy.disconnect(request(disconnect, Some("tenant"), Some(&other), None)).await.unwrap();
+    let mut commit = program("COMMIT", vec![]);
+    commit.client_id = "shared".into();
+    let answer = proxy.execute(request(commit, Some("tenant"), tok, None)).await.unwrap().into_inner();
+    assert!(matches!(&answer.results[0].row_result, Some(query_result::RowResult::Row(_))), "the owner's transaction survived: {answer:?}");
     let mut stranger = program("SELECT 1", vec![]);
     stranger.client_id = "x".repeat(129);
     assert_status(proxy.execute(request(stranger, Some("tenant"), tok, None)).await, Code::InvalidArgument, None);

@@ -104,6 +104,7 @@ impl Server {
             max_values: self.config.max_request_values as usize,
             stop: self.stop.subscribe(),
             session: uuid::Uuid::new_v4(),
+            owners: std::collections::hash_map::RandomState::new(),
             // Under the connections' idle timeout: a waiting stream never idles one out.
             follow_idle: self.config.idle_connection_timeout() / 2,
             stall: self.config.header_read_timeout(),

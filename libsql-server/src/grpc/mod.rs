@@ -59,6 +59,8 @@ pub struct GrpcState {
     pub stop: watch::Receiver<bool>,
     /// This process's session: session tokens from before a restart are refused.
     pub session: Uuid,
+    /// Random keys for [`Caller::owner`].
+    pub owners: std::collections::hash_map::RandomState,
     /// How long a `LogEntries` stream waits for a new commit before it ends.
     pub follow_idle: Duration,
     /// How long a streamed answer may wait for the client to take it.
@@ -204,6 +206,9 @@ fn pumped<T: Send + 'static>(stream: impl futures::Stream<Item = T> + Send + 'st
 pub struct Caller {
     pub ns: NamespaceName,
     pub access: Access,
+    /// A keyed hash of the credential it came with (none counts too): what a proxy client's
+    /// transaction belongs to, so another caller cannot use or end it by its client_id.
+    pub owner: u64,
 }
 
 impl GrpcState {
@@ -211,9 +216,10 @@ impl GrpcState {
     pub fn admit(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
         let ns = self.namespace(metadata)?;
         let credential = metadata.get("x-authorization").or_else(|| metadata.get("authorization")).map(|value| value.as_bytes());
+        let owner = std::hash::BuildHasher::hash_one(&self.owners, credential);
         let access =
             self.auth.check(Credential::Header(credential), &ns, self.hrana.store().jwt_key(&ns).as_deref()).map_err(|e| e.status())?;
-        Ok(Caller { ns, access })
+        Ok(Caller { ns, access, owner })
     }
 
     fn namespace(&self, metadata: &MetadataMap) -> Result<NamespaceName, Status> {

@@ -23,9 +23,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::admit::caller;
 use super::status::StatusOf;
 use super::GrpcState;
-use super::{stream_exec, value};
+use super::{stream_exec, value, Caller};
 use crate::hrana::StmtError;
-use crate::namespace::NamespaceName;
 
 /// Most steps one program may have.
 const MAX_STEPS: usize = 1024;
@@ -43,12 +42,13 @@ impl ProxyService {
 /// Longest `client_id` accepted (clients send a UUID).
 const MAX_CLIENT_ID: usize = 128;
 
-/// Where a client's stream is kept between calls: never a Hrana baton (those are hex).
-fn key(ns: &NamespaceName, client_id: &str) -> Result<String, Status> {
+/// Where a client's stream is kept between calls: never a Hrana baton (those are hex), and
+/// apart for each credential, so only its owner reaches it.
+fn key(caller: &Caller, client_id: &str) -> Result<String, Status> {
     if client_id.len() > MAX_CLIENT_ID {
         return Err(Status::invalid_argument(format!("a client_id has at most {MAX_CLIENT_ID} bytes")));
     }
-    Ok(format!("proxy/{ns}/{client_id}"))
+    Ok(format!("proxy/{}/{:016x}/{client_id}", caller.ns, caller.owner))
 }
 
 /// A proxy program as the Hrana batch it means.
@@ -130,7 +130,7 @@ impl Proxy for ProxyService {
         let _place = self.state.place(&caller.ns, "Execute").await?;
         let ProgramReq { client_id, pgm } = request.into_inner();
         let batch = batch(pgm.unwrap_or_default())?;
-        let key = key(&caller.ns, &client_id)?;
+        let key = key(&caller, &client_id)?;
         let hrana = &self.state.hrana;
         let ((result, frame_no), in_transaction, _budget) = hrana
             .run_keyed(&caller.ns, caller.access, &key, None, move |stream, budget| {
@@ -163,7 +163,7 @@ impl Proxy for ProxyService {
         let caller = caller(&request)?;
         let _place = self.state.place(&caller.ns, "Describe").await?;
         let DescribeRequest { client_id, stmt: sql } = request.into_inner();
-        let key = key(&caller.ns, &client_id)?;
+        let key = key(&caller, &client_id)?;
         let (result, _, _) = self
             .state
             .hrana
@@ -183,7 +183,7 @@ impl Proxy for ProxyService {
 
     async fn disconnect(&self, request: Request<DisconnectMessage>) -> Result<Response<Ack>, Status> {
         let caller = caller(&request)?;
-        self.state.hrana.discard_keyed(&caller.ns, &key(&caller.ns, &request.get_ref().client_id)?);
+        self.state.hrana.discard_keyed(&caller.ns, &key(&caller, &request.get_ref().client_id)?);
         Ok(Response::new(Ack {}))
     }
 
