@@ -117,6 +117,15 @@ async fn v1_replica_writes_go_through_the_proxy_and_come_back() {
     let err = conn.execute("INSERT INTO t VALUES (10, 'again')", ()).await.unwrap_err();
     assert!(err.to_string().contains("UNIQUE"), "{err}");
 
+    // A statement prepared on the replica for the primary is described there (`Describe`).
+    let stmt = conn.prepare("INSERT INTO t VALUES (:id, :v) RETURNING id, v").await.unwrap();
+    assert_eq!(stmt.parameter_count(), 2);
+    // (The remote statement numbers its parameters from 0.)
+    assert_eq!((stmt.parameter_name(0), stmt.parameter_name(1)), (Some(":id"), Some(":v")));
+    assert_eq!(stmt.columns().iter().map(|c| c.name().to_owned()).collect::<Vec<_>>(), ["id", "v"]);
+    stmt.execute(libsql::named_params! {":id": 11, ":v": "prepared"}).await.unwrap();
+    assert!(conn.prepare("INSERT INTO missing VALUES (1)").await.is_err(), "a statement that does not describe");
+
     // Interactive transactions across calls: committed, then rolled back.
     let tx = conn.transaction().await.unwrap();
     tx.execute("INSERT INTO t VALUES (20, 'in a transaction')", ()).await.unwrap();
