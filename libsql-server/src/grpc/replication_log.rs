@@ -48,11 +48,6 @@ impl ReplicationLogService {
         ReplicationLogService { state }
     }
 
-    /// The session token of a log: this process's session and the log's log_id.
-    fn token(&self, log_id: Uuid) -> Uuid {
-        Uuid::from_u128(self.state.session.as_u128() ^ log_id.as_u128())
-    }
-
     /// The token a call carries, if it carries one that parses.
     fn given_token(metadata: &MetadataMap) -> Option<Uuid> {
         metadata.get(SESSION_TOKEN_KEY)?.to_str().ok()?.parse().ok()
@@ -78,7 +73,7 @@ impl ReplicationLogService {
         let session = self.state.session;
         let (view, answer) = blocking::run(move || {
             let view = logger.feed_view();
-            let current = given == Some(Uuid::from_u128(session.as_u128() ^ view.log_id().as_u128()));
+            let current = given == Some(session_token(session, view.log_id()));
             let answer = current.then(|| read(&view));
             (view, answer)
         })
@@ -98,6 +93,11 @@ impl ReplicationLogService {
             frames as u64,
         );
     }
+}
+
+/// The session token of a log: this process's session and the log's log_id.
+fn session_token(session: Uuid, log_id: Uuid) -> Uuid {
+    Uuid::from_u128(session.as_u128() ^ log_id.as_u128())
 }
 
 /// Only SQLite's frame layout is served.
@@ -129,7 +129,7 @@ impl ReplicationLog for ReplicationLogService {
             generation_id: generation_id.hyphenated().to_string(),
             generation_start_index: view.start_frame_no(),
             log_id: log_id.hyphenated().to_string(),
-            session_token: Bytes::from(self.token(log_id).hyphenated().to_string()),
+            session_token: Bytes::from(session_token(self.state.session, log_id).hyphenated().to_string()),
             current_replication_index: view.last_frame_no(),
             config: Some((*ns.db().config()).clone()),
         }))
