@@ -16,18 +16,19 @@ use uuid::Uuid;
 use super::format::{checksum, FrameHeader, LogHeader, SnapshotHeader, FRAME_SIZE, LOG_HEADER_SIZE};
 use super::generation::{self, GenerationRecord};
 use super::synced::{self, SyncedThrough};
-use super::feed::FeedView;
 use super::image::{write_image, ImageTarget};
 use super::{compaction, failpoint, pagecache, LogError, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG};
 use crate::durable;
 
 mod files;
+mod readers;
 mod reset;
 mod state;
 
 use files::{count_files, mark_untrusted, preallocate, remove_leftovers};
 pub(super) use files::{create_log_file, frame_offset, read_log_header};
 
+use readers::Superseded;
 pub use reset::{LogPosition, PreparedReset};
 
 /// When a log is retired into a snapshot.
@@ -104,27 +105,6 @@ struct LogState {
     closed: bool,
     buf: Vec<u8>,
 }
-
-/// A superseded generation's log, kept open for sync clients part-way through it.
-struct Superseded {
-    generation: u64,
-    file: Arc<File>,
-    frame_count: u64,
-    at: Instant,
-}
-
-impl LogState {
-    /// The current generation, as it will be kept once superseded.
-    fn outgoing(&self) -> Superseded {
-        Superseded { generation: self.generation.generation, file: self.file.clone(), frame_count: self.header.frame_count, at: Instant::now() }
-    }
-}
-
-/// How long a superseded generation stays readable, and how many at most: a client pulls a
-/// transaction in one sync call (seconds, even for a full image), so this outlasts any pull
-/// in progress while bounding the disk the old logs keep.
-const SUPERSEDED_FOR: Duration = Duration::from_secs(60);
-const KEEP_SUPERSEDED: usize = 4;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LogStats {
@@ -378,63 +358,6 @@ impl ReplicationLogger {
         if *recorded != Some(position) && synced::record(&self.dir, data, position) {
             *recorded = Some(position);
         }
-    }
-
-    /// The current generation.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    /// Keeps the outgoing generation readable for sync clients part-way through it, dropping
-    /// those past their time or count.
-    fn supersede(&self, outgoing: Superseded) {
-        let mut superseded = self.superseded.lock().unwrap_or_else(|e| e.into_inner());
-        superseded.push_back(outgoing);
-        let mut evicted = Vec::new();
-        while superseded.len() > KEEP_SUPERSEDED || superseded.front().is_some_and(|s| s.at.elapsed() > SUPERSEDED_FOR) {
-            evicted.extend(superseded.pop_front());
-        }
-        // Closing the last handle on a removed log frees its blocks (milliseconds per 10 MB):
-        // not under the log's lock, which writers wait on.
-        if !evicted.is_empty() {
-            crate::blocking::drop_in_background(evicted);
-        }
-    }
-
-    /// A generation compaction superseded lately: its log (readable though retired or
-    /// removed) and its committed frames.
-    pub fn superseded(&self, generation: u64) -> Option<(Arc<File>, u64)> {
-        let superseded = self.superseded.lock().unwrap_or_else(|e| e.into_inner());
-        superseded.iter().find(|s| s.generation == generation && s.at.elapsed() <= SUPERSEDED_FOR).map(|s| (s.file.clone(), s.frame_count))
-    }
-
-    /// What a sync reader needs to serve the current generation's frames: its number, the log
-    /// file (readable even after it is retired) and the header as of now.
-    pub fn sync_view(&self) -> (u64, Arc<File>, LogHeader) {
-        let state = self.lock();
-        (state.generation.generation, state.file.clone(), state.header)
-    }
-
-    /// The current log as replicas of the older protocol are served from it (see `feed`).
-    pub fn feed_view(&self) -> FeedView {
-        let state = self.lock();
-        FeedView {
-            path: self.dir.join(WALLOG),
-            file: state.file.clone(),
-            header: state.header,
-            image_frames: state.image_frames,
-            generation: state.generation.generation,
-        }
-    }
-
-    /// Changes whenever the log moves: a commit, a compaction, a reset. Replicas waiting for
-    /// frames wait on it.
-    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.moved.subscribe()
-    }
-
-    fn mark_moved(&self) {
-        self.moved.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Full when the changes logged after the opening image reach the flag's size (or the
