@@ -5,26 +5,25 @@
 //! the statuses replicas expect while the server goes on.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::Stream;
 use libsql_replication::rpc::proxy::proxy_client::ProxyClient;
 use libsql_replication::rpc::proxy::{
-    exec_req, exec_resp, query, query_result, resp_step, DisconnectMessage, ExecReq, ExecResp, Finish, Positional, Program, ProgramReq, Query, Step,
-    StreamProgramReq, Value as ProxyValue,
+    exec_req, exec_resp, query, query_result, resp_step, DisconnectMessage, ExecReq, ExecResp, Finish, Positional, Program, ProgramReq,
+    Query, Step, StreamProgramReq, Value as ProxyValue,
 };
 use libsql_replication::rpc::replication::log_offset::WalFlavor;
 use libsql_replication::rpc::replication::replication_log_client::ReplicationLogClient;
 use libsql_replication::rpc::replication::{HelloRequest, LogOffset};
 use libsql_server::namespace::NamespaceName;
 use libsql_server::replica::Follower;
-use libsql_sys::rusqlite;
 use serde_json::json;
 use tonic::metadata::BinaryMetadataValue;
 use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::common::process::{rows, Sqld};
+use crate::common::process::{assert_copy_follows, rows, Sqld};
 use crate::common::tokens::Signer;
 
 async fn client(sqld: &Sqld) -> ReplicationLogClient<Channel> {
@@ -39,40 +38,6 @@ fn follower(sqld: &Sqld, dir: &Path) -> Follower {
     Follower::start(channel, NamespaceName::default_namespace(), None, dir.to_owned())
 }
 
-/// Every row of `t` in the replica's file.
-fn replica_rows(dir: &Path) -> Vec<(i64, Vec<u8>)> {
-    let conn = rusqlite::Connection::open_with_flags(dir.join("data"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-    let Ok(mut stmt) = conn.prepare("SELECT id, v FROM t ORDER BY id") else { return Vec::new() };
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().collect::<Result<_, _>>().unwrap_or_default()
-}
-
-async fn primary_rows(sqld: &Sqld) -> Vec<(i64, Vec<u8>)> {
-    let conn = sqld.connect().await;
-    rows(&conn, "SELECT id, v FROM t ORDER BY id")
-        .await
-        .into_iter()
-        .map(|r| match (&r[0], &r[1]) {
-            (libsql::Value::Integer(id), libsql::Value::Blob(v)) => (*id, v.clone()),
-            other => panic!("unexpected row {other:?}"),
-        })
-        .collect()
-}
-
-/// Waits (bounded) until the replica holds exactly the primary's rows.
-async fn assert_follows(sqld: &Sqld, dir: &Path) {
-    let expected = primary_rows(sqld).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let dir = dir.to_owned();
-        let got = tokio::task::spawn_blocking(move || replica_rows(&dir)).await.unwrap();
-        if got == expected {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the replica did not reach the primary's {} rows (it holds {})", expected.len(), got.len());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn this_servers_follower_follows_over_http2_through_compactions_resets_kills_and_restarts() {
     let args = ["--max-log-size", "1", "--idle-connection-timeout-s", "4"];
@@ -82,30 +47,30 @@ async fn this_servers_follower_follows_over_http2_through_compactions_resets_kil
     conn.execute("INSERT INTO t SELECT value, randomblob(100) FROM generate_series(1, 20000)", ()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let replica = follower(&sqld, dir.path());
-    assert_follows(&sqld, dir.path()).await;
+    assert_copy_follows(&sqld.connect().await, dir.path()).await;
     let bootstrap_frames = frames_served(&sqld).await;
 
     for i in 0..3 {
         conn.execute("INSERT INTO t VALUES (?1, randomblob(50))", [100_000 + i]).await.unwrap();
-        assert_follows(&sqld, dir.path()).await;
+        assert_copy_follows(&sqld.connect().await, dir.path()).await;
     }
     // Compactions, while the replica follows.
     for round in 0..4 {
         conn.execute("UPDATE t SET v = randomblob(120) WHERE id % 4 = ?1", [round]).await.unwrap();
     }
-    assert_follows(&sqld, dir.path()).await;
+    assert_copy_follows(&sqld.connect().await, dir.path()).await;
     // A reset: a new log_id; the replica starts over from the new log's image.
     let (status, body) = sqld.admin_post("/v1/namespaces/default/reset-replication").await;
     assert_eq!(status, 200, "{body}");
     conn.execute("DELETE FROM t WHERE id % 5 = 0", ()).await.unwrap();
-    assert_follows(&sqld, dir.path()).await;
+    assert_copy_follows(&sqld.connect().await, dir.path()).await;
     // kill -9 of the primary: its log is rebuilt at the next open, and a new session starts.
     tokio::task::block_in_place(|| {
         sqld.signal("KILL");
         sqld.spawn(&args);
     });
     sqld.connect().await.execute("UPDATE t SET v = x'01' WHERE id % 7 = 0", ()).await.unwrap();
-    assert_follows(&sqld, dir.path()).await;
+    assert_copy_follows(&sqld.connect().await, dir.path()).await;
 
     // The replica stops and starts again from its own files: it resumes where it stood,
     // pulling only what it misses, not its whole copy again.
@@ -116,7 +81,7 @@ async fn this_servers_follower_follows_over_http2_through_compactions_resets_kil
     let stats = sqld.admin_get("/v1/namespaces/default/stats").await;
     let last = stats["replication"]["last_frame_no"].as_u64().unwrap();
     assert!(replica.wait_for(last, Duration::from_secs(30)).await, "the copy reaches the primary's last frame");
-    assert_follows(&sqld, dir.path()).await;
+    assert_copy_follows(&sqld.connect().await, dir.path()).await;
     let pulled = frames_served(&sqld).await - before;
     assert!(pulled < bootstrap_frames / 10, "resumed with {pulled} frames (a bootstrap took {bootstrap_frames})");
     assert!(replica.progress().borrow().applied.is_some());

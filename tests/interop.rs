@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use libsql_server::namespace::NamespaceName;
 use libsql_server::replica::Follower;
 
-use crate::common::process::{rows, Sqld};
+use crate::common::process::{assert_copy_follows, remote, rows, Sqld};
 
 /// A libSQL server process, killed when dropped.
 struct Upstream {
@@ -83,16 +83,6 @@ impl Upstream {
     }
 }
 
-async fn remote(url: &str) -> libsql::Connection {
-    libsql::Builder::new_remote(url.to_owned(), String::new())
-        .connector(hyper::client::HttpConnector::new())
-        .build()
-        .await
-        .unwrap()
-        .connect()
-        .unwrap()
-}
-
 const ALL: &str = "SELECT id, hex(v) FROM t ORDER BY id";
 
 /// Every row of `t`, or the error (the replica may not have the table yet).
@@ -127,7 +117,7 @@ async fn the_libsql_server_replicates_this_one() {
     primary.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
     primary.execute("INSERT INTO t SELECT value, randomblob(100) FROM generate_series(1, 20000)", ()).await.unwrap();
     let upstream = tokio::task::block_in_place(|| upstream_replica(&bin, &format!("http://{}", sqld.grpc)));
-    let replica = remote(&upstream.url).await;
+    let replica = remote(upstream.url.clone(), String::new()).await;
     assert_same_rows(&primary, &replica).await;
 
     // Writes on the primary, and through the replica (forwarded over StreamExec).
@@ -148,40 +138,14 @@ async fn the_libsql_server_replicates_this_one() {
     let (status, body) = sqld.admin_post("/v1/namespaces/default/reset-replication").await;
     assert_eq!(status, 200, "{body}");
     primary.execute("DELETE FROM t WHERE id % 5 = 0", ()).await.unwrap();
-    assert_same_rows(&primary, &remote(&upstream.url).await).await;
-}
-
-/// Every row of `t` in a follower's copy, as the primary's Hrana answers them.
-fn copy_rows(dir: &std::path::Path) -> Vec<Vec<libsql::Value>> {
-    use libsql_sys::rusqlite;
-    let Ok(conn) = rusqlite::Connection::open_with_flags(dir.join("data"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else {
-        return Vec::new();
-    };
-    let Ok(mut stmt) = conn.prepare(ALL) else { return Vec::new() };
-    let rows = stmt.query_map([], |r| Ok(vec![libsql::Value::Integer(r.get(0)?), libsql::Value::Text(r.get(1)?)]));
-    rows.and_then(|rows| rows.collect()).unwrap_or_default()
-}
-
-/// Waits (bounded) until the follower's copy in `dir` holds exactly `primary`'s rows.
-async fn assert_copy_follows(primary: &libsql::Connection, dir: &std::path::Path) {
-    let expected = rows(primary, ALL).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let at = dir.to_owned();
-        let got = tokio::task::spawn_blocking(move || copy_rows(&at)).await.unwrap();
-        if got == expected {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the copy holds {} rows, not the primary's {}", got.len(), expected.len());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert_same_rows(&primary, &remote(upstream.url.clone(), String::new()).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn this_servers_follower_replicates_the_libsql_server() {
     let Some(bin) = upstream_bin() else { return };
     let mut upstream = tokio::task::block_in_place(|| upstream_primary(&bin));
-    let primary = remote(&upstream.url).await;
+    let primary = remote(upstream.url.clone(), String::new()).await;
     primary.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
     primary.execute("INSERT INTO t SELECT value, randomblob(100) FROM generate_series(1, 20000)", ()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -196,7 +160,7 @@ async fn this_servers_follower_replicates_the_libsql_server() {
     // kill -9: the libSQL server rebuilds its log at the next start (a new log_id); the copy
     // is discarded and bootstrapped again.
     tokio::task::block_in_place(|| upstream.kill_and_restart());
-    let primary = remote(&upstream.url).await;
+    let primary = remote(upstream.url.clone(), String::new()).await;
     primary.execute("DELETE FROM t WHERE id % 5 = 0", ()).await.unwrap();
     assert_copy_follows(&primary, dir.path()).await;
 }

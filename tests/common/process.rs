@@ -131,22 +131,24 @@ impl Sqld {
 
     /// [`Self::connect_owned`] with `token` as its auth token.
     pub fn connect_as(&self, token: String) -> impl std::future::Future<Output = libsql::Connection> + Send + 'static {
-        let url = self.url();
-        async move {
-            libsql::Builder::new_remote(url, token)
-                .connector(hyper::client::HttpConnector::new())
-                .build()
-                .await
-                .unwrap()
-                .connect()
-                .unwrap()
-        }
+        remote(self.url(), token)
     }
 
     /// A `libsql` crate connection to this server over HTTP.
     pub async fn connect(&self) -> libsql::Connection {
         self.connect_owned().await
     }
+}
+
+/// A `libsql` crate connection over HTTP to the server at `url` (this one or another).
+pub async fn remote(url: String, token: String) -> libsql::Connection {
+    libsql::Builder::new_remote(url, token)
+        .connector(hyper::client::HttpConnector::new())
+        .build()
+        .await
+        .unwrap()
+        .connect()
+        .unwrap()
 }
 
 /// Every row `sql` answers on `conn`, as values.
@@ -216,4 +218,34 @@ pub async fn metric(sqld: &Sqld, series: &str) -> u64 {
     let response = hyper::Client::new().get(format!("http://{}/metrics", sqld.admin).parse().unwrap()).await.unwrap();
     let text = String::from_utf8(hyper::body::to_bytes(response.into_body()).await.unwrap().to_vec()).unwrap();
     text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0)
+}
+
+/// The rows a follower's copy is compared by: every row of `t`, its blob as hex.
+const COPY_ROWS: &str = "SELECT id, hex(v) FROM t ORDER BY id";
+
+/// Every row of `t` in a follower's copy in `dir` (none while it has no table yet), as the
+/// primary's Hrana answers them.
+pub fn copy_rows(dir: &std::path::Path) -> Vec<Vec<libsql::Value>> {
+    use libsql_sys::rusqlite;
+    let Ok(conn) = rusqlite::Connection::open_with_flags(dir.join("data"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return Vec::new();
+    };
+    let Ok(mut stmt) = conn.prepare(COPY_ROWS) else { return Vec::new() };
+    let rows = stmt.query_map([], |r| Ok(vec![libsql::Value::Integer(r.get(0)?), libsql::Value::Text(r.get(1)?)]));
+    rows.and_then(|rows| rows.collect()).unwrap_or_default()
+}
+
+/// Waits (bounded) until the follower's copy in `dir` holds exactly `primary`'s rows.
+pub async fn assert_copy_follows(primary: &libsql::Connection, dir: &std::path::Path) {
+    let expected = rows(primary, COPY_ROWS).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let at = dir.to_owned();
+        let got = tokio::task::spawn_blocking(move || copy_rows(&at)).await.unwrap();
+        if got == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the copy holds {} rows, not the primary's {}", got.len(), expected.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
