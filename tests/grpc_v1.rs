@@ -7,20 +7,10 @@ use std::path::Path;
 use libsql::{Database, Value};
 
 use crate::common::process::Sqld;
-use crate::sync_v2::assert_in_sync;
+use crate::sync_v2::{assert_in_sync, remote_replica};
 
 async fn replica_v1(sqld: &Sqld, path: &Path) -> Database {
-    libsql::Builder::new_remote_replica(path, sqld.url(), String::new())
-        .connector(hyper::client::HttpConnector::new())
-        .sync_protocol(libsql::SyncProtocol::V1)
-        .build()
-        .await
-        .unwrap()
-}
-
-async fn log_stats(sqld: &Sqld) -> serde_json::Value {
-    let response = hyper::Client::new().get(format!("http://{}/v1/namespaces/default/stats", sqld.admin).parse().unwrap()).await.unwrap();
-    serde_json::from_slice(&hyper::body::to_bytes(response.into_body()).await.unwrap()).unwrap()
+    remote_replica(sqld, path, libsql::SyncProtocol::V1).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,12 +41,12 @@ async fn v1_replicas_bootstrap_follow_compactions_and_log_rebuilds() {
 
     // Compactions: the log moves past where `behind` stands; it gets the snapshot (the new
     // log's image) and goes on from there.
-    let compactions_before = log_stats(&sqld).await["replication"]["compactions"].as_u64().unwrap_or(0);
+    let compactions_before = sqld.admin_get("/v1/namespaces/default/stats").await["replication"]["compactions"].as_u64().unwrap_or(0);
     for round in 0..4 {
         primary.execute("UPDATE t SET v = randomblob(120) WHERE id % 4 = ?1", [round]).await.unwrap();
         assert_in_sync(&primary, &replica).await;
     }
-    let stats = log_stats(&sqld).await;
+    let stats = sqld.admin_get("/v1/namespaces/default/stats").await;
     assert!(stats["replication"]["compactions"].as_u64().unwrap() > compactions_before, "the log was compacted: {stats}");
     assert_in_sync(&primary, &behind).await;
     assert!(

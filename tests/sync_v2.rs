@@ -16,10 +16,11 @@ async fn synced(sqld: &Sqld, path: &Path) -> Database {
         .unwrap()
 }
 
-async fn remote_replica_v2(sqld: &Sqld, path: &Path) -> Database {
+/// The `libsql` crate's remote replica of `sqld` at `path`, speaking `protocol`.
+pub async fn remote_replica(sqld: &Sqld, path: &Path, protocol: libsql::SyncProtocol) -> Database {
     libsql::Builder::new_remote_replica(path, sqld.url(), String::new())
         .connector(hyper::client::HttpConnector::new())
-        .sync_protocol(libsql::SyncProtocol::V2)
+        .sync_protocol(protocol)
         .build()
         .await
         .unwrap()
@@ -66,7 +67,7 @@ async fn embedded_replicas_bootstrap_follow_and_survive_log_rebuilds() {
 
     let dir = tempfile::tempdir().unwrap();
     let synced_db = synced(&sqld, &dir.path().join("synced.db")).await;
-    let replica_db = remote_replica_v2(&sqld, &dir.path().join("replica.db")).await;
+    let replica_db = remote_replica(&sqld, &dir.path().join("replica.db"), libsql::SyncProtocol::V2).await;
     assert_in_sync(&primary, &synced_db).await;
     assert_in_sync(&primary, &replica_db).await;
 
