@@ -118,7 +118,7 @@ impl Stream {
     /// The frame_no of the last frame its namespace's log holds: a replica that has it has
     /// every write this stream made. Blocking (the log's lock).
     pub fn last_frame_no(&self) -> Option<u64> {
-        self.ns.db().logger().feed_view().last_frame_no()
+        self.ns.db().logger().committed_position().map(|position| position.frame_no)
     }
 
     /// Runs a batch (the cursor endpoint). Blocking.
