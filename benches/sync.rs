@@ -8,6 +8,8 @@
 //!   is visible on a replica after `sync()`, V2 and V1, beside the primary's own commit latency;
 //! * the same for this server's follower (`replica::Follower`, the copy a replica keeps) over
 //!   gRPC (HTTP/2), read from its file;
+//! * the same for this server as a replica (`--primary-grpc-url`), visible through its Hrana
+//!   API (its first read bootstraps the copy);
 //! * with `SQLD_UPSTREAM_BIN` naming the libSQL server's binary: the same for that server as a
 //!   replica of this one over gRPC (HTTP/2), visible through its Hrana API.
 
@@ -72,6 +74,7 @@ enum Kind {
     V2,
     V1,
     Follower,
+    Replica,
     Upstream,
 }
 
@@ -81,6 +84,7 @@ impl Kind {
             Kind::V2 => "embedded replica, sync v2",
             Kind::V1 => "embedded replica, gRPC-web (V1)",
             Kind::Follower => "this server's follower, gRPC",
+            Kind::Replica => "this server as a replica, gRPC",
             Kind::Upstream => "libSQL server replica, gRPC",
         }
     }
@@ -115,24 +119,28 @@ impl Replica {
                 let follower = libsql_server::replica::Follower::start(channel, ns, None, dir.to_owned());
                 return Replica::Follower(follower, dir.join("data"));
             }
-            Kind::Upstream => {
-                let bin = std::env::var("SQLD_UPSTREAM_BIN").unwrap();
-                let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-                let child = Command::new(bin)
-                    .args(["--db-path", dir.join("upstream").to_str().unwrap(), "--http-listen-addr", &addr.to_string()])
-                    .args(["--primary-grpc-url", &sqld.grpc])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap();
-                while std::net::TcpStream::connect(addr).is_err() {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                return Replica::Server(child, remote(&format!("http://{addr}")).await);
-            }
+            Kind::Replica => return Replica::server(env!("CARGO_BIN_EXE_sqld"), sqld, dir).await,
+            Kind::Upstream => return Replica::server(&std::env::var("SQLD_UPSTREAM_BIN").unwrap(), sqld, dir).await,
         };
         let conn = db.connect().unwrap();
         Replica::Embedded(db, conn)
+    }
+
+    /// A replica server (`bin`, this server's or the libSQL server's) of `sqld` in `dir`.
+    async fn server(bin: &str, sqld: &Sqld, dir: &Path) -> Replica {
+        let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let child = Command::new(bin)
+            .args(["--db-path", dir.join("replica-server").to_str().unwrap(), "--http-listen-addr", &addr.to_string()])
+            .args(["--primary-grpc-url", &sqld.grpc])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        while std::net::TcpStream::connect(addr).is_err() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Replica::Server(child, remote(&format!("http://{addr}")).await)
     }
 
     /// Whether the replica (synced first, if embedded) answers `sql` with a first row whose
@@ -173,7 +181,7 @@ impl Replica {
 }
 
 fn kinds() -> Vec<Kind> {
-    let mut kinds = vec![Kind::V2, Kind::V1, Kind::Follower];
+    let mut kinds = vec![Kind::V2, Kind::V1, Kind::Follower, Kind::Replica];
     if std::env::var("SQLD_UPSTREAM_BIN").is_ok() {
         kinds.push(Kind::Upstream);
     } else {

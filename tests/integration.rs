@@ -21,5 +21,6 @@ mod log_durability;
 mod process;
 mod protobuf;
 mod repair;
+mod replica;
 mod replication;
 mod websocket;

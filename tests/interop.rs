@@ -1,18 +1,16 @@
 //! Interoperability with the libSQL server itself (opt-in: `SQLD_UPSTREAM_BIN` names its
 //! binary, e.g. `../shared/bin/sqld-libsql-0.24.33`): that server as a replica of this one over
 //! gRPC, through a 20k-row bootstrap, writes on both sides (the replica's forwarded over
-//! `StreamExec`), and a log rebuild of the primary; and this server's follower replicating that
-//! server through a 20k-row bootstrap, writes, and the log rebuild of a `kill -9`. Exactly the
-//! primary's rows each time.
+//! `StreamExec`), and a log rebuild of the primary; and this server as a replica of that server
+//! (`--primary-grpc-url`) through a 20k-row bootstrap, writes on both sides (the replica's
+//! forwarded with `Execute`), and the log rebuild of a `kill -9`. Exactly the primary's rows
+//! each time.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use libsql_server::namespace::NamespaceName;
-use libsql_server::replica::Follower;
-
-use crate::common::process::{assert_copy_follows, remote, rows, Sqld};
+use crate::common::process::{remote, rows, Sqld};
 
 /// A libSQL server process, killed when dropped.
 struct Upstream {
@@ -142,25 +140,31 @@ async fn the_libsql_server_replicates_this_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn this_servers_follower_replicates_the_libsql_server() {
+async fn this_server_as_a_replica_of_the_libsql_server() {
     let Some(bin) = upstream_bin() else { return };
     let mut upstream = tokio::task::block_in_place(|| upstream_primary(&bin));
     let primary = remote(upstream.url.clone(), String::new()).await;
     primary.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
     primary.execute("INSERT INTO t SELECT value, randomblob(100) FROM generate_series(1, 20000)", ()).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let channel = tonic::transport::Endpoint::from_shared(upstream.grpc.clone()).unwrap().connect_lazy();
-    let _follower = Follower::start(channel, NamespaceName::default_namespace(), None, dir.path().to_owned());
-    assert_copy_follows(&primary, dir.path()).await;
+    let replica = tokio::task::block_in_place(|| Sqld::start(&["--primary-grpc-url", &upstream.grpc]));
+    let conn = replica.connect().await;
+    assert_same_rows(&primary, &conn).await;
 
+    // Writes on the primary, and through the replica (forwarded with `Execute`), read back
+    // on the replica at once by the stream that wrote.
     primary.execute("UPDATE t SET v = x'00' WHERE id % 3 = 0", ()).await.unwrap();
     primary.execute("DELETE FROM t WHERE id < 100", ()).await.unwrap();
-    assert_copy_follows(&primary, dir.path()).await;
+    let insert = serde_json::json!({"type": "execute", "stmt": {"sql": "INSERT INTO t VALUES (30001, x'01')"}});
+    let select = serde_json::json!({"type": "execute", "stmt": {"sql": "SELECT hex(v) FROM t WHERE id = 30001"}});
+    let (status, answer) = replica.pipeline(serde_json::json!({"requests": [insert, select]})).await;
+    assert_eq!(status, hyper::StatusCode::OK, "{answer}");
+    assert_eq!(answer["results"][1]["response"]["result"]["rows"][0][0]["value"], "01", "{answer}");
+    assert_same_rows(&primary, &conn).await;
 
-    // kill -9: the libSQL server rebuilds its log at the next start (a new log_id); the copy
-    // is discarded and bootstrapped again.
+    // kill -9: the libSQL server rebuilds its log at the next start (a new log_id); the
+    // replica starts over from the new log by itself.
     tokio::task::block_in_place(|| upstream.kill_and_restart());
     let primary = remote(upstream.url.clone(), String::new()).await;
     primary.execute("DELETE FROM t WHERE id % 5 = 0", ()).await.unwrap();
-    assert_copy_follows(&primary, dir.path()).await;
+    assert_same_rows(&primary, &conn).await;
 }

@@ -244,7 +244,7 @@ fn a_closed_log_takes_no_more_writes() {
     let mut held = primary.db().connection().unwrap();
     let db = primary.db.take().unwrap();
     db.close().unwrap();
-    recovery::close(db.logger(), primary.options).unwrap();
+    recovery::close(db.log().unwrap(), primary.options).unwrap();
     assert!(!tmp.path().join(".sentinel").exists());
     assert!(held.execute_script("INSERT INTO t VALUES (2)").is_err());
     drop(held);

@@ -44,6 +44,18 @@ pub struct Config {
     #[arg(long, env = "SQLD_GRPC_LISTEN_ADDR")]
     pub grpc_listen_addr: Option<SocketAddr>,
 
+    /// Replica mode: the gRPC address of the primary to follow (`http://host:port`, its
+    /// `--grpc-listen-addr`). Every namespace is then copied from the primary on first use and
+    /// followed; reads are served from the copy, writes and transactions go to the primary. A
+    /// replica serves no replication of its own, so `--grpc-listen-addr` is refused with it.
+    #[arg(long, env = "SQLD_PRIMARY_GRPC_URL", conflicts_with = "grpc_listen_addr")]
+    pub primary_grpc_url: Option<String>,
+
+    /// The credential (a JWT) a replica sends its primary with every call; the primary's
+    /// grant for it is what the replica's clients may do there.
+    #[arg(long, env = "SQLD_PRIMARY_AUTH_TOKEN", hide_env_values = true)]
+    pub primary_auth_token: Option<String>,
+
     /// Bearer key every admin API request must carry (`Authorization: Bearer <key>`).
     #[arg(long, env = "LIBSQL_ADMIN_AUTH_KEY", hide_env_values = true)]
     pub admin_auth_key: Option<String>,
@@ -187,6 +199,7 @@ impl Config {
 
     pub fn store_options(&self) -> StoreOptions {
         StoreOptions {
+            primary: None,
             namespaces_enabled: self.enable_namespaces,
             max_active: self.max_active_namespaces as usize,
             limits: Limits {

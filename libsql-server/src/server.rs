@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use tokio::sync::{mpsc, watch};
@@ -14,7 +15,7 @@ use crate::hrana::budget::ResponseBudgets;
 use crate::hrana::Hrana;
 use crate::http::limits::RequestLimits;
 use crate::metrics::Metrics;
-use crate::namespace::{self, NamespaceStore};
+use crate::namespace::{self, NamespaceStore, PrimaryLink};
 use crate::grpc::{self, GrpcState};
 use crate::net::{self, ConnectionLimits, Listener, Protocol};
 use crate::http;
@@ -32,7 +33,15 @@ pub enum OpenError {
     Namespace(#[from] namespace::Error),
     #[error(transparent)]
     Auth(#[from] crate::auth::ConfigError),
+    #[error("--primary-grpc-url {0:?} is not a URL")]
+    PrimaryUrl(String),
 }
+
+/// How long a replica waits for its primary to accept a connection.
+const PRIMARY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a replica pings an idle connection to its primary (a dead one is then noticed).
+const PRIMARY_KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 pub struct Server {
     config: Config,
@@ -57,6 +66,11 @@ impl Server {
         let auth = Arc::new(config.auth(metrics.hits.clone())?);
         let mut options = config.store_options();
         options.limits.hits = metrics.hits.clone();
+        if let Some(url) = &config.primary_grpc_url {
+            let endpoint = tonic::transport::Endpoint::from_shared(url.clone()).map_err(|_| OpenError::PrimaryUrl(url.clone()))?;
+            let channel = endpoint.connect_timeout(PRIMARY_CONNECT_TIMEOUT).http2_keep_alive_interval(PRIMARY_KEEP_ALIVE).connect_lazy();
+            options.primary = Some(PrimaryLink { channel, token: config.primary_auth_token.clone() });
+        }
         let halt = options.limits.halt.clone();
         let store = NamespaceStore::open(&config.db_path, options).await?;
         let budgets = ResponseBudgets::new(config.max_response_size, config.max_total_response_size, metrics.hits.clone());

@@ -30,7 +30,7 @@ impl Primary {
     }
 
     pub fn logger(&self) -> &Arc<ReplicationLogger> {
-        self.db().logger()
+        self.db().log().expect("a primary has a log")
     }
 
     /// Runs statements as the server does: each admitted (write lock, compaction trigger).
@@ -56,7 +56,7 @@ impl Primary {
     pub fn close(mut self) {
         let db = self.db.take().unwrap();
         db.close().unwrap();
-        recovery::close(db.logger(), self.options).unwrap();
+        recovery::close(db.log().unwrap(), self.options).unwrap();
     }
 
     /// A crash as far as the log can tell: everything dropped, nothing marked clean. The

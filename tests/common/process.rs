@@ -36,6 +36,22 @@ impl Sqld {
         sqld
     }
 
+    /// A replica of `primary` (`--primary-grpc-url` its gRPC port), with `args` besides.
+    pub fn replica_of(primary: &Sqld, args: &[&str]) -> Sqld {
+        let url = format!("http://{}", primary.grpc);
+        let mut all = vec!["--primary-grpc-url", url.as_str()];
+        all.extend_from_slice(args);
+        Sqld::start(&all)
+    }
+
+    /// Restarts a replica made by [`Self::replica_of`] on the same directory and ports.
+    pub fn respawn_replica_of(&mut self, primary: &Sqld, args: &[&str]) {
+        let url = format!("http://{}", primary.grpc);
+        let mut all = vec!["--primary-grpc-url", url.as_str()];
+        all.extend_from_slice(args);
+        self.spawn(&all);
+    }
+
     pub fn db_path(&self) -> PathBuf {
         self.dir.path().join("data.sqld")
     }
@@ -56,7 +72,8 @@ impl Sqld {
             .arg("--db-path")
             .arg(self.db_path())
             .args(["--http-listen-addr", &self.user.to_string(), "--admin-listen-addr", &self.admin.to_string()])
-            .args(["--grpc-listen-addr", &self.grpc.to_string()])
+            // A replica serves no gRPC of its own (the flags are refused together).
+            .args(if args.contains(&"--primary-grpc-url") { vec![] } else { vec!["--grpc-listen-addr".to_owned(), self.grpc.to_string()] })
             .args(args)
             .env("RUST_LOG", "warn,sqld=info")
             .env("NO_COLOR", "1")
@@ -167,9 +184,18 @@ impl Sqld {
         self.post("/v2/pipeline", body.to_string()).await
     }
 
+    /// A Hrana pipeline on namespace `ns` (the `x-namespace` header): status and JSON.
+    pub async fn pipeline_on(&self, ns: &str, body: serde_json::Value) -> (hyper::StatusCode, serde_json::Value) {
+        let request = hyper::Request::post(format!("{}/v2/pipeline", self.url())).header("x-namespace", ns).body(hyper::Body::from(body.to_string())).unwrap();
+        Self::answer(request).await
+    }
+
     /// A POST to the user API: the answer's status and JSON.
     pub async fn post(&self, path: &str, body: String) -> (hyper::StatusCode, serde_json::Value) {
-        let request = hyper::Request::post(format!("{}{path}", self.url())).body(hyper::Body::from(body)).unwrap();
+        Self::answer(hyper::Request::post(format!("{}{path}", self.url())).body(hyper::Body::from(body)).unwrap()).await
+    }
+
+    async fn answer(request: hyper::Request<hyper::Body>) -> (hyper::StatusCode, serde_json::Value) {
         let response = hyper::Client::new().request(request).await.expect("request");
         let status = response.status();
         let body = hyper::body::to_bytes(response.into_body()).await.expect("body");

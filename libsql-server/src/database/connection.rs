@@ -202,6 +202,25 @@ impl Connection {
         }
     }
 
+    /// The statements of `sql`, each with whether a replica's copy can run it: a read that
+    /// neither needs the write gate nor controls a transaction. Each is prepared anew (never
+    /// from the cache), so the authorizer sees it; nothing runs.
+    pub fn classify(&mut self, sql: &str) -> Result<Vec<(String, bool)>, rusqlite::Error> {
+        let mut statements = rusqlite::Batch::new(&self.conn, sql);
+        let mut classified = Vec::new();
+        loop {
+            self.access.clear_mark();
+            self.access.policy.transaction_control.store(false, Ordering::Relaxed);
+            let Some(prepared) = statements.next()? else {
+                return Ok(classified);
+            };
+            let text = prepared.expanded_sql().unwrap_or_default();
+            let local = self.access.kind_of(&prepared, &text) == StmtKind::Read
+                && !self.access.policy.transaction_control.load(Ordering::Relaxed);
+            classified.push((text, local));
+        }
+    }
+
     /// True once client SQL changed this connection's own state: it must not be pooled.
     pub fn is_tainted(&self) -> bool {
         self.access.policy.tainted.load(Ordering::Relaxed)
@@ -225,6 +244,11 @@ impl Connection {
     /// What the client using this connection may do (read-only grants never write).
     pub fn set_access(&mut self, access: Access) {
         self.access.set_access(access);
+    }
+
+    /// What the client using this connection may do.
+    pub fn access(&self) -> Access {
+        self.access.access
     }
 
     pub fn parts(&mut self) -> ConnectionParts<'_> {

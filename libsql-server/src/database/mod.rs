@@ -97,7 +97,8 @@ impl Limits {
 pub struct Shared {
     pub gate: Arc<WriteGate>,
     path: PathBuf,
-    logger: Arc<ReplicationLogger>,
+    /// `None` on a replica's copy, which has no log of its own and takes no writes.
+    logger: Option<Arc<ReplicationLogger>>,
     compaction: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// When the last compaction attempt was postponed or failed: retries wait a while, so a
     /// long reader or a broken log does not turn every write into a compaction attempt.
@@ -113,10 +114,18 @@ impl Shared {
         self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The database's replication log; a replica's copy has none.
+    pub fn log(&self) -> Result<&Arc<ReplicationLogger>, crate::replication::LogError> {
+        self.logger.as_ref().ok_or(crate::replication::LogError::NoLog)
+    }
+
     /// Starts the compaction the log asked for, unless one is running. Called by a connection
     /// that just released the write gate.
     fn compact_if_wanted(self: &Arc<Self>) {
-        if !self.logger.retire_wanted() || self.logger.is_poisoned() {
+        let Some(logger) = &self.logger else {
+            return;
+        };
+        if !logger.retire_wanted() || logger.is_poisoned() {
             return;
         }
         let failed_at = *self.compaction_failed_at.lock().unwrap_or_else(|e| e.into_inner());
@@ -143,12 +152,15 @@ impl Shared {
     }
 
     fn try_compact(&self) -> bool {
+        let Ok(logger) = self.log() else {
+            return true;
+        };
         let Some(_permit) = self.gate.acquire(COMPACTION_GATE_WAIT) else {
             tracing::warn!(path = %self.path.display(), "compaction postponed: the write lock stayed busy");
             return false;
         };
         match self.checkpoint_fully(1) {
-            Ok(true) => match self.logger.retire_with_image(&self.path) {
+            Ok(true) => match logger.retire_with_image(&self.path) {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::error!(path = %self.path.display(), error = %e, "compaction failed");
@@ -210,6 +222,15 @@ impl Database {
     /// Opens (creating if needed) the database file at `path` and checks it can be used.
     /// Every connection's committed transactions go to `logger`.
     pub fn open(path: &Path, config: DatabaseConfig, limits: Limits, logger: Arc<ReplicationLogger>) -> Result<Self, Error> {
+        Self::open_with(path, config, limits, Some(logger))
+    }
+
+    /// Opens a replica's copy at `path`: reads only, no log (the follower writes the copy).
+    pub fn open_replica(path: &Path, config: DatabaseConfig, limits: Limits) -> Result<Self, Error> {
+        Self::open_with(path, config, limits, None)
+    }
+
+    fn open_with(path: &Path, config: DatabaseConfig, limits: Limits, logger: Option<Arc<ReplicationLogger>>) -> Result<Self, Error> {
         let db = Database {
             shared: Arc::new(Shared {
                 gate: Arc::new(WriteGate::default()),
@@ -232,8 +253,14 @@ impl Database {
         &self.shared
     }
 
-    pub fn logger(&self) -> &Arc<ReplicationLogger> {
-        &self.shared.logger
+    /// The replication log; `None` on a replica's copy.
+    pub fn logger(&self) -> Option<&Arc<ReplicationLogger>> {
+        self.shared.logger.as_ref()
+    }
+
+    /// The replication log, or why there is none (a replica's copy).
+    pub fn log(&self) -> Result<&Arc<ReplicationLogger>, crate::replication::LogError> {
+        self.shared.log()
     }
 
     /// Waits for a running compaction and the snapshots it started (tests, close).
@@ -242,7 +269,9 @@ impl Database {
         if let Some(handle) = running {
             let _ = handle.join();
         }
-        self.shared.logger.wait_for_compactions();
+        if let Some(logger) = &self.shared.logger {
+            logger.wait_for_compactions();
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -293,12 +322,12 @@ impl Database {
             CheckpointMode::Passive => "PRAGMA wal_checkpoint(PASSIVE)",
             CheckpointMode::Truncate => "PRAGMA wal_checkpoint(TRUNCATE)",
         };
-        let position = self.shared.logger.committed_position();
+        let position = self.shared.logger.as_ref().and_then(|logger| logger.committed_position());
         let result: (i64, i64, i64) = conn.sqlite().query_row(pragma, [], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
         self.recycle(conn);
         let (busy, wal_frames, checkpointed) = result;
-        if let Some(position) = position.filter(|_| busy == 0 && wal_frames == checkpointed) {
-            self.shared.logger.record_data_synced(&self.shared.path, position);
+        if let (Some(logger), Some(position)) = (&self.shared.logger, position.filter(|_| busy == 0 && wal_frames == checkpointed)) {
+            logger.record_data_synced(&self.shared.path, position);
         }
         Ok(result)
     }
@@ -321,7 +350,7 @@ impl Database {
     }
 }
 
-fn open_engine_connection(path: &Path, logger: &Arc<ReplicationLogger>) -> Result<EngineConnection, Error> {
+fn open_engine_connection(path: &Path, logger: &Option<Arc<ReplicationLogger>>) -> Result<EngineConnection, Error> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let wal = Sqlite3WalManager::new().wrap(ReplicationWal::new(logger.clone()));
     let conn = EngineConnection::open(path, flags, wal, AUTO_CHECKPOINT_FRAMES, None)?;

@@ -33,6 +33,9 @@ pub struct PolicyState {
     /// Set when a statement being prepared writes although SQLite reports it read-only
     /// (`PRAGMA optimize` runs an `ANALYZE` inside): it must take the write gate.
     pub wants_gate: AtomicBool,
+    /// Set when a statement being prepared begins, ends or marks a transaction (`BEGIN`,
+    /// `COMMIT`, `SAVEPOINT`...): a replica sends those to its primary.
+    pub transaction_control: AtomicBool,
     /// Whether the connection holds its namespace's write gate: a commit without it is
     /// turned into a rollback (the commit hook), whatever path the write took.
     pub holds_gate: AtomicBool,
@@ -200,7 +203,11 @@ pub fn authorize(state: &PolicyState, ctx: &AuthContext<'_>) -> Authorization {
     };
     match ctx.action {
         A::Select | A::Read { .. } | A::Insert { .. } | A::Update { .. } | A::Delete { .. } => Authorization::Allow,
-        A::Transaction { .. } | A::Savepoint { .. } | A::Recursive => Authorization::Allow,
+        A::Transaction { .. } | A::Savepoint { .. } => {
+            state.transaction_control.store(true, Ordering::Relaxed);
+            Authorization::Allow
+        }
+        A::Recursive => Authorization::Allow,
         A::CreateTable { .. } | A::CreateIndex { .. } | A::CreateTrigger { .. } | A::CreateView { .. } => Authorization::Allow,
         A::DropTable { .. } | A::DropIndex { .. } | A::DropTrigger { .. } | A::DropView { .. } => Authorization::Allow,
         A::AlterTable { .. } | A::Reindex { .. } | A::Analyze { .. } => Authorization::Allow,

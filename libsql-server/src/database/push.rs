@@ -151,7 +151,7 @@ impl Database {
             return Err(PushError::TooLarge { pages: largest_commit(body), max: config.max_db_pages });
         }
         let _permit = self.shared.gate.acquire(self.shared.limits.write_lock_timeout).ok_or(PushError::Busy)?;
-        let current = self.push_target();
+        let current = self.push_target()?;
         if generation != current.generation || start != current.max_frame_no + 1 {
             return Ok(PushOutcome::Conflict(current));
         }
@@ -163,12 +163,12 @@ impl Database {
         conn.set_gate_held(false);
         self.recycle(conn);
         applied?;
-        Ok(PushOutcome::Applied(self.push_target()))
+        Ok(PushOutcome::Applied(self.push_target()?))
     }
 
-    pub fn push_target(&self) -> PushTarget {
-        let (generation, _, header) = self.shared.logger.sync_view();
-        PushTarget { generation, max_frame_no: header.frame_count }
+    pub fn push_target(&self) -> Result<PushTarget, PushError> {
+        let (generation, _, header) = self.shared.log().map_err(|e| PushError::Apply(e.to_string()))?.sync_view();
+        Ok(PushTarget { generation, max_frame_no: header.frame_count })
     }
 
     /// Builds the database the push would produce in a scratch file beside the data file and

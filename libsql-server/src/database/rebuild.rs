@@ -70,11 +70,11 @@ impl Database {
     pub fn rebuild_data(&self) -> Result<Rebuilt, RebuildError> {
         let started = Instant::now();
         let dir = self.shared.path.parent().expect("the data file is in its namespace's directory").to_owned();
-        let position = self.shared.logger.position();
+        let position = self.shared.log()?.position();
         let replayed = replay_checked(&dir)?;
         let _permit = self.shared.gate.acquire(REBUILD_GATE_WAIT).ok_or(RebuildError::Busy("the write lock stayed busy"))?;
         // A write (or a reset) since the replay: replayed again, now that writers wait.
-        let (scratch, pages) = if self.shared.logger.position() == position { replayed } else { replay_checked(&dir)? };
+        let (scratch, pages) = if self.shared.log()?.position() == position { replayed } else { replay_checked(&dir)? };
         let image = File::open(scratch.path().join("data")).map_err(|e| RebuildError::Failed(e.to_string()))?;
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = libsql_sys::Connection::open(&self.shared.path, flags, Sqlite3WalManager::new(), 0, None)

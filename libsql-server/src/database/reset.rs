@@ -60,6 +60,7 @@ impl Database {
     pub fn reset_replication_with(&self, meanwhile: impl FnOnce()) -> Result<Reset, ResetError> {
         let started = Instant::now();
         let shared = &self.shared;
+        let logger = shared.log()?;
         let (pin, at) = {
             let _permit = shared.gate.acquire(RESET_GATE_WAIT).ok_or(ResetError::Busy("the write lock stayed busy"))?;
             let checkpointed = match shared.checkpoint_fully(CHECKPOINT_ATTEMPTS) {
@@ -73,10 +74,10 @@ impl Database {
                 return Err(if check.ok { e } else { ResetError::DataCorrupt(check.message) });
             }
             let pin = Checker::open(&shared.path).and_then(Checker::pin).map_err(Error::from)?;
-            (pin, shared.logger.position())
+            (pin, logger.position())
         };
         let pinned = started.elapsed();
-        let old_log_id = shared.logger.log_id();
+        let old_log_id = logger.log_id();
         // No lock is held here, so the image and the check run at background priority: the
         // other namespaces' requests (and this one's) come first.
         let (prepared, check) = std::thread::scope(|scope| {
@@ -87,7 +88,7 @@ impl Database {
             });
             let imager = scope.spawn(|| {
                 crate::blocking::lower_priority();
-                shared.logger.prepare_reset(&shared.path, at)
+                logger.prepare_reset(&shared.path, at)
             });
             let prepared = imager.join().unwrap_or_else(|_| panic!("writing the new log's image panicked"));
             let (pin, check) = checker.join().unwrap_or_else(|_| panic!("the data check panicked"));
@@ -103,7 +104,7 @@ impl Database {
         meanwhile();
         let _permit = shared.gate.acquire(RESET_GATE_WAIT).ok_or(ResetError::Busy("the write lock stayed busy"))?;
         let swapping = Instant::now();
-        let (log_id, generation, pages) = shared.logger.finish_reset(prepared)?;
+        let (log_id, generation, pages) = logger.finish_reset(prepared)?;
         Ok(Reset { old_log_id, log_id, generation, pages, elapsed: started.elapsed(), writers_held: (pinned, swapping.elapsed()) })
     }
 }

@@ -16,7 +16,6 @@ mod proxy;
 mod replication_log;
 mod status;
 mod stream_exec;
-mod value;
 
 use std::sync::Arc;
 use std::time::Duration;

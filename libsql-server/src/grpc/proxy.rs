@@ -23,7 +23,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::admit::caller;
 use super::status::StatusOf;
 use super::GrpcState;
-use super::{stream_exec, value, Caller};
+use super::{stream_exec, Caller};
+use crate::replica::value;
 use crate::hrana::StmtError;
 
 /// Most steps one program may have.
@@ -71,7 +72,7 @@ fn statement(query: libsql_replication::rpc::proxy::Query) -> Result<Stmt, Statu
     let mut stmt = Stmt::new(query.stmt, !query.skip_rows);
     match query.params {
         None => {}
-        Some(query::Params::Positional(p)) => stmt.args = p.values.iter().map(|v| value::decode(&v.data)).collect::<Result<_, _>>()?,
+        Some(query::Params::Positional(p)) => stmt.args = p.values.iter().map(|v| value::decode(&v.data)).collect::<Result<_, _>>().map_err(bad_value)?,
         Some(query::Params::Named(n)) => {
             if n.names.len() != n.values.len() {
                 return Err(Status::invalid_argument("named parameters: as many names as values are needed"));
@@ -80,11 +81,15 @@ fn statement(query: libsql_replication::rpc::proxy::Query) -> Result<Stmt, Statu
                 .names
                 .into_iter()
                 .zip(n.values)
-                .map(|(name, v)| Ok(NamedArg { name, value: value::decode(&v.data)? }))
+                .map(|(name, v)| Ok(NamedArg { name, value: value::decode(&v.data).map_err(bad_value)? }))
                 .collect::<Result<_, Status>>()?;
         }
     }
     Ok(stmt)
+}
+
+fn bad_value(e: value::BadValue) -> Status {
+    Status::invalid_argument(format!("a parameter: {e}"))
 }
 
 fn condition(c: Cond) -> Result<BatchCond, Status> {
@@ -109,7 +114,7 @@ pub(super) fn error(e: &StmtError) -> ProxyError {
 }
 
 pub(super) fn hrana_error(e: &hrana::Error) -> ProxyError {
-    ProxyError { code: ErrorCode::SqlError as i32, message: e.message.clone(), extended_code: 1 }
+    ProxyError { code: ErrorCode::SqlError as i32, message: e.message.clone(), extended_code: crate::replica::program::code_of(&e.code) }
 }
 
 fn rows(result: hrana::StmtResult) -> ResultRows {

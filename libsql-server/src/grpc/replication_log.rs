@@ -120,7 +120,7 @@ impl ReplicationLog for ReplicationLogService {
     async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
         let (name, ns) = self.namespace(&request).await?;
         let _place = self.state.place(&name, "Hello").await?;
-        let logger = ns.db().logger().clone();
+        let logger = ns.log().map_err(|e| e.status())?.clone();
         let view = blocking::run(move || logger.feed_view()).await.map_err(|e| e.status())?;
         let log_id = view.log_id();
         // Not used by replicas beyond display: one per generation of this log.
@@ -142,7 +142,7 @@ impl ReplicationLog for ReplicationLogService {
         let offset = request.into_inner();
         check_flavor(&offset)?;
         let next = offset.next_offset;
-        let (_, frames) = self.read(ns.db().logger(), given, move |view| view.frames_from(next, MAX_BATCH_FRAMES)).await?;
+        let (_, frames) = self.read(ns.log().map_err(|e| e.status())?, given, move |view| view.frames_from(next, MAX_BATCH_FRAMES)).await?;
         match frames.map_err(|e| e.status())? {
             Frames::Frames(frames) => {
                 self.count_frames(&name, frames.len());
@@ -159,7 +159,7 @@ impl ReplicationLog for ReplicationLogService {
         let given = Self::given_token(request.metadata());
         let offset = request.into_inner();
         check_flavor(&offset)?;
-        let logger = ns.db().logger().clone();
+        let logger = ns.log().map_err(|e| e.status())?.clone();
         let mut moved = logger.watch();
         moved.borrow_and_update();
         let next = offset.next_offset;
@@ -191,7 +191,7 @@ impl ReplicationLog for ReplicationLogService {
         let place = self.state.stream_place(&name, "Snapshot")?;
         let given = Self::given_token(request.metadata());
         check_flavor(request.get_ref())?;
-        let (view, first) = self.read(ns.db().logger(), given, |view| view.snapshot_frames(0, STREAM_CHUNK_FRAMES)).await?;
+        let (view, first) = self.read(ns.log().map_err(|e| e.status())?, given, |view| view.snapshot_frames(0, STREAM_CHUNK_FRAMES)).await?;
         let first = first.map_err(|e| e.status())?;
         self.state.metrics.count_ns(
             "sqld_replication_snapshots_served_total",

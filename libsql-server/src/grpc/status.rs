@@ -31,7 +31,8 @@ impl StatusOf for namespace::Error {
         match self {
             E::NotFound(_) | E::Deleted(_) => Status::failed_precondition(NAMESPACE_DOESNT_EXIST),
             E::InvalidName(_) | E::NamespacesDisabled => Status::invalid_argument(self.to_string()),
-            E::ShuttingDown => Status::unavailable(self.to_string()),
+            E::ShuttingDown | E::Bootstrapping(_) => Status::unavailable(self.to_string()),
+            E::NotPrimary(_) => Status::failed_precondition(self.to_string()),
             _ => internal(self),
         }
     }

@@ -110,6 +110,22 @@ impl ResponseBudget {
     }
 }
 
+impl ResponseBudget {
+    /// What a value already read (from the primary, say) costs: the same as [`value_size`].
+    ///
+    /// [`value_size`]: ResponseBudget::value_size
+    pub fn hrana_value_size(value: &libsql_hrana::proto::Value) -> usize {
+        use libsql_hrana::proto::Value;
+        Self::value_size(match value {
+            Value::None | Value::Null => ValueRef::Null,
+            Value::Integer { value } => ValueRef::Integer(*value),
+            Value::Float { value } => ValueRef::Real(*value),
+            Value::Text { value } => ValueRef::Text(value.as_bytes()),
+            Value::Blob { value } => ValueRef::Blob(value),
+        })
+    }
+}
+
 /// Bytes a text byte adds when escaped in JSON.
 fn escape_cost(byte: u8) -> usize {
     match byte {

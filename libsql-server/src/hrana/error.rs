@@ -42,6 +42,16 @@ pub enum StmtError {
     Namespace(#[from] namespace::Error),
     #[error(transparent)]
     Budget(#[from] BudgetError),
+    /// A statement error the primary reported (a replica forwarded the statement).
+    #[error("{}", .0.message)]
+    Remote(proto::Error),
+    /// The call to the primary failed.
+    #[error("the primary did not run the statement: {message}")]
+    Primary { code: tonic::Code, message: String },
+    #[error("this replica did not catch up with the stream's last write (frame {0}) in time; retry the read")]
+    ReplicaBehind(u64),
+    #[error(transparent)]
+    Program(#[from] crate::replica::program::ProgramError),
 }
 
 impl StmtError {
@@ -71,6 +81,13 @@ impl StmtError {
             StmtError::Namespace(_) => "NAMESPACE_UNAVAILABLE".into(),
             StmtError::Budget(BudgetError::TooLarge(_)) => "RESPONSE_TOO_LARGE".into(),
             StmtError::Budget(BudgetError::ServerFull) => "RESPONSES_EXHAUSTED".into(),
+            StmtError::Remote(e) => e.code.clone(),
+            // The primary's stream (its transaction) is gone; a new one starts afresh.
+            StmtError::Primary { code: tonic::Code::Aborted, .. } => "STREAM_EXPIRED".into(),
+            StmtError::Primary { code: tonic::Code::PermissionDenied | tonic::Code::Unauthenticated, .. } => "AUTH_PRIMARY_REFUSED".into(),
+            StmtError::Primary { .. } => "PRIMARY_UNAVAILABLE".into(),
+            StmtError::ReplicaBehind(_) => "REPLICA_BEHIND".into(),
+            StmtError::Program(_) => "ARGS_INVALID".into(),
         }
     }
 
@@ -104,35 +121,7 @@ fn extended_code(e: &rusqlite::Error) -> i32 {
 
 /// SQLite's name for the primary result code of an engine error.
 fn sqlite_code(e: &rusqlite::Error) -> &'static str {
-    match extended_code(e) & 0xff {
-        1 => "SQLITE_ERROR",
-        2 => "SQLITE_INTERNAL",
-        3 => "SQLITE_PERM",
-        4 => "SQLITE_ABORT",
-        5 => "SQLITE_BUSY",
-        6 => "SQLITE_LOCKED",
-        7 => "SQLITE_NOMEM",
-        8 => "SQLITE_READONLY",
-        9 => "SQLITE_INTERRUPT",
-        10 => "SQLITE_IOERR",
-        11 => "SQLITE_CORRUPT",
-        12 => "SQLITE_NOTFOUND",
-        13 => "SQLITE_FULL",
-        14 => "SQLITE_CANTOPEN",
-        15 => "SQLITE_PROTOCOL",
-        16 => "SQLITE_EMPTY",
-        17 => "SQLITE_SCHEMA",
-        18 => "SQLITE_TOOBIG",
-        19 => "SQLITE_CONSTRAINT",
-        20 => "SQLITE_MISMATCH",
-        21 => "SQLITE_MISUSE",
-        22 => "SQLITE_NOLFS",
-        23 => "SQLITE_AUTH",
-        24 => "SQLITE_FORMAT",
-        25 => "SQLITE_RANGE",
-        26 => "SQLITE_NOTADB",
-        _ => "SQLITE_ERROR",
-    }
+    crate::replica::program::code_name(extended_code(e))
 }
 
 /// Why a whole Hrana request failed; the HTTP layer maps each to a status.

@@ -5,6 +5,7 @@
 mod batch;
 pub mod budget;
 mod error;
+mod forward;
 pub mod shape;
 pub mod stmt;
 mod stream;

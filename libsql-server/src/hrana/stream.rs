@@ -17,6 +17,7 @@ use libsql_hrana::proto::{
 use tokio::time::Instant;
 
 use super::budget::ResponseBudget;
+use super::forward::{Remote, Route};
 use super::stmt::{self, SqlStore};
 use super::{batch, RequestError, StmtError};
 use crate::database::interrupt::CancelTarget;
@@ -32,6 +33,8 @@ pub struct Stream {
     /// The client connection that opened it, when the transport has one: its streams count
     /// against its own bound.
     origin: Option<u64>,
+    /// On a replica: the stream's standing with the primary.
+    remote: Option<Remote>,
 }
 
 impl Stream {
@@ -39,7 +42,8 @@ impl Stream {
     pub fn open(ns: Arc<Namespace>, origin: Option<u64>) -> Result<Self, RequestError> {
         ns.check_live()?;
         let conn = ns.db().connection().map_err(|e| ns.database_error(e))?;
-        Ok(Stream { ns, conn: Some(conn), sqls: SqlStore::default(), origin })
+        let remote = ns.replica().cloned().map(Remote::new);
+        Ok(Stream { ns, conn: Some(conn), sqls: SqlStore::default(), origin, remote })
     }
 
     pub fn is_closed(&self) -> bool {
@@ -83,6 +87,11 @@ impl Stream {
             self.close();
             return Ok(StreamResponse::Close(CloseStreamResp {}));
         }
+        if self.remote.is_some() {
+            if let Some(response) = self.forwarded(request, budget)? {
+                return Ok(response);
+            }
+        }
         let (conn, sqls) = self.parts()?;
         Ok(match request {
             StreamRequest::Execute(req) => StreamResponse::Execute(ExecuteStreamResp { result: stmt::execute(conn, sqls, budget, &req.stmt)? }),
@@ -110,19 +119,87 @@ impl Stream {
         })
     }
 
-    /// Whether the stream's connection is outside any transaction (a closed one is).
+    /// Whether the stream's connection is outside any transaction (a closed one is), here
+    /// and, on a replica, on the primary.
     pub fn is_autocommit(&self) -> bool {
-        self.conn.as_ref().is_none_or(|c| c.sqlite().is_autocommit())
+        self.conn.as_ref().is_none_or(|c| c.sqlite().is_autocommit()) && !self.remote.as_ref().is_some_and(Remote::in_transaction)
+    }
+
+    /// On a replica, a request the primary must run, run there; `None` for one the copy runs
+    /// (after it caught up with the stream's last write). Blocking.
+    fn forwarded(&mut self, request: &StreamRequest, budget: &mut ResponseBudget) -> Result<Option<StreamResponse>, StmtError> {
+        Ok(Some(match request {
+            StreamRequest::Execute(req) => match self.forward_execute(&req.stmt, budget)? {
+                Some(result) => StreamResponse::Execute(ExecuteStreamResp { result }),
+                None => return Ok(None),
+            },
+            StreamRequest::Batch(req) => match self.forward_batch(&req.batch, budget)? {
+                Some(result) => StreamResponse::Batch(BatchStreamResp { result }),
+                None => return Ok(None),
+            },
+            StreamRequest::Sequence(req) => {
+                let Stream { conn: Some(conn), sqls, remote: Some(remote), ns, .. } = self else {
+                    return Ok(None);
+                };
+                ns.check_live()?;
+                let sql = sqls.resolve(req.sql.as_deref(), req.sql_id)?;
+                if let Route::Copy = remote.route(conn, [sql])? {
+                    return Ok(None);
+                }
+                remote.sequence(ns.name(), &Remote::split(conn, sql)?)?;
+                StreamResponse::Sequence(SequenceStreamResp {})
+            }
+            StreamRequest::Describe(_) => {
+                if let Some(remote) = &mut self.remote {
+                    remote.catch_up()?;
+                }
+                return Ok(None);
+            }
+            StreamRequest::GetAutocommit(_) if self.remote.as_ref().is_some_and(Remote::in_transaction) => {
+                StreamResponse::GetAutocommit(GetAutocommitStreamResp { is_autocommit: false })
+            }
+            _ => return Ok(None),
+        }))
+    }
+
+    /// On a replica, runs `stmt` on the primary if it must run there.
+    fn forward_execute(&mut self, stmt: &libsql_hrana::proto::Stmt, budget: &mut ResponseBudget) -> Result<Option<libsql_hrana::proto::StmtResult>, StmtError> {
+        let Stream { conn: Some(conn), sqls, remote: Some(remote), ns, .. } = self else {
+            return Ok(None);
+        };
+        ns.check_live()?;
+        let sql = sqls.resolve(stmt.sql.as_deref(), stmt.sql_id)?;
+        match remote.route(conn, [sql])? {
+            Route::Copy => Ok(None),
+            Route::Primary => remote.execute(ns.name(), sqls, budget, stmt).map(Some),
+        }
+    }
+
+    /// On a replica, runs `batch` on the primary if any of its steps must run there.
+    fn forward_batch(&mut self, batch: &Batch, budget: &mut ResponseBudget) -> Result<Option<BatchResult>, StmtError> {
+        let Stream { conn: Some(conn), sqls, remote: Some(remote), ns, .. } = self else {
+            return Ok(None);
+        };
+        ns.check_live()?;
+        // A step whose text cannot be found fails wherever the batch runs.
+        let texts = batch.steps.iter().filter_map(|step| sqls.resolve(step.stmt.sql.as_deref(), step.stmt.sql_id).ok());
+        match remote.route(conn, texts)? {
+            Route::Copy => Ok(None),
+            Route::Primary => remote.batch(ns.name(), sqls, budget, batch).map(Some),
+        }
     }
 
     /// The frame_no of the last frame its namespace's log holds: a replica that has it has
     /// every write this stream made. Blocking (the log's lock).
     pub fn last_frame_no(&self) -> Option<u64> {
-        self.ns.db().logger().committed_position().map(|position| position.frame_no)
+        self.ns.db().logger().and_then(|logger| logger.committed_position()).map(|position| position.frame_no)
     }
 
     /// Runs a batch (the cursor endpoint). Blocking.
     pub fn run_batch(&mut self, batch: &Batch, budget: &mut ResponseBudget) -> Result<BatchResult, StmtError> {
+        if let Some(result) = self.forward_batch(batch, budget)? {
+            return Ok(result);
+        }
         let (conn, sqls) = self.parts()?;
         Ok(batch::run(conn, sqls, budget, batch))
     }
@@ -138,6 +215,9 @@ impl Stream {
     /// Gives the connection back to the namespace's pool (rolling back an open transaction).
     /// Blocking.
     pub fn close(&mut self) {
+        if let Some(remote) = &mut self.remote {
+            remote.end(self.ns.name());
+        }
         if let Some(conn) = self.conn.take() {
             self.ns.db().recycle(conn);
         }
@@ -422,6 +502,9 @@ impl StreamRegistry {
 impl Stream {
     /// Describes one statement (a replica's forwarded `Describe`). Blocking.
     pub fn describe(&mut self, sql: &str) -> Result<libsql_hrana::proto::DescribeResult, StmtError> {
+        if let Some(remote) = &mut self.remote {
+            remote.catch_up()?;
+        }
         let (conn, sqls) = self.parts()?;
         stmt::describe(conn, sqls, Some(sql), None)
     }
@@ -432,6 +515,9 @@ impl Stream {
         stmt: &libsql_hrana::proto::Stmt,
         budget: &mut ResponseBudget,
     ) -> Result<libsql_hrana::proto::StmtResult, StmtError> {
+        if let Some(result) = self.forward_execute(stmt, budget)? {
+            return Ok(result);
+        }
         let (conn, sqls) = self.parts()?;
         stmt::execute(conn, sqls, budget, stmt)
     }

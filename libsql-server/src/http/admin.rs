@@ -346,7 +346,32 @@ async fn render_metrics(State(state): State<AdminState>, _headers: HeaderMap) ->
         ("sqld_namespaces_loaded", "Namespaces open right now.", state.store.loaded_count() as f64),
         ("sqld_hrana_streams_parked", "Hrana streams waiting for their next request.", state.hrana.streams().len() as f64),
     ];
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&gauges)).into_response()
+    let mut text = state.metrics.render(&gauges);
+    replica_lag(&mut text, &state.store.replica_progress());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// On a replica: how far each followed namespace's copy is behind the primary.
+fn replica_lag(out: &mut String, progress: &[(crate::namespace::NamespaceName, crate::replica::Progress)]) {
+    use std::fmt::Write;
+    if progress.is_empty() {
+        return;
+    }
+    let series: [(&str, &str, fn(&crate::replica::Progress) -> f64); 3] = [
+        ("sqld_replica_lag_frames", "Frames of the primary's log a replica's copy has not applied yet, by namespace.", |p| p.lag_frames() as f64),
+        ("sqld_replica_lag_seconds", "Since when a replica's copy has been behind its primary (0: caught up), by namespace.", |p| {
+            p.behind_since.map_or(0.0, |since| since.elapsed().as_secs_f64())
+        }),
+        ("sqld_replica_replicated_index", "The frame_no of the primary's log a replica's copy has applied, by namespace.", |p| {
+            p.applied.map_or(0.0, |applied| applied as f64)
+        }),
+    ];
+    for (name, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (ns, p) in progress {
+            let _ = writeln!(out, "{name}{{namespace=\"{ns}\"}} {}", value(p));
+        }
+    }
 }
 
 /// A size in bytes, given as a number or as text with a unit (`"10MB"`, `"512kb"`, `"1GiB"`).

@@ -52,8 +52,8 @@ impl From<namespace::Error> for ApiError {
         let status = match &e {
             E::NotFound(_) | E::Deleted(_) => StatusCode::NOT_FOUND,
             E::AlreadyExists(_) => StatusCode::CONFLICT,
-            E::InvalidName(_) | E::NamespacesDisabled | E::DefaultNamespace => StatusCode::BAD_REQUEST,
-            E::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            E::InvalidName(_) | E::NamespacesDisabled | E::DefaultNamespace | E::NotPrimary(_) => StatusCode::BAD_REQUEST,
+            E::ShuttingDown | E::Bootstrapping(_) => StatusCode::SERVICE_UNAVAILABLE,
             E::Rebuild { source, .. } => match source {
                 RebuildError::LogCorrupt(_) | RebuildError::ReplayCorrupt(_) => StatusCode::CONFLICT,
                 RebuildError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -114,6 +114,8 @@ impl From<StmtError> for ApiError {
             StmtError::Access(AccessError::WriteLockTimeout) => StatusCode::SERVICE_UNAVAILABLE,
             StmtError::Access(AccessError::ReadOnly) => StatusCode::UNAUTHORIZED,
             StmtError::Budget(BudgetError::ServerFull) => StatusCode::SERVICE_UNAVAILABLE,
+            // A replica whose primary is out of reach, or which lags behind it.
+            StmtError::Primary { .. } | StmtError::ReplicaBehind(_) => StatusCode::SERVICE_UNAVAILABLE,
             StmtError::Access(AccessError::Interrupted(Reason::ShuttingDown | Reason::ClientGone)) => StatusCode::SERVICE_UNAVAILABLE,
             // A statement over its time limit and a database at its quota are the client's.
             StmtError::Access(AccessError::Interrupted(_) | AccessError::QuotaExceeded { .. } | AccessError::MemoryLimit(_)) => {

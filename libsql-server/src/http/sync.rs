@@ -24,7 +24,7 @@ pub const MAX_PULL_FRAMES: u64 = 4096;
 
 pub async fn info(State(state): State<UserState>, Authorized { ns, .. }: Authorized, _place: Place) -> Result<Response, ApiError> {
     let ns = state.hrana.store().get(&ns).await?;
-    let generation = ns.db().logger().generation();
+    let generation = ns.log()?.generation();
     Ok(Json(json!({ "current_generation": generation })).into_response())
 }
 
@@ -41,7 +41,7 @@ pub async fn export(
     let Path(generation) = path?;
     let generation = parse_number("generation", &generation)?;
     let ns = state.hrana.store().get(&ns).await?;
-    let current = ns.db().logger().generation();
+    let current = ns.log()?.generation();
     if generation != current {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -70,8 +70,8 @@ pub async fn pull(
         return Err(ApiError::bad_request(format!("at most {MAX_PULL_FRAMES} frames may be pulled at once")));
     }
     let ns = state.hrana.store().get(&ns).await?;
-    let answer = blocking::run(move || sync::pull(ns.db().logger(), generation, start, end))
-        .await?
+    let answer = blocking::run(move || ns.log().map(|log| sync::pull(log, generation, start, end)))
+        .await??
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "LOG_UNREADABLE", e.to_string()))?;
     match answer {
         Pull::Frames(frames) => {

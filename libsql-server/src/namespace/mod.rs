@@ -6,18 +6,21 @@
 mod meta;
 mod name;
 pub mod repair;
+pub mod replica;
 mod store;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 pub use libsql_replication::rpc::metadata::DatabaseConfig;
 pub use meta::{MetaError, MetaStore};
 pub use name::{InvalidName, NamespaceName, MAX_NAME_LEN};
-pub use store::{NamespaceStats, NamespaceStore, StoreOptions};
+pub use replica::ReplicaCopy;
+pub use store::{NamespaceStats, NamespaceStore, PrimaryLink, ReplicaStats, StoreOptions};
 
 use crate::database::{self, Database};
-use crate::replication::{self, LogError};
+use crate::replication::{self, LogError, ReplicationLogger};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -47,6 +50,10 @@ pub enum Error {
     Reset { name: NamespaceName, source: crate::database::ResetError },
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("namespace {0}: this server is a replica; this is done on its primary")]
+    NotPrimary(NamespaceName),
+    #[error("namespace {0}: the replica is still copying it from the primary; retry shortly")]
+    Bootstrapping(NamespaceName),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -55,7 +62,10 @@ impl Error {
     /// Whether the namespace exists but could not be opened (its files), rather than being
     /// missing, deleted, misnamed or the server stopping.
     pub fn is_open_failure(&self) -> bool {
-        !matches!(self, Error::NotFound(_) | Error::Deleted(_) | Error::ShuttingDown | Error::InvalidName(_))
+        !matches!(
+            self,
+            Error::NotFound(_) | Error::Deleted(_) | Error::ShuttingDown | Error::InvalidName(_) | Error::NotPrimary(_) | Error::Bootstrapping(_)
+        )
     }
 
     /// The error's code in answers, on every transport.
@@ -68,6 +78,8 @@ impl Error {
             Error::NamespacesDisabled => "NAMESPACES_DISABLED",
             Error::DefaultNamespace => "NAMESPACE_DEFAULT",
             Error::ShuttingDown => "SHUTTING_DOWN",
+            Error::NotPrimary(_) => "NOT_PRIMARY",
+            Error::Bootstrapping(_) => "REPLICA_BOOTSTRAPPING",
             Error::Rebuild { source, .. } => match source {
                 RebuildError::LogCorrupt(_) => "LOG_CORRUPT",
                 RebuildError::ReplayCorrupt(_) => "REPLAY_CORRUPT",
@@ -97,6 +109,8 @@ pub struct Namespace {
     /// Held by a repair from start to end, and by `close`: repairs of one namespace take
     /// turns, and a delete, an eviction or a shutdown waits for the one in flight.
     repairing: std::sync::Mutex<()>,
+    /// On a replica: the follower keeping the copy and the way to the primary.
+    replica: Option<ReplicaCopy>,
 }
 
 impl Namespace {
@@ -110,7 +124,25 @@ impl Namespace {
             .map_err(|source| Error::Log { name: name.clone(), source })?;
         let db = Database::open(&data, config, settings.limits.clone(), logger)
             .map_err(|source| Error::Database { name: name.clone(), source })?;
-        Ok(Namespace { name, dir, db, deleted: AtomicBool::new(false), recovery: settings.recovery, repairing: Default::default() })
+        Ok(Namespace { name, dir, db, deleted: AtomicBool::new(false), recovery: settings.recovery, repairing: Default::default(), replica: None })
+    }
+
+    /// Opens a replica's copy in `dir`, which `copy`'s follower keeps. Blocking.
+    fn open_replica(name: NamespaceName, dir: PathBuf, config: DatabaseConfig, copy: ReplicaCopy, settings: &store::Settings) -> Result<Self, Error> {
+        let db = Database::open_replica(&dir.join(Self::DATA_FILE), config, settings.limits.clone())
+            .map_err(|source| Error::Database { name: name.clone(), source })?;
+        let recovery = settings.recovery;
+        Ok(Namespace { name, dir, db, deleted: AtomicBool::new(false), recovery, repairing: Default::default(), replica: Some(copy) })
+    }
+
+    /// On a replica: its copy's follower and the way to the primary.
+    pub fn replica(&self) -> Option<&ReplicaCopy> {
+        self.replica.as_ref()
+    }
+
+    /// The namespace's replication log; a replica has none of its own.
+    pub fn log(&self) -> Result<&Arc<ReplicationLogger>, Error> {
+        self.db.logger().ok_or_else(|| Error::NotPrimary(self.name.clone()))
     }
 
     pub fn name(&self) -> &NamespaceName {
@@ -154,6 +186,9 @@ impl Namespace {
     fn close(&self) -> Result<(), Error> {
         let _no_repair = self.repairing.lock().unwrap_or_else(|e| e.into_inner());
         self.db.close().map_err(|e| self.database_error(e))?;
-        replication::recovery::close(self.db.logger(), self.recovery).map_err(|source| Error::Log { name: self.name.clone(), source })
+        match self.db.logger() {
+            Some(logger) => replication::recovery::close(logger, self.recovery).map_err(|source| Error::Log { name: self.name.clone(), source }),
+            None => Ok(()),
+        }
     }
 }

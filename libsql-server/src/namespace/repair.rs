@@ -83,6 +83,23 @@ pub fn integrity_check(dir: &Path, full: bool) -> Verdict {
     }
 }
 
+/// Checks a replica's copy in `dir`: its data file only, since it follows the primary's log
+/// and has none of its own (`applied` is where it stands in the primary's log). A copy that
+/// fails is not repaired here: its primary holds the data. Blocking.
+pub fn integrity_check_copy(dir: &Path, full: bool, applied: Option<u64>) -> Verdict {
+    let started = Instant::now();
+    let data = check_data_file(&dir.join(DATA), full);
+    let message = "a replica's copy: it follows the primary's log and keeps none of its own".to_owned();
+    Verdict {
+        ok: data.ok,
+        check: if full { "full" } else { "quick" },
+        repair: if data.ok { Repair::None } else { Repair::RestoreFromBackup },
+        message: data.message,
+        replication_log: LogVerdict { ok: true, message, file: None, frame_no: applied },
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    }
+}
+
 fn log_verdict(dir: &Path, e: LogError) -> LogVerdict {
     let relative = |path: &Path| path.strip_prefix(dir).unwrap_or(path).to_string_lossy().into_owned();
     let (file, frame_no, message) = match &e {

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::Serialize;
 
 use super::repair::{self, Verdict};
+use super::replica::Replicas;
 use super::{DatabaseConfig, Error, MetaStore, Namespace, NamespaceName};
 use crate::blocking;
 use crate::database::{check_data_file, CheckpointMode, Limits, RebuildError, Rebuilt, Reset, ResetError};
@@ -50,6 +51,8 @@ struct Inner {
     /// every create, configuration change and delete): authentication reads it on every
     /// request without loading the namespace or touching the disk.
     jwt_keys: RwLock<HashMap<NamespaceName, Arc<str>>>,
+    /// Replica mode: the primary followed, and its namespaces' followers.
+    replicas: Option<Replicas>,
 }
 
 /// Integrity checks that may run at once.
@@ -73,6 +76,26 @@ pub struct StoreOptions {
     pub limits: Limits,
     pub log: LogSettings,
     pub recovery: RecoveryOptions,
+    /// Replica mode: the primary every namespace is copied from.
+    pub primary: Option<PrimaryLink>,
+}
+
+/// The primary a replica follows: its gRPC channel, and the credential sent with every call.
+#[derive(Debug, Clone)]
+pub struct PrimaryLink {
+    pub channel: tonic::transport::Channel,
+    pub token: Option<String>,
+}
+
+/// Where a replica's copy stands.
+#[derive(Debug, Serialize)]
+pub struct ReplicaStats {
+    /// The frame_no of the primary's log the copy has applied.
+    pub replicated_index: Option<u64>,
+    /// The primary's last frame_no as last heard.
+    pub primary_index: Option<u64>,
+    pub lag_frames: u64,
+    pub lag_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -82,14 +105,20 @@ pub struct NamespaceStats {
     pub wal_file_bytes: u64,
     pub block_reads: bool,
     pub block_writes: bool,
-    pub replication: LogStats,
+    /// The namespace's own log (a primary's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication: Option<LogStats>,
+    /// A replica's copy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<ReplicaStats>,
 }
 
 impl NamespaceStore {
     /// Opens the store under `db_path`, creating the layout on a fresh directory and the
     /// `default` namespace if it is missing. Blocking work runs on the blocking pool.
     pub async fn open(db_path: &Path, options: StoreOptions) -> Result<Self, Error> {
-        let StoreOptions { namespaces_enabled, max_active, limits, log, recovery } = options;
+        let StoreOptions { namespaces_enabled, max_active, limits, log, recovery, primary } = options;
+        let replicas = primary.map(|link| Replicas::new(link.channel, link.token)).transpose()?;
         // Before SQLite starts (the first connection of the process): statements are metered.
         if limits.statement_memory.is_some() {
             crate::database::meter_statement_memory();
@@ -127,8 +156,13 @@ impl NamespaceStore {
                 trimming: AtomicBool::new(false),
                 checks: tokio::sync::Semaphore::new(CONCURRENT_CHECKS),
                 jwt_keys: RwLock::new(jwt_keys),
+                replicas,
             }),
         };
+        if store.is_replica() {
+            // A replica's namespaces, the default one too, come from the primary.
+            return Ok(store);
+        }
         let default = NamespaceName::default_namespace();
         match store.create(&default, DatabaseConfig::default()).await {
             Ok(()) | Err(Error::AlreadyExists(_)) => {}
@@ -141,9 +175,31 @@ impl NamespaceStore {
         self.inner.settings.namespaces_enabled
     }
 
-    /// The namespace, loaded on first use.
+    /// On a replica: where each followed namespace's copy stands.
+    pub fn replica_progress(&self) -> Vec<(NamespaceName, crate::replica::Progress)> {
+        self.inner.replicas.as_ref().map(Replicas::progress).unwrap_or_default()
+    }
+
+    /// Whether this server is a replica (`--primary-grpc-url`).
+    pub fn is_replica(&self) -> bool {
+        self.inner.replicas.is_some()
+    }
+
+    /// Refuses on a replica what only its primary does (creating, deleting, configuring and
+    /// repairing namespaces).
+    fn primary_only(&self, name: &NamespaceName) -> Result<(), Error> {
+        match self.is_replica() {
+            true => Err(Error::NotPrimary(name.clone())),
+            false => Ok(()),
+        }
+    }
+
+    /// The namespace, loaded on first use (on a replica, once its copy is ready).
     pub async fn get(&self, name: &NamespaceName) -> Result<Arc<Namespace>, Error> {
         self.check_running()?;
+        if let Some(replicas) = &self.inner.replicas {
+            replicas.ready(name, &self.inner.dir_of(name)).await?;
+        }
         let slot = self.slot(name);
         let mut guard = slot.ns.lock().await;
         let ns = self.load_locked(name, &slot, &mut guard).await?;
@@ -155,6 +211,7 @@ impl NamespaceStore {
     /// Creates a namespace with `config`. Fails with [`Error::AlreadyExists`] if it exists.
     pub async fn create(&self, name: &NamespaceName, config: DatabaseConfig) -> Result<(), Error> {
         self.check_running()?;
+        self.primary_only(name)?;
         if !self.namespaces_enabled() && name.as_str() != NamespaceName::DEFAULT {
             return Err(Error::NamespacesDisabled);
         }
@@ -179,6 +236,7 @@ impl NamespaceStore {
     /// Closes and deletes a namespace and its configuration.
     pub async fn destroy(&self, name: &NamespaceName) -> Result<(), Error> {
         self.check_running()?;
+        self.primary_only(name)?;
         if name.as_str() == NamespaceName::DEFAULT {
             return Err(Error::DefaultNamespace);
         }
@@ -245,6 +303,7 @@ impl NamespaceStore {
         update: impl FnOnce(DatabaseConfig) -> DatabaseConfig + Send + 'static,
     ) -> Result<DatabaseConfig, Error> {
         self.check_running()?;
+        self.primary_only(name)?;
         let slot = self.slot(name);
         let mut guard = slot.ns.lock().await;
         let ns = self.load_locked(name, &slot, &mut guard).await?;
@@ -279,17 +338,30 @@ impl NamespaceStore {
     pub async fn integrity_check(&self, name: &NamespaceName, full: bool) -> Result<Verdict, Error> {
         self.check_running()?;
         let _turn = self.inner.checks.acquire().await.map_err(|_| Error::ShuttingDown)?;
+        // A replica's copy has no log of its own: its data file is checked.
+        let copy = match self.is_replica() {
+            true => Some(self.get(name).await?.replica().map(|copy| copy.progress().applied)),
+            false => None,
+        };
         let dir = self.inner.dir_of(name);
         let name = name.clone();
-        blocking::run_in_background(move || if dir.is_dir() { Ok(repair::integrity_check(&dir, full)) } else { Err(Error::NotFound(name)) })
-            .await
-            .map_err(internal)?
+        blocking::run_in_background(move || match copy {
+            Some(applied) => Ok(repair::integrity_check_copy(&dir, full, applied.flatten())),
+            None if dir.is_dir() => Ok(repair::integrity_check(&dir, full)),
+            None => Err(Error::NotFound(name)),
+        })
+        .await
+        .map_err(internal)?
     }
 
     /// Rebuilds the namespace's replication log from its live data (see
     /// `Database::reset_replication`). A namespace that cannot open is refused, and stays
     /// unloaded for the next attempt.
     pub async fn reset_replication(&self, name: &NamespaceName) -> Result<Reset, Error> {
+        if self.is_replica() {
+            self.get(name).await?;
+            return Err(Error::NotPrimary(name.clone()));
+        }
         let ns = match self.get(name).await {
             Ok(ns) => ns,
             Err(e) if !e.is_open_failure() => return Err(e),
@@ -310,6 +382,10 @@ impl NamespaceStore {
     /// say, so it cannot open or take the rebuilt pages) closed, rebuilt while unloaded under
     /// its lifecycle lock, and opened again; streams still holding the closed one fail.
     pub async fn rebuild_data(&self, name: &NamespaceName) -> Result<Rebuilt, Error> {
+        if self.is_replica() {
+            self.get(name).await?;
+            return Err(Error::NotPrimary(name.clone()));
+        }
         let rebuild_error = |source| Error::Rebuild { name: name.clone(), source };
         match self.get(name).await {
             Ok(ns) => match blocking::run(move || ns.repair(|db| db.rebuild_data())).await.map_err(internal)?? {
@@ -359,7 +435,16 @@ impl NamespaceStore {
                 wal_file_bytes,
                 block_reads: config.block_reads,
                 block_writes: config.block_writes,
-                replication: ns.db().logger().stats(),
+                replication: ns.db().logger().map(|logger| logger.stats()),
+                replica: ns.replica().map(|copy| {
+                    let progress = copy.progress();
+                    ReplicaStats {
+                        replicated_index: progress.applied,
+                        primary_index: progress.primary,
+                        lag_frames: progress.lag_frames(),
+                        lag_seconds: progress.behind_since.map_or(0.0, |since| since.elapsed().as_secs_f64()),
+                    }
+                }),
             }
         })
         .await
@@ -394,6 +479,9 @@ impl NamespaceStore {
     /// Refuses new work and closes every namespace cleanly (checkpointed).
     pub async fn shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::Release);
+        if let Some(replicas) = &self.inner.replicas {
+            replicas.stop_all();
+        }
         let slots: Vec<_> = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
         for slot in slots {
             let mut guard = slot.ns.lock().await;
@@ -441,9 +529,13 @@ impl NamespaceStore {
         if let Some(ns) = guard.as_ref() {
             return Ok(ns.clone());
         }
+        let copy = match &self.inner.replicas {
+            Some(replicas) => Some(replicas.copy(name, &self.inner.dir_of(name)).await?),
+            None => None,
+        };
         let inner = self.inner.clone();
         let name2 = name.clone();
-        let loaded = blocking::run(move || inner.load_from_disk(name2)).await.map_err(internal)?;
+        let loaded = blocking::run(move || inner.load_from_disk(name2, copy)).await.map_err(internal)?;
         match loaded {
             Ok(ns) => {
                 let ns = Arc::new(ns);
@@ -509,6 +601,9 @@ impl NamespaceStore {
                         tracing::warn!(namespace = %name, error = %e, "closing idle namespace failed")
                     }
                 }
+                if let Some(replicas) = &self.inner.replicas {
+                    replicas.stop(&name);
+                }
                 drop(guard);
                 self.forget_slot_if_unused(&name, &slot);
                 evicted = true;
@@ -526,13 +621,16 @@ impl Inner {
         self.dbs_dir.join(name.as_str())
     }
 
-    fn load_from_disk(&self, name: NamespaceName) -> Result<Namespace, Error> {
+    fn load_from_disk(&self, name: NamespaceName, copy: Option<super::ReplicaCopy>) -> Result<Namespace, Error> {
         let dir = self.dir_of(&name);
         if !dir.is_dir() {
             return Err(Error::NotFound(name));
         }
         let config = self.meta.get(&name)?;
-        Namespace::open(name, dir, config, &self.settings)
+        match copy {
+            Some(copy) => Namespace::open_replica(name, dir, config, copy, &self.settings),
+            None => Namespace::open(name, dir, config, &self.settings),
+        }
     }
 
     fn create_on_disk(&self, name: NamespaceName, config: DatabaseConfig) -> Result<Namespace, Error> {

@@ -24,13 +24,49 @@ use crate::namespace::NamespaceName;
 /// No frame received yet.
 const NONE: u64 = u64::MAX;
 
+/// A frame's header: frame_no, checksum (`u64` each), page number, size after a commit
+/// (`u32` each; the size is 0 on frames that do not commit).
+const FRAME_HEADER: usize = 24;
+
 /// Where a replica stands, published for its readers and for `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Progress {
     /// The frame_no of the last transaction applied here.
     pub applied: Option<FrameNo>,
-    /// The primary's last frame_no, as of the last hello.
+    /// The primary's last frame_no as last heard: at the last hello, or the last commit frame
+    /// received since.
     pub primary: Option<FrameNo>,
+    /// A hello succeeded: `primary` is known (`None` then means the primary's log is empty).
+    pub greeted: bool,
+    /// The primary answered that the namespace does not exist.
+    pub missing: bool,
+    /// Since when the copy has been behind what it knows of the primary (`None`: caught up).
+    pub behind_since: Option<std::time::Instant>,
+}
+
+impl Progress {
+    /// Whether the copy holds a state of the primary's log to read from (or the log is empty).
+    pub fn ready(&self) -> bool {
+        self.applied.is_some() || (self.greeted && self.primary.is_none())
+    }
+
+    /// Frames the copy is behind what it knows of the primary.
+    pub fn lag_frames(&self) -> u64 {
+        match (self.primary, self.applied) {
+            (Some(primary), Some(applied)) => primary.saturating_sub(applied),
+            (Some(primary), None) => primary + 1,
+            (None, _) => 0,
+        }
+    }
+
+    /// Notes a move of `applied` or `primary`: starts or ends the time behind.
+    fn settle(&mut self) {
+        if self.lag_frames() == 0 {
+            self.behind_since = None;
+        } else if self.behind_since.is_none() {
+            self.behind_since = Some(std::time::Instant::now());
+        }
+    }
 }
 
 pub struct PrimaryClient {
@@ -60,7 +96,10 @@ impl PrimaryClient {
             Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| Error::Fatal("the replication token is not ASCII".into()))?),
             None => None,
         };
-        progress.send_modify(|p| p.applied = meta.current_frame_no());
+        progress.send_modify(|p| {
+            p.applied = meta.current_frame_no();
+            p.settle();
+        });
         Ok(PrimaryClient {
             // Frames come in batches up to a few MB; the primary bounds them, not this client.
             client: ReplicationLogClient::new(channel).max_decoding_message_size(usize::MAX),
@@ -93,14 +132,28 @@ impl PrimaryClient {
 
     /// The frames of a stream, noting the newest frame_no received: a log's last, a
     /// snapshot's first (it comes newest first).
+    /// A log's commit frame also moves what is known of the primary's end.
     fn track(&self, stream: tonic::Streaming<Frame>, snapshot: bool) -> FrameStream {
         let received = self.received.clone();
+        let progress = self.progress.clone();
         let mut first = true;
         Box::pin(stream.map(move |frame| {
             let frame = frame.map_err(Error::from)?;
-            let header = frame.data.get(..8).ok_or_else(|| Error::Client("a frame shorter than its header".into()))?;
+            let header = frame.data.get(..FRAME_HEADER).ok_or_else(|| Error::Client("a frame shorter than its header".into()))?;
+            let frame_no = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
             if !snapshot || std::mem::take(&mut first) {
-                received.store(u64::from_le_bytes(header.try_into().expect("8 bytes")), Ordering::Release);
+                received.store(frame_no, Ordering::Release);
+            }
+            let commit = u32::from_le_bytes(header[20..24].try_into().expect("4 bytes")) != 0;
+            if !snapshot && commit {
+                progress.send_if_modified(|p| {
+                    let newer = p.primary.is_none_or(|primary| primary < frame_no);
+                    if newer {
+                        p.primary = Some(frame_no);
+                        p.settle();
+                    }
+                    newer
+                });
             }
             Ok(frame)
         }))
@@ -123,7 +176,11 @@ impl ReplicatorClient for PrimaryClient {
         self.meta.flush().await?;
         self.session = Some(session);
         self.received.store(self.meta.current_frame_no().unwrap_or(NONE), Ordering::Release);
-        self.progress.send_modify(|p| p.primary = primary);
+        self.progress.send_modify(|p| {
+            p.primary = primary;
+            p.greeted = true;
+            p.settle();
+        });
         Ok(())
     }
 
@@ -142,6 +199,7 @@ impl ReplicatorClient for PrimaryClient {
         self.progress.send_modify(|p| {
             p.applied = Some(frame_no);
             p.primary = p.primary.max(Some(frame_no));
+            p.settle();
         });
         Ok(())
     }

@@ -5,10 +5,15 @@
 //! namespace's directory, written by `libsql_replication`'s injector, one transaction at a
 //! time: a `kill -9` leaves the copy at its last applied transaction and the index at it or
 //! one behind (re-applying the last transaction is harmless), so the next run resumes from
-//! there without downloading the rest again. A copy whose index is missing is not known to be
-//! any log's state and is discarded; so is a copy of another log (the primary's log was
-//! rebuilt, or it is another primary): the index goes first, then the data files, so a crash
-//! in between still leaves a copy without an index, which the next run discards.
+//! there without downloading the rest again.
+//!
+//! A copy of another log (the primary's log was rebuilt, or it is another primary), or one
+//! whose index is missing, is not known to be any state of the log it follows: its index is
+//! dropped and it is brought to the log's state from the log's start. The data files stay
+//! (readers may have them open): what comes first from a log's start is a full state of the
+//! database (the snapshot, or the log's opening image; a log that starts at frame 0 with an
+//! empty database writes every page it ever has), each page of it written, the file's size
+//! set by its commit, all in one transaction. Until that commits, readers see the old copy.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,9 +34,6 @@ use crate::namespace::NamespaceName;
 /// The replicated index beside the data file (the libSQL server's replica layout).
 pub const INDEX: &str = "client_wal_index";
 
-/// The copy's files, in the order they are discarded.
-const DISCARD_ORDER: [&str; 4] = [INDEX, "data", "data-wal", "data-shm"];
-
 /// Frames the injector buffers before it writes them into SQLite's WAL (a large transaction
 /// is written in pieces of this many; each piece costs a statement): 2 MB.
 const INJECTOR_BUFFER: usize = 512;
@@ -42,6 +44,17 @@ const AUTO_CHECKPOINT: u32 = 1000;
 /// Waits between attempts after a failure (the primary down, say), doubling up to the last.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// What a copy came to while it was awaited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// It holds a state of the primary's log.
+    Ready,
+    /// The primary has no such namespace.
+    Missing,
+    /// Still bootstrapping.
+    Pending,
+}
 
 pub struct Follower {
     progress: watch::Receiver<Progress>,
@@ -60,6 +73,25 @@ impl Follower {
     /// Where the copy stands, as it moves.
     pub fn progress(&self) -> watch::Receiver<Progress> {
         self.progress.clone()
+    }
+
+    /// Waits until the copy holds a state of the primary's log to read from, at most
+    /// `timeout`; what it came to.
+    pub async fn ready(&self, timeout: Duration) -> Readiness {
+        let mut progress = self.progress.clone();
+        let settled = async move {
+            match progress.wait_for(|p| p.ready() || p.missing).await {
+                Ok(p) if p.missing => Readiness::Missing,
+                Ok(_) => Readiness::Ready,
+                Err(_) => Readiness::Missing,
+            }
+        };
+        tokio::time::timeout(timeout, settled).await.unwrap_or(Readiness::Pending)
+    }
+
+    /// Where the copy stands now.
+    pub fn now(&self) -> Progress {
+        *self.progress.borrow()
     }
 
     /// Waits until the copy has applied `frame_no` (a write its client made on the primary),
@@ -81,13 +113,21 @@ async fn run(channel: Channel, ns: NamespaceName, token: Option<String>, dir: Pa
     let mut retry = RETRY_FIRST;
     loop {
         match follow(&channel, &ns, token.as_deref(), &dir, &progress).await {
+            Error::NamespaceDoesntExist => {
+                tracing::info!(namespace = %ns, "the primary has no such namespace; not following it");
+                progress.send_modify(|p| p.missing = true);
+                return;
+            }
             Error::Meta(MetaError::LogIncompatible) => {
-                tracing::info!(namespace = %ns, "the primary's log is not the one this copy follows; starting over from the primary");
-                if let Err(e) = discard(&dir).await {
-                    tracing::error!(namespace = %ns, error = %e, "discarding the replica's copy failed");
+                tracing::info!(namespace = %ns, "the primary's log is not the one this copy follows; starting over from the log's start");
+                if let Err(e) = forget_index(&dir).await {
+                    tracing::error!(namespace = %ns, error = %e, "dropping the replica's index failed");
                     tokio::time::sleep(retry).await;
                 }
-                progress.send_modify(|p| p.applied = None);
+                progress.send_modify(|p| {
+                    p.applied = None;
+                    p.greeted = false;
+                });
             }
             e => {
                 tracing::warn!(namespace = %ns, error = %e, retry_in = ?retry, "following the primary failed; retrying");
@@ -102,13 +142,6 @@ async fn run(channel: Channel, ns: NamespaceName, token: Option<String>, dir: Pa
 
 /// Follows until an error ends it.
 async fn follow(channel: &Channel, ns: &NamespaceName, token: Option<&str>, dir: &Path, progress: &watch::Sender<Progress>) -> Error {
-    let index = dir.join(INDEX);
-    let indexed = blocking::run(move || std::fs::metadata(&index).is_ok_and(|m| m.len() > 0)).await.unwrap_or(false);
-    if !indexed {
-        if let Err(e) = discard(dir).await {
-            return Error::Internal(e.into());
-        }
-    }
     let client = match PrimaryClient::new(channel.clone(), ns, token, dir, progress.clone()).await {
         Ok(client) => client,
         Err(e) => return e,
@@ -135,15 +168,13 @@ async fn follow(channel: &Channel, ns: &NamespaceName, token: Option<&str>, dir:
     }
 }
 
-/// Removes the copy: its index first, then its data files; syncs the directory.
-async fn discard(dir: &Path) -> std::io::Result<()> {
+/// Drops the copy's index (the data files stay: see the module); syncs the directory.
+async fn forget_index(dir: &Path) -> std::io::Result<()> {
     let dir = dir.to_owned();
     blocking::run(move || {
-        for name in DISCARD_ORDER {
-            match std::fs::remove_file(dir.join(name)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
+        match std::fs::remove_file(dir.join(INDEX)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
         durable::sync_dir(&dir)
     })

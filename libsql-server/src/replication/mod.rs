@@ -65,6 +65,8 @@ pub enum LogError {
     Sqlite(PathBuf, rusqlite::Error),
     #[error("{}: SQLite's WAL could not be fully checkpointed: the database is in use", .0.display())]
     CheckpointBusy(PathBuf),
+    #[error("this namespace is a replica's copy: it has no replication log of its own")]
+    NoLog,
 }
 
 impl LogError {

@@ -9,6 +9,10 @@
 //! pages, and makes the transaction durable in the log before SQLite commits it, counting it
 //! only once SQLite has (see [`ReplicationLogger::stage_commit`]). Rolled-back transactions
 //! never reach the log.
+//!
+//! A replica's connections carry the wrapper without a logger: their copy is written only by
+//! the follower (through its own connection), so every write transaction is refused
+//! (`SQLITE_READONLY`), whatever path it took.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -22,9 +26,13 @@ use super::{failpoint, ReplicationLogger};
 /// `SQLITE_IOERR`: what a write gets once the log is broken.
 const SQLITE_IOERR: i32 = 10;
 
+/// `SQLITE_READONLY`: what a write on a replica's copy gets.
+const SQLITE_READONLY: i32 = 8;
+
 #[derive(Clone)]
 pub struct ReplicationWal {
-    logger: Arc<ReplicationLogger>,
+    /// `None` on a replica's copy: no write transaction begins.
+    logger: Option<Arc<ReplicationLogger>>,
     /// The WAL frame count just before the running write transaction's first frame, once
     /// the transaction has spilled frames into the WAL before its commit.
     txn_start: Option<u32>,
@@ -33,7 +41,7 @@ pub struct ReplicationWal {
 }
 
 impl ReplicationWal {
-    pub fn new(logger: Arc<ReplicationLogger>) -> Self {
+    pub fn new(logger: Option<Arc<ReplicationLogger>>) -> Self {
         ReplicationWal { logger, txn_start: None, spilled: Vec::new() }
     }
 }
@@ -45,8 +53,10 @@ fn wal_page_no(frame: &[u8]) -> u32 {
 
 impl<W: Wal> WrapWal<W> for ReplicationWal {
     fn begin_write_txn(&mut self, wrapped: &mut W) -> Result<()> {
-        if self.logger.is_poisoned() {
-            return Err(libsql_sys::wal::Error::new(SQLITE_IOERR));
+        match &self.logger {
+            None => return Err(libsql_sys::wal::Error::new(SQLITE_READONLY)),
+            Some(logger) if logger.is_poisoned() => return Err(libsql_sys::wal::Error::new(SQLITE_IOERR)),
+            Some(_) => {}
         }
         self.txn_start = None;
         wrapped.begin_write_txn()
@@ -61,6 +71,9 @@ impl<W: Wal> WrapWal<W> for ReplicationWal {
         is_commit: bool,
         sync_flags: std::ffi::c_int,
     ) -> Result<usize> {
+        let Some(logger) = self.logger.clone() else {
+            return Err(libsql_sys::wal::Error::new(SQLITE_READONLY));
+        };
         let before = wrapped.frames_in_wal();
         if !is_commit {
             let written = page_headers.iter().count() as u32;
@@ -82,22 +95,22 @@ impl<W: Wal> WrapWal<W> for ReplicationWal {
             let frame_no = NonZeroU32::new(before - spilled_frames as u32 + 1 + i as u32).expect("WAL frames are numbered from 1");
             // Nothing is committed yet: the transaction fails and the log stays whole.
             if let Err(e) = wrapped.read_frame_raw(frame_no, frame) {
-                tracing::error!(dir = %self.logger.dir().display(), error = ?e, frame_no, "reading back a spilled WAL frame failed; the transaction does not commit");
+                tracing::error!(dir = %logger.dir().display(), error = ?e, frame_no, "reading back a spilled WAL frame failed; the transaction does not commit");
                 return Err(e);
             }
         }
         let mut pages: Vec<(u32, &[u8])> =
             self.spilled.chunks_exact(frame_len).map(|f| (wal_page_no(f), &f[FRAME_HEADER_SIZE..])).collect();
         pages.extend(page_headers.iter());
-        let staged = match self.logger.stage_commit(&pages, size_after) {
+        let staged = match logger.stage_commit(&pages, size_after) {
             Ok(staged) => staged,
             Err(e) => {
-                tracing::error!(dir = %self.logger.dir().display(), error = %e, "a transaction could not be logged; it does not commit");
+                tracing::error!(dir = %logger.dir().display(), error = %e, "a transaction could not be logged; it does not commit");
                 return Err(libsql_sys::wal::Error::new(SQLITE_IOERR));
             }
         };
         drop(pages);
-        let dir = self.logger.dir();
+        let dir = logger.dir();
         staged.commit(|| {
             failpoint::check("wal.commit", dir).map_err(|_| libsql_sys::wal::Error::new(SQLITE_IOERR))?;
             wrapped.insert_frames(page_size, page_headers, size_after, true, sync_flags)

@@ -8,7 +8,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use libsql_hrana::proto::Value;
 use libsql_replication::rpc::proxy::Value as ProxyValue;
-use tonic::Status;
+
+/// Bytes that are not a value in this layout.
+#[derive(Debug, thiserror::Error)]
+#[error("a value is not serialized in the proxy protocol's layout")]
+pub struct BadValue;
 
 pub fn encode(value: &Value) -> ProxyValue {
     let mut data = Vec::new();
@@ -33,11 +37,11 @@ pub fn encode(value: &Value) -> ProxyValue {
     ProxyValue { data }
 }
 
-pub fn decode(data: &[u8]) -> Result<Value, Status> {
-    let bad = || Status::invalid_argument("a parameter value is not a serialized value");
+pub fn decode(data: &[u8]) -> Result<Value, BadValue> {
+    let bad = || BadValue;
     let (variant, rest) = data.split_first_chunk::<4>().ok_or_else(bad)?;
-    let fixed = |rest: &[u8]| -> Result<[u8; 8], Status> { rest.try_into().map_err(|_| bad()) };
-    let sized = |rest: &[u8]| -> Result<Vec<u8>, Status> {
+    let fixed = |rest: &[u8]| -> Result<[u8; 8], BadValue> { rest.try_into().map_err(|_| bad()) };
+    let sized = |rest: &[u8]| -> Result<Vec<u8>, BadValue> {
         let (len, payload) = rest.split_first_chunk::<8>().ok_or_else(bad)?;
         if u64::from_le_bytes(*len) != payload.len() as u64 {
             return Err(bad());

@@ -1,0 +1,204 @@
+//! Streams of a replica's namespace: reads run on the copy, the rest on the primary.
+//!
+//! Each request is routed on its own. Outside a transaction the primary holds for the
+//! stream, a request whose every statement is a read (SQLite's `stmt_readonly`, no write
+//! behind a read-only face, no transaction control: the authorizer sees each statement as it
+//! is prepared) runs on the copy; anything else (a write, `BEGIN`, a statement the copy cannot
+//! even prepare) is sent whole to the primary as the stream's `client_id`. While the primary
+//! says the stream holds a transaction there, every request goes there, so the transaction
+//! reads its own writes. After a write, the stream's next read on the copy first waits
+//! (bounded) until the copy has applied the write's frame_no: a client reads its own writes.
+
+use libsql_hrana::proto::{Batch, BatchResult, Stmt, StmtResult};
+use libsql_replication::rpc::proxy::{ExecuteResults, Program, State};
+
+use super::budget::ResponseBudget;
+use super::stmt::SqlStore;
+use super::StmtError;
+use crate::database::{Access, AccessError, Connection};
+use crate::namespace::{NamespaceName, ReplicaCopy};
+use crate::replica::program::{self, ProgramStep, StepOutcome};
+
+/// A replica stream's standing with the primary.
+pub struct Remote {
+    copy: ReplicaCopy,
+    /// The stream's id on the primary.
+    client_id: String,
+    /// The primary holds a transaction of this stream.
+    in_transaction: bool,
+    /// The primary's frame_no after this stream's last write, until the copy has it.
+    written: Option<u64>,
+}
+
+/// Where a request runs.
+pub enum Route {
+    Copy,
+    Primary,
+}
+
+impl Remote {
+    pub fn new(copy: ReplicaCopy) -> Self {
+        Remote { copy, client_id: uuid::Uuid::new_v4().simple().to_string(), in_transaction: false, written: None }
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        self.in_transaction
+    }
+
+    /// Where statements `sqls` run. Blocking: a read first waits for the copy to have the
+    /// stream's last write.
+    pub fn route<'a>(&mut self, conn: &mut Connection, sqls: impl IntoIterator<Item = &'a str>) -> Result<Route, StmtError> {
+        if self.in_transaction {
+            return Ok(Route::Primary);
+        }
+        self.catch_up()?;
+        for sql in sqls {
+            match conn.classify(sql) {
+                Ok(statements) if statements.iter().all(|(_, local)| *local) => {}
+                // A write, a transaction, or a statement the copy cannot prepare (a table it
+                // does not have yet): the primary decides.
+                _ => return self.primary_allowed(conn),
+            }
+        }
+        Ok(Route::Copy)
+    }
+
+    /// The statements of a SQL text (for a `sequence`), each as its own text.
+    pub fn split(conn: &mut Connection, sql: &str) -> Result<Vec<String>, StmtError> {
+        Ok(conn.classify(sql)?.into_iter().map(|(text, _)| text).collect())
+    }
+
+    fn primary_allowed(&self, conn: &Connection) -> Result<Route, StmtError> {
+        match conn.access() {
+            Access::ReadWrite => Ok(Route::Primary),
+            Access::ReadOnly => Err(AccessError::ReadOnly.into()),
+        }
+    }
+
+    /// Waits until the copy has the stream's last write.
+    pub fn catch_up(&mut self) -> Result<(), StmtError> {
+        if let Some(frame_no) = self.written {
+            if !self.copy.catch_up(frame_no) {
+                return Err(StmtError::ReplicaBehind(frame_no));
+            }
+            self.written = None;
+        }
+        Ok(())
+    }
+
+    /// Runs `program` on the primary; each step's outcome. Blocking.
+    fn run(&mut self, ns: &NamespaceName, program: Program) -> Result<Vec<StepOutcome>, StmtError> {
+        let answer = self.copy.block_on(self.copy.writes.execute(ns, &self.client_id, program));
+        let ExecuteResults { results, state, current_frame_no } = match answer {
+            Ok(answer) => answer,
+            Err(status) => {
+                // Whatever the primary holds of this stream is gone or unknown: ended there.
+                self.end(ns);
+                return Err(StmtError::Primary { code: status.code(), message: status.message().to_owned() });
+            }
+        };
+        self.in_transaction = state == State::Txn as i32;
+        self.written = current_frame_no.max(self.written);
+        program::outcomes(results).map_err(|e| StmtError::Primary { code: tonic::Code::Internal, message: e.to_string() })
+    }
+
+    /// Ends the stream's session on the primary, if it holds a transaction there (rolled
+    /// back). Does not wait.
+    pub fn end(&mut self, ns: &NamespaceName) {
+        if std::mem::take(&mut self.in_transaction) {
+            let (writes, ns, client_id) = (self.copy.writes.clone(), ns.clone(), self.client_id.clone());
+            self.copy.runtime.spawn(async move {
+                if let Err(e) = writes.disconnect(&ns, &client_id).await {
+                    tracing::debug!(namespace = %ns, error = %e, "ending a stream's transaction on the primary failed; it expires there");
+                }
+            });
+        }
+    }
+
+    /// Executes one statement on the primary.
+    pub fn execute(
+        &mut self,
+        ns: &NamespaceName,
+        sqls: &SqlStore,
+        budget: &mut ResponseBudget,
+        stmt: &Stmt,
+    ) -> Result<StmtResult, StmtError> {
+        let sql = sqls.resolve(stmt.sql.as_deref(), stmt.sql_id)?;
+        let program = program::program([ProgramStep { condition: None, sql, stmt }])?;
+        match self.run(ns, program)?.into_iter().next().flatten() {
+            Some(Ok(result)) => charged(budget, result),
+            Some(Err(e)) => Err(StmtError::Remote(e)),
+            None => Err(StmtError::Primary { code: tonic::Code::Internal, message: "the primary answered no result".into() }),
+        }
+    }
+
+    /// Runs a batch on the primary, its conditions there.
+    pub fn batch(
+        &mut self,
+        ns: &NamespaceName,
+        sqls: &SqlStore,
+        budget: &mut ResponseBudget,
+        batch: &Batch,
+    ) -> Result<BatchResult, StmtError> {
+        let steps = batch
+            .steps
+            .iter()
+            .map(|step| {
+                Ok(ProgramStep {
+                    condition: step.condition.as_ref(),
+                    sql: sqls.resolve(step.stmt.sql.as_deref(), step.stmt.sql_id)?,
+                    stmt: &step.stmt,
+                })
+            })
+            .collect::<Result<Vec<_>, StmtError>>()?;
+        let outcomes = self.run(ns, program::program(steps)?)?;
+        if outcomes.len() != batch.steps.len() {
+            // The batch as a whole failed (its stream on the primary was gone, say).
+            return Err(match outcomes.into_iter().flatten().next() {
+                Some(Err(e)) => StmtError::Remote(e),
+                _ => StmtError::Primary { code: tonic::Code::Internal, message: "the primary answered another number of steps".into() },
+            });
+        }
+        let mut result = BatchResult {
+            step_results: Vec::with_capacity(outcomes.len()),
+            step_errors: Vec::with_capacity(outcomes.len()),
+            replication_index: None,
+        };
+        for outcome in outcomes {
+            let (ok, err) = match outcome {
+                Some(Ok(rows)) => (Some(charged(budget, rows)?), None),
+                Some(Err(e)) => (None, Some(e)),
+                None => (None, None),
+            };
+            result.step_results.push(ok);
+            result.step_errors.push(err);
+        }
+        Ok(result)
+    }
+
+    /// Runs the statements of a `sequence` on the primary, stopping at the first error.
+    pub fn sequence(&mut self, ns: &NamespaceName, statements: &[String]) -> Result<(), StmtError> {
+        let stmt = Stmt::new(String::new(), false);
+        let conditions: Vec<_> =
+            (0..statements.len()).map(|i| libsql_hrana::proto::BatchCond::Ok { step: i.saturating_sub(1) as u32 }).collect();
+        let steps = statements.iter().zip(&conditions).enumerate().map(|(i, (sql, condition))| ProgramStep {
+            condition: (i > 0).then_some(condition),
+            sql,
+            stmt: &stmt,
+        });
+        for outcome in self.run(ns, program::program(steps)?)? {
+            if let Some(Err(e)) = outcome {
+                return Err(StmtError::Remote(e));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A result from the primary, charged to the answer's budget like rows read here.
+fn charged(budget: &mut ResponseBudget, result: StmtResult) -> Result<StmtResult, StmtError> {
+    for row in &result.rows {
+        budget.charge(row.values.iter().map(ResponseBudget::hrana_value_size).sum())?;
+    }
+    Ok(result)
+}
