@@ -10,6 +10,8 @@
 //!   gRPC (HTTP/2), read from its file;
 //! * the same for this server as a replica (`--primary-grpc-url`), visible through its Hrana
 //!   API (its first read bootstraps the copy);
+//! * writes through a replica server: a pipeline that inserts a row (forwarded to the
+//!   primary) and reads it back on the same stream, beside the same pipeline on the primary;
 //! * with `SQLD_UPSTREAM_BIN` naming the libSQL server's binary: the same for that server as a
 //!   replica of this one over gRPC (HTTP/2), visible through its Hrana API.
 
@@ -93,7 +95,7 @@ impl Kind {
 /// A replica of `sqld` of one kind, in `dir`.
 enum Replica {
     Embedded(libsql::Database, libsql::Connection),
-    Server(Child, libsql::Connection),
+    Server(Child, libsql::Connection, String),
     /// The copy is read from its file.
     Follower(libsql_server::replica::Follower, std::path::PathBuf),
 }
@@ -140,7 +142,8 @@ impl Replica {
         while std::net::TcpStream::connect(addr).is_err() {
             std::thread::sleep(Duration::from_millis(5));
         }
-        Replica::Server(child, remote(&format!("http://{addr}")).await)
+        let url = format!("http://{addr}");
+        Replica::Server(child, remote(&url).await, url)
     }
 
     /// Whether the replica (synced first, if embedded) answers `sql` with a first row whose
@@ -151,7 +154,7 @@ impl Replica {
                 db.sync().await.unwrap();
                 conn
             }
-            Replica::Server(_, conn) => conn,
+            Replica::Server(_, conn, _) => conn,
             Replica::Follower(_, data) => {
                 let (data, sql) = (data.clone(), sql.to_owned());
                 return tokio::task::spawn_blocking(move || {
@@ -169,7 +172,7 @@ impl Replica {
 
     fn stop(self) {
         match self {
-            Replica::Server(mut child, _) => {
+            Replica::Server(mut child, ..) => {
                 let _ = child.kill();
                 let _ = child.wait();
             }
@@ -188,6 +191,20 @@ fn kinds() -> Vec<Kind> {
         println!("(set SQLD_UPSTREAM_BIN to the libSQL server's binary to measure it as a replica too)");
     }
     kinds
+}
+
+/// Sends one pipeline to `url`: an INSERT of row `id`, then a read of it on the same stream;
+/// whether the read found it.
+async fn write_and_read(url: &str, id: i64) -> bool {
+    let body = json!({"requests": [
+        {"type": "execute", "stmt": {"sql": format!("INSERT INTO t VALUES ({id}, x'01')")}},
+        {"type": "execute", "stmt": {"sql": format!("SELECT count(*) FROM t WHERE id = {id}")}},
+        {"type": "close"},
+    ]});
+    let request = hyper::Request::post(format!("{url}/v2/pipeline")).body(hyper::Body::from(body.to_string())).unwrap();
+    let response = hyper::Client::new().request(request).await.unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&hyper::body::to_bytes(response.into_body()).await.unwrap()).unwrap();
+    answer["results"][1]["response"]["result"]["rows"][0][0]["value"] == "1"
 }
 
 /// Commits per second of the background write load during the lag measurement.
@@ -305,6 +322,46 @@ async fn main() {
             "background_commits_per_sec_requested": LOAD_COMMITS_PER_SEC,
         }));
     }
+    // Writes through a replica server: one pipeline, an INSERT (forwarded to the primary) and
+    // a read of it on the same stream (which waits until the replica's copy has it), beside
+    // the same pipeline sent to the primary.
+    println!("\n{:<52} {:>12} {:>12} {:>12}", "write through a replica, read back (same stream)", "p50", "p90", "p99");
+    for kind in kinds.iter().filter(|k| matches!(k, Kind::Replica | Kind::Upstream)) {
+        let dir = tempfile::tempdir().unwrap();
+        let sqld = Sqld::start(&dir.path().join("server"));
+        sqld.connect().await.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
+        let replica = Replica::open(*kind, &sqld, dir.path()).await;
+        while !replica.sees("SELECT count(*) FROM t", 0).await {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let Replica::Server(_, _, replica_url) = &replica else { unreachable!("a replica server") };
+        let replica_url = replica_url.clone();
+        let (mut through, mut direct) = (Vec::new(), Vec::new());
+        for probe in 0..200i64 {
+            for (url, times, id) in [(&replica_url, &mut through, probe), (&sqld.url, &mut direct, 10_000 + probe)] {
+                let started = Instant::now();
+                let found = write_and_read(url, id).await;
+                times.push(started.elapsed());
+                assert!(found, "the stream that wrote row {id} did not read it back");
+            }
+        }
+        replica.stop();
+        sqld.stop();
+        through.sort();
+        direct.sort();
+        let row = |what: String, d: &[Duration]| {
+            println!("{:<52} {:>9.2} ms {:>9.2} ms {:>9.2} ms", what, ms(percentile(d, 0.5)), ms(percentile(d, 0.9)), ms(percentile(d, 0.99)))
+        };
+        row(format!("through {}", kind.name()), &through);
+        row("  baseline: the same pipeline on the primary".into(), &direct);
+        results.push(json!({
+            "workload": "write through a replica, read back on the same stream",
+            "replica": kind.name(),
+            "through_ms": {"p50": ms(percentile(&through, 0.5)), "p90": ms(percentile(&through, 0.9)), "p99": ms(percentile(&through, 0.99))},
+            "primary_ms": {"p50": ms(percentile(&direct, 0.5)), "p90": ms(percentile(&direct, 0.9)), "p99": ms(percentile(&direct, 0.99))},
+        }));
+    }
+
     std::fs::create_dir_all("bench-results").unwrap();
     let path = Path::new("bench-results/sync.json");
     std::fs::write(path, serde_json::to_string_pretty(&results).unwrap()).unwrap();

@@ -80,6 +80,14 @@ async fn a_replica_serves_reads_from_its_copy_and_sends_writes_and_transactions_
     assert_eq!(result_rows(&answer, 3), &json!([[{"type": "integer", "value": "20003"}]]), "{answer}");
     assert_eq!(count_on(&primary).await, 20003);
 
+    // A sequence whose statements depend on each other (the copy cannot prepare the second
+    // before the first ran) goes whole to the primary, statement by statement.
+    let sequence =
+        json!({"type": "sequence", "sql": "CREATE TABLE s (x); INSERT INTO s VALUES ('a;b'); -- done\nINSERT INTO s VALUES (2);"});
+    let (_, answer) = replica.pipeline(json!({"requests": [sequence, exec("SELECT count(*) FROM s")]})).await;
+    assert_eq!(answer["results"][0]["type"], "ok", "{answer}");
+    assert_eq!(result_rows(&answer, 1), &json!([[{"type": "integer", "value": "2"}]]), "{answer}");
+
     // A statement error on the primary comes back as the client's error, with SQLite's code.
     let (_, answer) = replica.pipeline(json!({"requests": [exec("INSERT INTO t VALUES (1, x'00')")]})).await;
     assert_eq!(answer["results"][0]["error"]["code"], "SQLITE_CONSTRAINT", "{answer}");
@@ -212,4 +220,83 @@ async fn a_replica_serves_many_namespaces_each_copied_on_first_use() {
     let (status, answer) = replica.pipeline_on("nosuch", json!({"requests": [exec("SELECT 1")]})).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
     assert!(!replica.db_path().join("dbs/nosuch").exists());
+}
+
+/// A pipeline on namespace `ns` of `sqld` with `token` (if any): status and JSON.
+async fn pipeline_as(sqld: &Sqld, ns: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+    let mut request = hyper::Request::post(format!("{}/v2/pipeline", sqld.url())).header("x-namespace", ns);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let response = hyper::Client::new().request(request.body(hyper::Body::from(body.to_string())).unwrap()).await.unwrap();
+    let status = response.status();
+    (status, serde_json::from_slice(&hyper::body::to_bytes(response.into_body()).await.unwrap()).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_obeys_the_namespace_key_the_primary_gives_and_never_lets_a_read_only_grant_write() {
+    let signer = crate::common::tokens::Signer::generate();
+    let full = signer.token(json!({}));
+    let read_only = signer.token(json!({"a": "ro"}));
+    let primary = Sqld::start(&["--enable-namespaces"]);
+    let request = hyper::Request::post(format!("http://{}/v1/namespaces/locked/create", primary.admin))
+        .body(hyper::Body::from(json!({"jwt_key": signer.raw()}).to_string()))
+        .unwrap();
+    assert_eq!(hyper::Client::new().request(request).await.unwrap().status(), StatusCode::OK);
+    let create = json!({"requests": [exec("CREATE TABLE t (id INTEGER PRIMARY KEY, v)"), exec("INSERT INTO t VALUES (1, 'secret')")]});
+    assert_eq!(pipeline_as(&primary, "locked", Some(&full), create).await.0, StatusCode::OK);
+
+    // The replica has no key of its own: the namespace's key comes from the primary, before
+    // its first request is let in.
+    let replica = Sqld::replica_of(&primary, &["--enable-namespaces", "--primary-auth-token", &full]);
+    let read = json!({"requests": [exec("SELECT v FROM t")]});
+    let (status, answer) = pipeline_as(&replica, "locked", None, read.clone()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
+    let (status, answer) = pipeline_as(&replica, "locked", Some(&read_only), read).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(result_rows(&answer, 0), &json!([[{"type": "text", "value": "secret"}]]), "{answer}");
+
+    // A read-only grant writes nothing: not alone, not inside a transaction another grant
+    // began on the same stream (whose statements all go to the primary).
+    let (_, answer) =
+        pipeline_as(&replica, "locked", Some(&read_only), json!({"requests": [exec("INSERT INTO t VALUES (2, 'ro')")]})).await;
+    assert_eq!(answer["results"][0]["error"]["code"], "AUTH_READ_ONLY", "{answer}");
+    let (_, answer) =
+        pipeline_as(&replica, "locked", Some(&full), json!({"requests": [exec("BEGIN"), exec("INSERT INTO t VALUES (3, 'rw')")]})).await;
+    assert_eq!(answer["results"][1]["type"], "ok", "{answer}");
+    let baton = answer["baton"].as_str().unwrap().to_owned();
+    let body = json!({"baton": baton, "requests": [exec("INSERT INTO t VALUES (4, 'ro')"), exec("COMMIT")]});
+    let (_, answer) = pipeline_as(&replica, "locked", Some(&read_only), body).await;
+    assert_eq!(answer["results"][0]["error"]["code"], "AUTH_READ_ONLY", "{answer}");
+    assert_eq!(answer["results"][1]["error"]["code"], "AUTH_READ_ONLY", "{answer}");
+    let baton = answer["baton"].as_str().unwrap().to_owned();
+    let (_, answer) = pipeline_as(&replica, "locked", Some(&full), json!({"baton": baton, "requests": [exec("COMMIT")]})).await;
+    assert_eq!(answer["results"][0]["type"], "ok", "{answer}");
+    let (_, answer) = pipeline_as(&primary, "locked", Some(&full), json!({"requests": [exec("SELECT group_concat(id) FROM t")]})).await;
+    assert_eq!(result_rows(&answer, 0)[0][0]["value"], "1,3", "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_the_primary_lost_runs_none_of_its_later_statements() {
+    let primary = Sqld::start(&["--stream-expiry-s", "1"]);
+    primary.connect().await.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v)", ()).await.unwrap();
+    let replica = Sqld::replica_of(&primary, &["--stream-expiry-s", "60"]);
+    let (_, answer) = replica.pipeline(json!({"requests": [exec("BEGIN"), exec("INSERT INTO t VALUES (1, 'a')")]})).await;
+    assert_eq!(answer["results"][1]["type"], "ok", "{answer}");
+    let baton = answer["baton"].as_str().unwrap().to_owned();
+    // The primary expires the transaction it held for the replica's stream.
+    primary
+        .wait_until("the primary expired the idle transaction", || async { metric(&primary, "sqld_hrana_streams_parked").await == 0 })
+        .await;
+    let body =
+        json!({"baton": baton, "requests": [exec("INSERT INTO t VALUES (2, 'b')"), exec("INSERT INTO t VALUES (3, 'c')"), exec("COMMIT")]});
+    let (_, answer) = replica.pipeline(body).await;
+    for n in 0..3 {
+        assert_eq!(answer["results"][n]["type"], "error", "{answer}");
+    }
+    assert_eq!(answer["results"][0]["error"]["code"], "STREAM_EXPIRED", "{answer}");
+    assert_eq!(count_on(&primary).await, 0, "no statement of the lost transaction ran on its own");
+    // A new stream works.
+    let (_, answer) = replica.pipeline(json!({"requests": [exec("INSERT INTO t VALUES (4, 'd')")]})).await;
+    assert_eq!(answer["results"][0]["type"], "ok", "{answer}");
 }

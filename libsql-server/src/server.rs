@@ -40,6 +40,10 @@ pub enum OpenError {
 /// How long a replica waits for its primary to accept a connection.
 const PRIMARY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Connections a replica's followers spread over (a primary bounds the streams of one, and
+/// each followed namespace keeps one open); opened as they are first used.
+const PRIMARY_FOLLOWER_CHANNELS: usize = 8;
+
 /// How often a replica pings an idle connection to its primary (a dead one is then noticed).
 const PRIMARY_KEEP_ALIVE: Duration = Duration::from_secs(10);
 
@@ -68,8 +72,9 @@ impl Server {
         options.limits.hits = metrics.hits.clone();
         if let Some(url) = &config.primary_grpc_url {
             let endpoint = tonic::transport::Endpoint::from_shared(url.clone()).map_err(|_| OpenError::PrimaryUrl(url.clone()))?;
-            let channel = endpoint.connect_timeout(PRIMARY_CONNECT_TIMEOUT).http2_keep_alive_interval(PRIMARY_KEEP_ALIVE).connect_lazy();
-            options.primary = Some(PrimaryLink { channel, token: config.primary_auth_token.clone() });
+            let endpoint = endpoint.connect_timeout(PRIMARY_CONNECT_TIMEOUT).http2_keep_alive_interval(PRIMARY_KEEP_ALIVE);
+            let channels = (0..PRIMARY_FOLLOWER_CHANNELS).map(|_| endpoint.connect_lazy()).collect();
+            options.primary = Some(PrimaryLink { channels, writes: endpoint.connect_lazy(), token: config.primary_auth_token.clone() });
         }
         let halt = options.limits.halt.clone();
         let store = NamespaceStore::open(&config.db_path, options).await?;

@@ -202,23 +202,45 @@ impl Connection {
         }
     }
 
-    /// The statements of `sql`, each with whether a replica's copy can run it: a read that
-    /// neither needs the write gate nor controls a transaction. Each is prepared anew (never
-    /// from the cache), so the authorizer sees it; nothing runs.
-    pub fn classify(&mut self, sql: &str) -> Result<Vec<(String, bool)>, rusqlite::Error> {
-        let mut statements = rusqlite::Batch::new(&self.conn, sql);
+    /// The statements of `sql`, each with its text and whether a replica's copy can run it:
+    /// a read that neither needs the write gate nor controls a transaction. Each is prepared
+    /// anew (never from the cache), so the authorizer sees it; nothing runs. A statement the
+    /// copy cannot prepare (a table it does not have yet) is not one it can run, and its text
+    /// still ends where SQLite's parser ended it; text SQLite cannot parse at all is kept
+    /// whole, for the primary to judge.
+    pub fn classify(&mut self, sql: &str) -> Vec<(String, bool)> {
+        use rusqlite::ffi;
         let mut classified = Vec::new();
-        loop {
+        let mut rest = sql;
+        while !rest.trim().is_empty() {
             self.access.clear_mark();
             self.access.policy.transaction_control.store(false, Ordering::Relaxed);
-            let Some(prepared) = statements.next()? else {
-                return Ok(classified);
-            };
-            let text = prepared.expanded_sql().unwrap_or_default();
-            let local = self.access.kind_of(&prepared, &text) == StmtKind::Read
-                && !self.access.policy.transaction_control.load(Ordering::Relaxed);
-            classified.push((text, local));
+            let mut stmt = std::ptr::null_mut();
+            let mut tail = std::ptr::null();
+            let len = i32::try_from(rest.len()).unwrap_or(i32::MAX);
+            // SAFETY: the handle is this open connection's, used on its thread; `rest` lives
+            // across the call, and SQLite reads at most `len` bytes of it.
+            let rc = unsafe { ffi::sqlite3_prepare_v2(self.conn.handle(), rest.as_ptr().cast(), len, &mut stmt, &mut tail) };
+            let consumed = if tail.is_null() { 0 } else { (tail as usize).saturating_sub(rest.as_ptr() as usize).min(rest.len()) };
+            // SAFETY: `stmt` is null or the statement just prepared, finalized once here.
+            let read_only = !stmt.is_null() && unsafe { ffi::sqlite3_stmt_readonly(stmt) } != 0;
+            unsafe { ffi::sqlite3_finalize(stmt) };
+            if consumed == 0 || !rest.is_char_boundary(consumed) {
+                classified.push((rest.to_owned(), false));
+                break;
+            }
+            let text = &rest[..consumed];
+            rest = &rest[consumed..];
+            if rc == ffi::SQLITE_OK && stmt.is_null() {
+                continue; // only a comment or whitespace
+            }
+            let marked = self.access.policy.wants_gate.load(Ordering::Relaxed);
+            let control = self.access.policy.transaction_control.load(Ordering::Relaxed);
+            let local = rc == ffi::SQLITE_OK && read_only && !marked && !control && !begins_write_transaction(text);
+            classified.push((text.to_owned(), local));
         }
+        self.access.clear_mark();
+        classified
     }
 
     /// True once client SQL changed this connection's own state: it must not be pooled.

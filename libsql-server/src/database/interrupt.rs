@@ -111,6 +111,12 @@ impl Interrupt {
         }
     }
 
+    /// Whether the current use's client went away, or the server is stopping: for work done
+    /// on its behalf outside a statement (a call to a replica's primary).
+    pub fn abandoned(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed) || self.halt.load(Ordering::Relaxed)
+    }
+
     /// The reason to stop the running client statement now, if any.
     pub fn reason(&self) -> Option<Reason> {
         if !self.client_running.load(Ordering::Relaxed) {

@@ -214,6 +214,10 @@ impl GrpcState {
     /// The namespace a call names and the access its credential grants there.
     pub fn admit(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
         let ns = self.namespace(metadata)?;
+        if self.hrana.store().is_replica() {
+            // Replicas and their writes are served by the primary.
+            return Err(crate::namespace::Error::NotPrimary(ns).status());
+        }
         let credential = metadata.get("x-authorization").or_else(|| metadata.get("authorization")).map(|value| value.as_bytes());
         let owner = std::hash::BuildHasher::hash_one(&self.owners, credential);
         let access =

@@ -15,6 +15,7 @@ use libsql_replication::rpc::proxy::{ExecuteResults, Program, State};
 use super::budget::ResponseBudget;
 use super::stmt::SqlStore;
 use super::StmtError;
+use crate::database::interrupt::{Interrupt, Reason};
 use crate::database::{Access, AccessError, Connection};
 use crate::namespace::{NamespaceName, ReplicaCopy};
 use crate::replica::program::{self, ProgramStep, StepOutcome};
@@ -28,6 +29,10 @@ pub struct Remote {
     in_transaction: bool,
     /// The primary's frame_no after this stream's last write, until the copy has it.
     written: Option<u64>,
+    /// The transaction the primary held for this stream was lost (a call failed inside it):
+    /// like an expired baton, the stream runs nothing more, so no later statement of the
+    /// transaction runs outside it.
+    lost: bool,
 }
 
 /// Where a request runs.
@@ -38,7 +43,7 @@ pub enum Route {
 
 impl Remote {
     pub fn new(copy: ReplicaCopy) -> Self {
-        Remote { copy, client_id: uuid::Uuid::new_v4().simple().to_string(), in_transaction: false, written: None }
+        Remote { copy, client_id: uuid::Uuid::new_v4().simple().to_string(), in_transaction: false, written: None, lost: false }
     }
 
     pub fn in_transaction(&self) -> bool {
@@ -48,24 +53,31 @@ impl Remote {
     /// Where statements `sqls` run. Blocking: a read first waits for the copy to have the
     /// stream's last write.
     pub fn route<'a>(&mut self, conn: &mut Connection, sqls: impl IntoIterator<Item = &'a str>) -> Result<Route, StmtError> {
+        if self.lost {
+            return Err(StmtError::Primary {
+                code: tonic::Code::Aborted,
+                message: "the stream's transaction on the primary was lost".into(),
+            });
+        }
         if self.in_transaction {
-            return Ok(Route::Primary);
+            // Inside a transaction (begun under another grant, maybe), a read-only grant does
+            // nothing, as on a primary.
+            return self.primary_allowed(conn);
         }
         self.catch_up()?;
         for sql in sqls {
-            match conn.classify(sql) {
-                Ok(statements) if statements.iter().all(|(_, local)| *local) => {}
-                // A write, a transaction, or a statement the copy cannot prepare (a table it
-                // does not have yet): the primary decides.
-                _ => return self.primary_allowed(conn),
+            // A write, a transaction, or a statement the copy cannot prepare (a table it does
+            // not have yet): the primary decides.
+            if !conn.classify(sql).iter().all(|(_, local)| *local) {
+                return self.primary_allowed(conn);
             }
         }
         Ok(Route::Copy)
     }
 
     /// The statements of a SQL text (for a `sequence`), each as its own text.
-    pub fn split(conn: &mut Connection, sql: &str) -> Result<Vec<String>, StmtError> {
-        Ok(conn.classify(sql)?.into_iter().map(|(text, _)| text).collect())
+    pub fn split(conn: &mut Connection, sql: &str) -> Vec<String> {
+        conn.classify(sql).into_iter().map(|(text, _)| text).collect()
     }
 
     fn primary_allowed(&self, conn: &Connection) -> Result<Route, StmtError> {
@@ -76,25 +88,37 @@ impl Remote {
     }
 
     /// Waits until the copy has the stream's last write.
+    /// Reported once: the next read tries afresh.
     pub fn catch_up(&mut self) -> Result<(), StmtError> {
-        if let Some(frame_no) = self.written {
-            if !self.copy.catch_up(frame_no) {
-                return Err(StmtError::ReplicaBehind(frame_no));
-            }
-            self.written = None;
+        match self.written.take() {
+            Some(frame_no) if !self.copy.catch_up(frame_no) => Err(StmtError::ReplicaBehind(frame_no)),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
-    /// Runs `program` on the primary; each step's outcome. Blocking.
-    fn run(&mut self, ns: &NamespaceName, program: Program) -> Result<Vec<StepOutcome>, StmtError> {
-        let answer = self.copy.block_on(self.copy.writes.execute(ns, &self.client_id, program));
-        let ExecuteResults { results, state, current_frame_no } = match answer {
+    /// Runs `program` on the primary; each step's outcome. Blocking; given up if the
+    /// client goes away (`interrupt`).
+    fn run(&mut self, ns: &NamespaceName, interrupt: &Interrupt, program: Program) -> Result<Vec<StepOutcome>, StmtError> {
+        let call = self.copy.writes.execute(ns, &self.client_id, program);
+        let answer = self.copy.block_on(async {
+            tokio::select! {
+                answer = call => Some(answer),
+                () = abandoned(interrupt) => None,
+            }
+        });
+        let failed = match answer {
+            Some(Ok(answer)) => Ok(answer),
+            Some(Err(status)) => Err(StmtError::Primary { code: status.code(), message: status.message().to_owned() }),
+            None => Err(AccessError::Interrupted(Reason::ClientGone).into()),
+        };
+        let ExecuteResults { results, state, current_frame_no } = match failed {
             Ok(answer) => answer,
-            Err(status) => {
-                // Whatever the primary holds of this stream is gone or unknown: ended there.
-                self.end(ns);
-                return Err(StmtError::Primary { code: status.code(), message: status.message().to_owned() });
+            Err(e) => {
+                // What the primary holds of this stream is gone or unknown: ended there, and
+                // a transaction it held is lost.
+                self.lost = std::mem::take(&mut self.in_transaction);
+                self.disconnect(ns);
+                return Err(e);
             }
         };
         self.in_transaction = state == State::Txn as i32;
@@ -106,27 +130,34 @@ impl Remote {
     /// back). Does not wait.
     pub fn end(&mut self, ns: &NamespaceName) {
         if std::mem::take(&mut self.in_transaction) {
-            let (writes, ns, client_id) = (self.copy.writes.clone(), ns.clone(), self.client_id.clone());
-            self.copy.runtime.spawn(async move {
-                if let Err(e) = writes.disconnect(&ns, &client_id).await {
-                    tracing::debug!(namespace = %ns, error = %e, "ending a stream's transaction on the primary failed; it expires there");
-                }
-            });
+            self.disconnect(ns);
         }
+    }
+
+    /// Ends the stream's session on the primary (its transaction, if any, rolls back). Does
+    /// not wait.
+    fn disconnect(&self, ns: &NamespaceName) {
+        let (writes, ns, client_id) = (self.copy.writes.clone(), ns.clone(), self.client_id.clone());
+        self.copy.runtime.spawn(async move {
+            if let Err(e) = writes.disconnect(&ns, &client_id).await {
+                tracing::debug!(namespace = %ns, error = %e, "ending a stream's session on the primary failed; it expires there");
+            }
+        });
     }
 
     /// Executes one statement on the primary.
     pub fn execute(
         &mut self,
         ns: &NamespaceName,
+        conn: &Connection,
         sqls: &SqlStore,
         budget: &mut ResponseBudget,
         stmt: &Stmt,
     ) -> Result<StmtResult, StmtError> {
         let sql = sqls.resolve(stmt.sql.as_deref(), stmt.sql_id)?;
         let program = program::program([ProgramStep { condition: None, sql, stmt }])?;
-        match self.run(ns, program)?.into_iter().next().flatten() {
-            Some(Ok(result)) => charged(budget, result),
+        match self.run(ns, conn.interrupt(), program)?.into_iter().next().flatten() {
+            Some(Ok(result)) => Ok(charged(budget, result)),
             Some(Err(e)) => Err(StmtError::Remote(e)),
             None => Err(StmtError::Primary { code: tonic::Code::Internal, message: "the primary answered no result".into() }),
         }
@@ -136,6 +167,7 @@ impl Remote {
     pub fn batch(
         &mut self,
         ns: &NamespaceName,
+        conn: &Connection,
         sqls: &SqlStore,
         budget: &mut ResponseBudget,
         batch: &Batch,
@@ -151,7 +183,7 @@ impl Remote {
                 })
             })
             .collect::<Result<Vec<_>, StmtError>>()?;
-        let outcomes = self.run(ns, program::program(steps)?)?;
+        let outcomes = self.run(ns, conn.interrupt(), program::program(steps)?)?;
         if outcomes.len() != batch.steps.len() {
             // The batch as a whole failed (its stream on the primary was gone, say).
             return Err(match outcomes.into_iter().flatten().next() {
@@ -166,7 +198,7 @@ impl Remote {
         };
         for outcome in outcomes {
             let (ok, err) = match outcome {
-                Some(Ok(rows)) => (Some(charged(budget, rows)?), None),
+                Some(Ok(rows)) => (Some(charged(budget, rows)), None),
                 Some(Err(e)) => (None, Some(e)),
                 None => (None, None),
             };
@@ -177,7 +209,7 @@ impl Remote {
     }
 
     /// Runs the statements of a `sequence` on the primary, stopping at the first error.
-    pub fn sequence(&mut self, ns: &NamespaceName, statements: &[String]) -> Result<(), StmtError> {
+    pub fn sequence(&mut self, ns: &NamespaceName, conn: &Connection, statements: &[String]) -> Result<(), StmtError> {
         let stmt = Stmt::new(String::new(), false);
         let conditions: Vec<_> =
             (0..statements.len()).map(|i| libsql_hrana::proto::BatchCond::Ok { step: i.saturating_sub(1) as u32 }).collect();
@@ -186,7 +218,7 @@ impl Remote {
             sql,
             stmt: &stmt,
         });
-        for outcome in self.run(ns, program::program(steps)?)? {
+        for outcome in self.run(ns, conn.interrupt(), program::program(steps)?)? {
             if let Some(Err(e)) = outcome {
                 return Err(StmtError::Remote(e));
             }
@@ -195,10 +227,24 @@ impl Remote {
     }
 }
 
-/// A result from the primary, charged to the answer's budget like rows read here.
-fn charged(budget: &mut ResponseBudget, result: StmtResult) -> Result<StmtResult, StmtError> {
-    for row in &result.rows {
-        budget.charge(row.values.iter().map(ResponseBudget::hrana_value_size).sum())?;
+/// Resolves once the client of the stream's current use goes away (or the server stops).
+async fn abandoned(interrupt: &Interrupt) {
+    while !interrupt.abandoned() {
+        tokio::time::sleep(ABANDON_CHECK).await;
     }
-    Ok(result)
+}
+
+/// How often a call to the primary checks whether its client is still there.
+const ABANDON_CHECK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// A result from the primary, charged to the answer's budget like rows read here. Over the
+/// budget it is still given: its statement ran on the primary (a write committed), and an
+/// error would hide that; the answer was bounded on its way (the primary's own budget, the
+/// call's decoding limit).
+fn charged(budget: &mut ResponseBudget, result: StmtResult) -> StmtResult {
+    let size = result.rows.iter().flat_map(|row| row.values.iter()).map(ResponseBudget::hrana_value_size).sum();
+    if let Err(e) = budget.charge(size) {
+        tracing::debug!(error = %e, "a result from the primary passed the answer's bound; given all the same");
+    }
+    result
 }

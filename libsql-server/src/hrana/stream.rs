@@ -146,7 +146,8 @@ impl Stream {
                 if let Route::Copy = remote.route(conn, [sql])? {
                     return Ok(None);
                 }
-                remote.sequence(ns.name(), &Remote::split(conn, sql)?)?;
+                let statements = Remote::split(conn, sql);
+                remote.sequence(ns.name(), conn, &statements)?;
                 StreamResponse::Sequence(SequenceStreamResp {})
             }
             StreamRequest::Describe(_) => {
@@ -171,7 +172,7 @@ impl Stream {
         let sql = sqls.resolve(stmt.sql.as_deref(), stmt.sql_id)?;
         match remote.route(conn, [sql])? {
             Route::Copy => Ok(None),
-            Route::Primary => remote.execute(ns.name(), sqls, budget, stmt).map(Some),
+            Route::Primary => remote.execute(ns.name(), conn, sqls, budget, stmt).map(Some),
         }
     }
 
@@ -185,7 +186,7 @@ impl Stream {
         let texts = batch.steps.iter().filter_map(|step| sqls.resolve(step.stmt.sql.as_deref(), step.stmt.sql_id).ok());
         match remote.route(conn, texts)? {
             Route::Copy => Ok(None),
-            Route::Primary => remote.batch(ns.name(), sqls, budget, batch).map(Some),
+            Route::Primary => remote.batch(ns.name(), conn, sqls, budget, batch).map(Some),
         }
     }
 

@@ -34,6 +34,7 @@ impl FromRequestParts<UserState> for Authorized {
 
     async fn from_request_parts(parts: &mut Parts, state: &UserState) -> Result<Self, ApiError> {
         let ns = state.namespace(&parts.headers)?;
+        state.hrana.store().learn_config(&ns).await?;
         let credential = Credential::Header(parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes()));
         let access = state.auth.check(credential, &ns, state.hrana.store().jwt_key(&ns).as_deref())?;
         Ok(Authorized { ns, access })

@@ -273,6 +273,7 @@ async fn websocket(
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(|e| ApiError::new(e.status(), "NOT_A_WEBSOCKET", e.body_text()))?;
     let ns = state.namespace(&headers)?;
+    state.hrana.store().learn_config(&ns).await?;
     let websockets = &state.websockets;
     let Ok(place) = websockets.places.clone().try_acquire_owned() else {
         state.metrics.hits.hit(Limit::WebSockets, format_args!("namespace {ns}"));

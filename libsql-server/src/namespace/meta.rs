@@ -49,6 +49,14 @@ impl MetaStore {
         }
     }
 
+    /// Every namespace with a stored configuration.
+    pub fn names(&self) -> Result<Vec<String>, MetaError> {
+        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stmt = conn.prepare("SELECT namespace FROM namespace_configs")?;
+        let names = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<_, _>>()?;
+        Ok(names)
+    }
+
     /// Every namespace whose stored configuration names a `jwt_key`, with it.
     pub fn jwt_keys(&self) -> Result<Vec<(String, String)>, MetaError> {
         let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());

@@ -4,14 +4,14 @@
 //! Its database takes reads only; what the copy cannot run goes to the primary through
 //! [`PrimaryWrites`] (see `hrana::forward`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::transport::Channel;
 
-use super::{Error, NamespaceName};
+use super::{DatabaseConfig, Error, NamespaceName};
 use crate::blocking;
 use crate::replica::{follower, Follower, PrimaryWrites, Progress, Readiness};
 
@@ -24,11 +24,22 @@ pub const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 
 /// The primary a replica follows, and the followers of its namespaces.
 pub struct Replicas {
-    channel: Channel,
+    channels: Vec<Channel>,
+    /// Which of `channels` the next follower takes (in turn).
+    next_channel: std::sync::atomic::AtomicUsize,
     token: Option<String>,
     writes: PrimaryWrites,
     runtime: tokio::runtime::Handle,
-    followers: Mutex<HashMap<NamespaceName, Arc<Follower>>>,
+    followers: Mutex<HashMap<NamespaceName, Followed>>,
+    /// Namespaces whose configuration (its `jwt_key` above all) this replica holds: stored
+    /// before this run, or given by the primary since. Until then a namespace is not served.
+    known: Mutex<HashSet<NamespaceName>>,
+}
+
+struct Followed {
+    follower: Arc<Follower>,
+    /// The configuration the primary gave, marked seen once it was taken up.
+    config: tokio::sync::watch::Receiver<Option<Arc<DatabaseConfig>>>,
 }
 
 /// What a loaded replica namespace holds beside its database.
@@ -59,31 +70,55 @@ impl ReplicaCopy {
 impl Replicas {
     /// Follows the primary behind `channel`, with `token` as the credential. Called on the
     /// runtime.
-    pub fn new(channel: Channel, token: Option<String>) -> Result<Self, Error> {
-        let writes = PrimaryWrites::new(channel.clone(), token.as_deref()).map_err(|e| Error::Internal(e.message().to_owned()))?;
+    pub fn new(link: super::PrimaryLink, known: impl IntoIterator<Item = NamespaceName>) -> Result<Self, Error> {
+        let writes = PrimaryWrites::new(link.writes, link.token.as_deref()).map_err(|e| Error::Internal(e.message().to_owned()))?;
         let runtime = tokio::runtime::Handle::current();
-        Ok(Replicas { channel, token, writes, runtime, followers: Mutex::default() })
+        let known = Mutex::new(known.into_iter().collect());
+        if link.channels.is_empty() {
+            return Err(Error::Internal("a replica needs a channel to its primary".into()));
+        }
+        Ok(Replicas {
+            channels: link.channels,
+            next_channel: Default::default(),
+            token: link.token,
+            writes,
+            runtime,
+            followers: Mutex::default(),
+            known,
+        })
     }
 
     /// Waits until the copy of `name` (in `dir`) holds a state of the primary's log,
     /// starting its follower if none runs.
     pub async fn ready(&self, name: &NamespaceName, dir: &Path) -> Result<(), Error> {
         let follower = self.follower(name, dir).await?;
-        match follower.ready(BOOTSTRAP_WAIT).await {
+        match follower.ready(BOOTSTRAP_WAIT, !self.config_known(name)).await {
             Readiness::Ready => Ok(()),
             Readiness::Pending => Err(Error::Bootstrapping(name.clone())),
             Readiness::Missing => {
-                // Asked for by name, not known to the primary: what the follower created
-                // goes, unless it ever held a copy.
-                let dir = dir.to_owned();
-                let emptied = blocking::run(move || remove_if_never_followed(&dir)).await;
-                if let Ok(Err(e)) = emptied {
-                    tracing::warn!(namespace = %name, error = %e, "removing the directory of a namespace the primary does not have failed");
-                }
                 self.stop_if(name, &follower);
                 Err(Error::NotFound(name.clone()))
             }
         }
+    }
+
+    /// The configuration the primary gave for `name` since it was last taken, if any: to be
+    /// stored and obeyed. Marks the namespace's configuration known.
+    pub fn new_config(&self, name: &NamespaceName) -> Option<DatabaseConfig> {
+        let mut followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
+        let followed = followers.get_mut(name)?;
+        if !followed.config.has_changed().unwrap_or(false) {
+            return None;
+        }
+        let config = followed.config.borrow_and_update().as_deref().cloned()?;
+        drop(followers);
+        self.known.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone());
+        Some(config)
+    }
+
+    /// Whether this replica holds `name`'s configuration (see `known`).
+    pub fn config_known(&self, name: &NamespaceName) -> bool {
+        self.known.lock().unwrap_or_else(|e| e.into_inner()).contains(name)
     }
 
     /// What a namespace loaded from `name`'s copy holds.
@@ -100,7 +135,7 @@ impl Replicas {
     /// Where each followed namespace's copy stands, by name.
     pub fn progress(&self) -> Vec<(NamespaceName, Progress)> {
         let followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
-        let mut progress: Vec<_> = followers.iter().map(|(name, f)| (name.clone(), f.now())).collect();
+        let mut progress: Vec<_> = followers.iter().map(|(name, f)| (name.clone(), f.follower.now())).collect();
         progress.sort_by(|a, b| a.0.cmp(&b.0));
         progress
     }
@@ -112,14 +147,15 @@ impl Replicas {
 
     fn stop_if(&self, name: &NamespaceName, follower: &Arc<Follower>) {
         let mut followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
-        if followers.get(name).is_some_and(|f| Arc::ptr_eq(f, follower)) {
+        if followers.get(name).is_some_and(|f| Arc::ptr_eq(&f.follower, follower)) {
             followers.remove(name);
         }
     }
 
+    /// The follower of `name`, started if none runs (or the one that ran ended).
     async fn follower(&self, name: &NamespaceName, dir: &Path) -> Result<Arc<Follower>, Error> {
-        if let Some(follower) = self.followers.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
-            return Ok(follower.clone());
+        if let Some(follower) = self.running(name) {
+            return Ok(follower);
         }
         let owned: PathBuf = dir.to_owned();
         blocking::run(move || std::fs::create_dir_all(&owned))
@@ -127,17 +163,33 @@ impl Replicas {
             .map_err(|e| Error::Internal(e.to_string()))?
             .map_err(|source| Error::Io { name: name.clone(), path: dir.to_owned(), source })?;
         let mut followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
-        let follower = followers
-            .entry(name.clone())
-            .or_insert_with(|| Arc::new(Follower::start(self.channel.clone(), name.clone(), self.token.clone(), dir.to_owned())));
-        Ok(follower.clone())
+        if let Some(followed) = followers.get(name).filter(|f| f.follower.is_running() || f.follower.now().missing) {
+            return Ok(followed.follower.clone());
+        }
+        // None, or one whose task ended otherwise (it never does, barring a panic).
+        let turn = self.next_channel.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let channel = self.channels[turn % self.channels.len()].clone();
+        let follower = Arc::new(Follower::start(channel, name.clone(), self.token.clone(), dir.to_owned()));
+        let mut config = follower.config();
+        config.mark_changed();
+        followers.insert(name.clone(), Followed { follower: follower.clone(), config });
+        Ok(follower)
+    }
+
+    /// The follower of `name`, if one runs (or ended because the primary has no such
+    /// namespace).
+    fn running(&self, name: &NamespaceName) -> Option<Arc<Follower>> {
+        let followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
+        let followed = followers.get(name)?;
+        (followed.follower.is_running() || followed.follower.now().missing).then(|| followed.follower.clone())
     }
 }
 
-/// Removes `dir` if it never held a copy (no replicated index). Blocking.
-fn remove_if_never_followed(dir: &Path) -> std::io::Result<()> {
-    let index = dir.join(follower::INDEX);
-    if std::fs::metadata(&index).is_ok_and(|m| m.len() > 0) {
+/// Removes `dir` if it never held a copy (no replicated index): what a follower made for a
+/// name the primary does not have. Blocking; called with the namespace's slot locked and
+/// nothing loaded in it.
+pub(super) fn remove_if_never_followed(dir: &Path) -> std::io::Result<()> {
+    if std::fs::metadata(dir.join(follower::INDEX)).is_ok_and(|m| m.len() > 0) {
         return Ok(());
     }
     match std::fs::remove_dir_all(dir) {

@@ -80,10 +80,15 @@ pub struct StoreOptions {
     pub primary: Option<PrimaryLink>,
 }
 
-/// The primary a replica follows: its gRPC channel, and the credential sent with every call.
+/// The primary a replica follows: its gRPC channels (each one HTTP/2 connection, opened on
+/// first use), and the credential sent with every call.
 #[derive(Debug, Clone)]
 pub struct PrimaryLink {
-    pub channel: tonic::transport::Channel,
+    /// What followers pull through, each namespace on one of them (a following namespace
+    /// keeps a stream open; a primary bounds the streams of one connection).
+    pub channels: Vec<tonic::transport::Channel>,
+    /// What forwarded writes go through, apart from the followers' streams.
+    pub writes: tonic::transport::Channel,
     pub token: Option<String>,
 }
 
@@ -118,7 +123,6 @@ impl NamespaceStore {
     /// `default` namespace if it is missing. Blocking work runs on the blocking pool.
     pub async fn open(db_path: &Path, options: StoreOptions) -> Result<Self, Error> {
         let StoreOptions { namespaces_enabled, max_active, limits, log, recovery, primary } = options;
-        let replicas = primary.map(|link| Replicas::new(link.channel, link.token)).transpose()?;
         // Before SQLite starts (the first connection of the process): statements are metered.
         if limits.statement_memory.is_some() {
             crate::database::meter_statement_memory();
@@ -143,6 +147,15 @@ impl NamespaceStore {
         })
         .await
         .map_err(internal)??;
+        let replicas = match primary {
+            Some(link) => {
+                // A namespace whose configuration was stored is served from it until the
+                // primary gives it again.
+                let names = meta.names()?.into_iter().filter_map(|name| NamespaceName::new(name).ok());
+                Some(Replicas::new(link, names)?)
+            }
+            None => None,
+        };
 
         let store = NamespaceStore {
             inner: Arc::new(Inner {
@@ -180,6 +193,43 @@ impl NamespaceStore {
         self.inner.replicas.as_ref().map(Replicas::progress).unwrap_or_default()
     }
 
+    /// On a replica: the configuration the primary gave for `name` since it was last taken,
+    /// stored (so it holds after a restart) and its `jwt_key` obeyed; to be set on the
+    /// loaded namespace.
+    async fn adopt_config(&self, replicas: &Replicas, name: &NamespaceName) -> Result<Option<DatabaseConfig>, Error> {
+        let Some(config) = replicas.new_config(name) else {
+            return Ok(None);
+        };
+        let (meta, stored, name2) = (self.inner.meta.clone(), config.clone(), name.clone());
+        blocking::run(move || meta.put(&name2, &stored)).await.map_err(internal)??;
+        self.set_jwt_key(name, config.jwt_key.clone());
+        Ok(Some(config))
+    }
+
+    /// On a replica: a name the primary does not have leaves nothing behind, unless it held
+    /// a copy (the primary deleted it, say) or is loaded.
+    async fn forget_missing(&self, name: &NamespaceName) {
+        let slot = self.slot(name);
+        let guard = slot.ns.lock().await;
+        if guard.is_none() {
+            let dir = self.inner.dir_of(name);
+            if let Ok(Err(e)) = blocking::run(move || super::replica::remove_if_never_followed(&dir)).await {
+                tracing::warn!(namespace = %name, error = %e, "removing the directory of a namespace the primary does not have failed");
+            }
+            self.forget_slot_if_unused(name, &slot);
+        }
+    }
+
+    /// Before a credential is checked on `name`: on a replica, makes sure the namespace's
+    /// configuration (its own `jwt_key`) is known, copying the namespace first if need be,
+    /// so no request is let in under a key the replica has not heard of yet.
+    pub async fn learn_config(&self, name: &NamespaceName) -> Result<(), Error> {
+        match &self.inner.replicas {
+            Some(replicas) if !replicas.config_known(name) => self.get(name).await.map(drop),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether this server is a replica (`--primary-grpc-url`).
     pub fn is_replica(&self) -> bool {
         self.inner.replicas.is_some()
@@ -197,13 +247,25 @@ impl NamespaceStore {
     /// The namespace, loaded on first use (on a replica, once its copy is ready).
     pub async fn get(&self, name: &NamespaceName) -> Result<Arc<Namespace>, Error> {
         self.check_running()?;
-        if let Some(replicas) = &self.inner.replicas {
-            replicas.ready(name, &self.inner.dir_of(name)).await?;
-        }
+        let adopted = match &self.inner.replicas {
+            Some(replicas) => {
+                if let Err(e) = replicas.ready(name, &self.inner.dir_of(name)).await {
+                    if let Error::NotFound(_) = e {
+                        self.forget_missing(name).await;
+                    }
+                    return Err(e);
+                }
+                self.adopt_config(replicas, name).await?
+            }
+            None => None,
+        };
         let slot = self.slot(name);
         let mut guard = slot.ns.lock().await;
         let ns = self.load_locked(name, &slot, &mut guard).await?;
         drop(guard);
+        if let Some(config) = adopted {
+            ns.db().set_config(config);
+        }
         self.evict_idle(Some(name)).await;
         Ok(ns)
     }

@@ -14,6 +14,7 @@ use libsql_replication::frame::FrameNo;
 use libsql_replication::meta::WalIndexMeta;
 use libsql_replication::replicator::{Error, ReplicatorClient};
 use libsql_replication::rpc::replication::replication_log_client::ReplicationLogClient;
+use libsql_replication::rpc::metadata::DatabaseConfig;
 use libsql_replication::rpc::replication::{Frame, HelloRequest, LogOffset, NAMESPACE_METADATA_KEY, SESSION_TOKEN_KEY};
 use tokio::sync::watch;
 use tonic::metadata::{AsciiMetadataValue, BinaryMetadataValue};
@@ -69,6 +70,9 @@ impl Progress {
     }
 }
 
+/// The namespace's configuration as the primary last gave it (at a hello).
+pub type ConfigWatch = watch::Sender<Option<Arc<DatabaseConfig>>>;
+
 pub struct PrimaryClient {
     client: ReplicationLogClient<Channel>,
     namespace: BinaryMetadataValue,
@@ -78,6 +82,7 @@ pub struct PrimaryClient {
     /// The newest frame_no received (NONE if none), updated as frames stream in.
     received: Arc<AtomicU64>,
     progress: watch::Sender<Progress>,
+    config: ConfigWatch,
 }
 
 pub type FrameStream = Pin<Box<dyn Stream<Item = Result<Frame, Error>> + Send + 'static>>;
@@ -90,6 +95,7 @@ impl PrimaryClient {
         token: Option<&str>,
         dir: &Path,
         progress: watch::Sender<Progress>,
+        config: ConfigWatch,
     ) -> Result<Self, Error> {
         let meta = WalIndexMeta::open(dir).await?;
         let authorization = match token {
@@ -109,6 +115,7 @@ impl PrimaryClient {
             received: Arc::new(AtomicU64::new(meta.current_frame_no().unwrap_or(NONE))),
             meta,
             progress,
+            config,
         })
     }
 
@@ -172,9 +179,19 @@ impl ReplicatorClient for PrimaryClient {
         let session = AsciiMetadataValue::try_from(hello.session_token.to_vec())
             .map_err(|_| Error::Client("the primary's session token is not ASCII".into()))?;
         let primary = hello.current_replication_index;
+        let config = hello.config.clone();
         self.meta.init_from_hello(hello)?;
         self.meta.flush().await?;
         self.session = Some(session);
+        if let Some(config) = config {
+            self.config.send_if_modified(|known| {
+                let changed = known.as_deref() != Some(&config);
+                if changed {
+                    *known = Some(Arc::new(config));
+                }
+                changed
+            });
+        }
         self.received.store(self.meta.current_frame_no().unwrap_or(NONE), Ordering::Release);
         self.progress.send_modify(|p| {
             p.primary = primary;

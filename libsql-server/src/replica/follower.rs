@@ -16,17 +16,19 @@
 //! set by its commit, all in one transaction. Until that commits, readers see the old copy.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use libsql_replication::injector::SqliteInjector;
 use libsql_replication::meta::Error as MetaError;
+use libsql_replication::rpc::metadata::DatabaseConfig;
 use libsql_replication::replicator::{Error, Replicator};
 use libsql_sys::rusqlite;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-use super::client::{PrimaryClient, Progress};
+use super::client::{ConfigWatch, PrimaryClient, Progress};
 use crate::blocking;
 use crate::durable;
 use crate::namespace::NamespaceName;
@@ -58,6 +60,7 @@ pub enum Readiness {
 
 pub struct Follower {
     progress: watch::Receiver<Progress>,
+    config: watch::Receiver<Option<Arc<DatabaseConfig>>>,
     task: JoinHandle<()>,
 }
 
@@ -66,8 +69,9 @@ impl Follower {
     /// exists.
     pub fn start(channel: Channel, ns: NamespaceName, token: Option<String>, dir: PathBuf) -> Follower {
         let (progress, receiver) = watch::channel(Progress::default());
-        let task = tokio::spawn(run(channel, ns, token, dir, progress));
-        Follower { progress: receiver, task }
+        let (config, config_receiver) = watch::channel(None);
+        let task = tokio::spawn(run(channel, ns, token, dir, progress, config));
+        Follower { progress: receiver, config: config_receiver, task }
     }
 
     /// Where the copy stands, as it moves.
@@ -75,15 +79,26 @@ impl Follower {
         self.progress.clone()
     }
 
-    /// Waits until the copy holds a state of the primary's log to read from, at most
-    /// `timeout`; what it came to.
-    pub async fn ready(&self, timeout: Duration) -> Readiness {
+    /// The namespace's configuration as the primary gave it at the last hello.
+    pub fn config(&self) -> watch::Receiver<Option<Arc<DatabaseConfig>>> {
+        self.config.clone()
+    }
+
+    /// Whether its task still runs (it ends only when the primary has no such namespace).
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+
+    /// Waits until the copy holds a state of the primary's log to read from (and, with
+    /// `greeted`, until a hello gave the primary's configuration), at most `timeout`; what it
+    /// came to.
+    pub async fn ready(&self, timeout: Duration, greeted: bool) -> Readiness {
         let mut progress = self.progress.clone();
         let settled = async move {
-            match progress.wait_for(|p| p.ready() || p.missing).await {
+            match progress.wait_for(|p| (p.ready() && (p.greeted || !greeted)) || p.missing).await {
                 Ok(p) if p.missing => Readiness::Missing,
                 Ok(_) => Readiness::Ready,
-                Err(_) => Readiness::Missing,
+                Err(_) => Readiness::Pending,
             }
         };
         tokio::time::timeout(timeout, settled).await.unwrap_or(Readiness::Pending)
@@ -109,10 +124,10 @@ impl Drop for Follower {
     }
 }
 
-async fn run(channel: Channel, ns: NamespaceName, token: Option<String>, dir: PathBuf, progress: watch::Sender<Progress>) {
+async fn run(channel: Channel, ns: NamespaceName, token: Option<String>, dir: PathBuf, progress: watch::Sender<Progress>, config: ConfigWatch) {
     let mut retry = RETRY_FIRST;
     loop {
-        match follow(&channel, &ns, token.as_deref(), &dir, &progress).await {
+        match follow(&channel, &ns, token.as_deref(), &dir, &progress, &config).await {
             Error::NamespaceDoesntExist => {
                 tracing::info!(namespace = %ns, "the primary has no such namespace; not following it");
                 progress.send_modify(|p| p.missing = true);
@@ -141,8 +156,15 @@ async fn run(channel: Channel, ns: NamespaceName, token: Option<String>, dir: Pa
 }
 
 /// Follows until an error ends it.
-async fn follow(channel: &Channel, ns: &NamespaceName, token: Option<&str>, dir: &Path, progress: &watch::Sender<Progress>) -> Error {
-    let client = match PrimaryClient::new(channel.clone(), ns, token, dir, progress.clone()).await {
+async fn follow(
+    channel: &Channel,
+    ns: &NamespaceName,
+    token: Option<&str>,
+    dir: &Path,
+    progress: &watch::Sender<Progress>,
+    config: &ConfigWatch,
+) -> Error {
+    let client = match PrimaryClient::new(channel.clone(), ns, token, dir, progress.clone(), config.clone()).await {
         Ok(client) => client,
         Err(e) => return e,
     };

@@ -21,12 +21,14 @@ pub struct ProgramStep<'a> {
 pub enum ProgramError {
     #[error("a statement sent to the primary takes positional or named arguments, not both")]
     MixedArguments,
+    #[error("a batch condition without a type")]
+    EmptyCondition,
 }
 
 pub fn program<'a>(steps: impl IntoIterator<Item = ProgramStep<'a>>) -> Result<Program, ProgramError> {
     let steps = steps
         .into_iter()
-        .map(|s| Ok(Step { cond: s.condition.map(condition), query: Some(query_of(s.sql, s.stmt)?) }))
+        .map(|s| Ok(Step { cond: s.condition.map(condition).transpose()?, query: Some(query_of(s.sql, s.stmt)?) }))
         .collect::<Result<_, _>>()?;
     Ok(Program { steps })
 }
@@ -44,18 +46,19 @@ fn query_of(sql: &str, stmt: &Stmt) -> Result<Query, ProgramError> {
     Ok(Query { stmt: sql.to_owned(), params, skip_rows: !stmt.want_rows.unwrap_or(true) })
 }
 
-fn condition(c: &BatchCond) -> Cond {
+fn condition(c: &BatchCond) -> Result<Cond, ProgramError> {
     let step = |s: u32| i64::from(s);
+    let list = |conds: &[BatchCond]| conds.iter().map(condition).collect::<Result<Vec<_>, _>>();
     let inner = match c {
-        BatchCond::None => cond::Cond::IsAutocommit(IsAutocommitCond {}),
+        BatchCond::None => return Err(ProgramError::EmptyCondition),
         BatchCond::Ok { step: s } => cond::Cond::Ok(OkCond { step: step(*s) }),
         BatchCond::Error { step: s } => cond::Cond::Err(ErrCond { step: step(*s) }),
-        BatchCond::Not { cond } => cond::Cond::Not(Box::new(NotCond { cond: Some(Box::new(condition(cond))) })),
-        BatchCond::And(list) => cond::Cond::And(AndCond { conds: list.conds.iter().map(condition).collect() }),
-        BatchCond::Or(list) => cond::Cond::Or(OrCond { conds: list.conds.iter().map(condition).collect() }),
+        BatchCond::Not { cond } => cond::Cond::Not(Box::new(NotCond { cond: Some(Box::new(condition(cond)?)) })),
+        BatchCond::And(l) => cond::Cond::And(AndCond { conds: list(&l.conds)? }),
+        BatchCond::Or(l) => cond::Cond::Or(OrCond { conds: list(&l.conds)? }),
         BatchCond::IsAutocommit {} => cond::Cond::IsAutocommit(IsAutocommitCond {}),
     };
-    Cond { cond: Some(inner) }
+    Ok(Cond { cond: Some(inner) })
 }
 
 /// A step's outcome on the primary: its rows, the error it met, or `None` when its condition
@@ -135,4 +138,87 @@ pub fn code_name(extended_code: i32) -> &'static str {
 /// own, such as `BLOCKED`).
 pub fn code_of(name: &str) -> i32 {
     CODE_NAMES.iter().position(|n| *n == name).filter(|n| *n > 0).map_or(1, |n| n as i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use libsql_hrana::proto::{BatchCondList, NamedArg};
+    use libsql_replication::rpc::proxy::{Column, Error as ProxyError, Row as ProxyRow};
+
+    use super::*;
+
+    #[test]
+    fn statements_become_steps_with_their_arguments_and_conditions() {
+        let mut positional = Stmt::new("INSERT INTO t VALUES (?)".to_owned(), false);
+        positional.args = vec![Value::Integer { value: 7 }];
+        let mut named = Stmt::new("SELECT :a".to_owned(), true);
+        named.named_args = vec![NamedArg { name: ":a".into(), value: Value::Text { value: "x".into() } }];
+        let cond = BatchCond::And(BatchCondList {
+            conds: vec![BatchCond::Ok { step: 0 }, BatchCond::Not { cond: Box::new(BatchCond::IsAutocommit {}) }],
+        });
+        let sent = program([
+            ProgramStep { condition: None, sql: "INSERT INTO t VALUES (?)", stmt: &positional },
+            ProgramStep { condition: Some(&cond), sql: "SELECT :a", stmt: &named },
+        ])
+        .unwrap();
+        let first = sent.steps[0].query.as_ref().unwrap();
+        assert!(first.skip_rows);
+        assert!(
+            matches!(&first.params, Some(query::Params::Positional(p)) if p.values == vec![value::encode(&Value::Integer { value: 7 })])
+        );
+        let second = &sent.steps[1];
+        assert!(matches!(&second.query.as_ref().unwrap().params, Some(query::Params::Named(n)) if n.names == [":a"]));
+        let Some(cond::Cond::And(and)) = second.cond.as_ref().and_then(|c| c.cond.clone()) else { panic!("{:?}", second.cond) };
+        assert!(matches!(and.conds[0].cond, Some(cond::Cond::Ok(OkCond { step: 0 }))));
+        assert!(matches!(&and.conds[1].cond, Some(cond::Cond::Not(_))));
+
+        // Parameters are always present, even none; both kinds at once, or an empty
+        // condition, cannot be sent.
+        let bare = Stmt::new("SELECT 1".to_owned(), true);
+        let sent = program_of(&bare, None).unwrap();
+        assert!(matches!(&sent.steps[0].query.as_ref().unwrap().params, Some(query::Params::Positional(p)) if p.values.is_empty()));
+        let mut both = positional.clone();
+        both.named_args = named.named_args.clone();
+        assert!(matches!(program_of(&both, None), Err(ProgramError::MixedArguments)));
+        assert!(matches!(program_of(&bare, Some(&BatchCond::None)), Err(ProgramError::EmptyCondition)));
+    }
+
+    fn program_of(stmt: &Stmt, condition: Option<&BatchCond>) -> Result<Program, ProgramError> {
+        program([ProgramStep { condition, sql: "SELECT 1", stmt }])
+    }
+
+    #[test]
+    fn answers_become_hrana_results_with_sqlite_codes() {
+        let rows = ResultRows {
+            column_descriptions: vec![Column { name: "v".into(), decltype: Some("TEXT".into()) }],
+            rows: vec![ProxyRow { values: vec![value::encode(&Value::Text { value: "a".into() })] }],
+            affected_row_count: 0,
+            last_insert_rowid: None,
+        };
+        let error = ProxyError { code: 1, message: "UNIQUE constraint failed".into(), extended_code: 2067 };
+        let results = vec![
+            QueryResult { row_result: Some(RowResult::Row(rows)) },
+            QueryResult { row_result: Some(RowResult::Error(error)) },
+            QueryResult { row_result: None },
+        ];
+        let got = outcomes(results).unwrap();
+        let Some(Ok(first)) = &got[0] else { panic!("{got:?}") };
+        assert_eq!(first.cols[0].name.as_deref(), Some("v"));
+        assert!(matches!(&first.rows[0].values[0], Value::Text { value } if &**value == "a"));
+        assert!(matches!(&got[1], Some(Err(e)) if e.code == "SQLITE_CONSTRAINT"));
+        assert!(got[2].is_none());
+        let bad = vec![QueryResult {
+            row_result: Some(RowResult::Row(ResultRows {
+                rows: vec![ProxyRow { values: vec![libsql_replication::rpc::proxy::Value { data: vec![9] }] }],
+                ..Default::default()
+            })),
+        }];
+        assert!(outcomes(bad).is_err());
+
+        for code in [1, 5, 19, 26] {
+            assert_eq!(code_of(code_name(code)), code);
+        }
+        assert_eq!(code_name(0), "SQLITE_ERROR");
+        assert_eq!(code_of("BLOCKED"), 1);
+    }
 }

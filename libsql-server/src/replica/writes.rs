@@ -20,6 +20,10 @@ const PROXY_AUTHORIZATION: &str = "x-proxy-authorization";
 /// libSQL server's `Authenticated::FullAccess`, serialized).
 const FORWARDED_GRANT: &str = "\"FullAccess\"";
 
+/// The largest answer taken from the primary (its own answer bound comes first: 10 MB by
+/// default on this server).
+const MAX_ANSWER: usize = 64 << 20;
+
 /// How long one forwarded program may take, the primary's write-lock wait included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -36,7 +40,7 @@ impl PrimaryWrites {
             Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| Status::invalid_argument("the token is not ASCII"))?),
             None => None,
         };
-        Ok(PrimaryWrites { client: ProxyClient::new(channel).max_decoding_message_size(usize::MAX), authorization })
+        Ok(PrimaryWrites { client: ProxyClient::new(channel).max_decoding_message_size(MAX_ANSWER), authorization })
     }
 
     fn request<T>(&self, ns: &NamespaceName, message: T) -> tonic::Request<T> {
