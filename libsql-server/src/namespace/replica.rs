@@ -19,6 +19,9 @@ use crate::replica::{follower, Follower, PrimaryWrites, Progress, Readiness};
 /// (503) and the bootstrap goes on.
 const BOOTSTRAP_WAIT: Duration = Duration::from_secs(30);
 
+/// Copies bootstrapping at once; a namespace asked for past them waits its turn (503).
+const MAX_BOOTSTRAPPING: usize = 16;
+
 /// How long a read waits for the copy to catch up with a write its stream made.
 pub const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 
@@ -140,6 +143,20 @@ impl Replicas {
         progress
     }
 
+    /// Stops the followers of namespaces `keep` does not keep (not loaded), bootstrapping
+    /// ones aside, once there are more than `max` followers: a name asked for once is not
+    /// followed for good.
+    pub fn prune(&self, max: usize, keep: impl Fn(&NamespaceName) -> bool) {
+        let mut followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
+        if followers.len() <= max {
+            return;
+        }
+        followers.retain(|name, f| {
+            let progress = f.follower.now();
+            keep(name) || (f.follower.is_running() && !progress.missing && !progress.ready())
+        });
+    }
+
     /// Stops following every namespace (shutdown).
     pub fn stop_all(&self) {
         self.followers.lock().unwrap_or_else(|e| e.into_inner()).clear();
@@ -167,6 +184,10 @@ impl Replicas {
             return Ok(followed.follower.clone());
         }
         // None, or one whose task ended otherwise (it never does, barring a panic).
+        let bootstrapping = followers.values().filter(|f| f.follower.is_running() && !f.follower.now().ready()).count();
+        if bootstrapping >= MAX_BOOTSTRAPPING {
+            return Err(Error::Bootstrapping(name.clone()));
+        }
         let turn = self.next_channel.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let channel = self.channels[turn % self.channels.len()].clone();
         let follower = Arc::new(Follower::start(channel, name.clone(), self.token.clone(), dir.to_owned()));

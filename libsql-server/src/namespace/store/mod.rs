@@ -8,17 +8,20 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
 
-use super::repair::{self, Verdict};
 use super::replica::Replicas;
+pub use replicas::{PrimaryLink, ReplicaStats};
 use super::{DatabaseConfig, Error, MetaStore, Namespace, NamespaceName};
 use crate::blocking;
-use crate::database::{check_data_file, CheckpointMode, Limits, RebuildError, Rebuilt, Reset, ResetError};
+use crate::database::{CheckpointMode, Limits};
 use crate::durable;
 use crate::replication::{LogSettings, LogStats, RecoveryOptions};
 
 /// Prefix of a namespace directory being deleted. Namespace names cannot hold a '.', so no
 /// namespace is ever mistaken for one.
 const DELETING_PREFIX: &str = ".deleting-";
+
+mod repairs;
+mod replicas;
 
 pub(super) struct Settings {
     pub limits: Limits,
@@ -78,29 +81,6 @@ pub struct StoreOptions {
     pub recovery: RecoveryOptions,
     /// Replica mode: the primary every namespace is copied from.
     pub primary: Option<PrimaryLink>,
-}
-
-/// The primary a replica follows: its gRPC channels (each one HTTP/2 connection, opened on
-/// first use), and the credential sent with every call.
-#[derive(Debug, Clone)]
-pub struct PrimaryLink {
-    /// What followers pull through, each namespace on one of them (a following namespace
-    /// keeps a stream open; a primary bounds the streams of one connection).
-    pub channels: Vec<tonic::transport::Channel>,
-    /// What forwarded writes go through, apart from the followers' streams.
-    pub writes: tonic::transport::Channel,
-    pub token: Option<String>,
-}
-
-/// Where a replica's copy stands.
-#[derive(Debug, Serialize)]
-pub struct ReplicaStats {
-    /// The frame_no of the primary's log the copy has applied.
-    pub replicated_index: Option<u64>,
-    /// The primary's last frame_no as last heard.
-    pub primary_index: Option<u64>,
-    pub lag_frames: u64,
-    pub lag_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -188,77 +168,10 @@ impl NamespaceStore {
         self.inner.settings.namespaces_enabled
     }
 
-    /// On a replica: where each followed namespace's copy stands.
-    pub fn replica_progress(&self) -> Vec<(NamespaceName, crate::replica::Progress)> {
-        self.inner.replicas.as_ref().map(Replicas::progress).unwrap_or_default()
-    }
-
-    /// On a replica: the configuration the primary gave for `name` since it was last taken,
-    /// stored (so it holds after a restart) and its `jwt_key` obeyed; to be set on the
-    /// loaded namespace.
-    async fn adopt_config(&self, replicas: &Replicas, name: &NamespaceName) -> Result<Option<DatabaseConfig>, Error> {
-        let Some(config) = replicas.new_config(name) else {
-            return Ok(None);
-        };
-        let (meta, stored, name2) = (self.inner.meta.clone(), config.clone(), name.clone());
-        blocking::run(move || meta.put(&name2, &stored)).await.map_err(internal)??;
-        self.set_jwt_key(name, config.jwt_key.clone());
-        Ok(Some(config))
-    }
-
-    /// On a replica: a name the primary does not have leaves nothing behind, unless it held
-    /// a copy (the primary deleted it, say) or is loaded.
-    async fn forget_missing(&self, name: &NamespaceName) {
-        let slot = self.slot(name);
-        let guard = slot.ns.lock().await;
-        if guard.is_none() {
-            let dir = self.inner.dir_of(name);
-            if let Ok(Err(e)) = blocking::run(move || super::replica::remove_if_never_followed(&dir)).await {
-                tracing::warn!(namespace = %name, error = %e, "removing the directory of a namespace the primary does not have failed");
-            }
-            self.forget_slot_if_unused(name, &slot);
-        }
-    }
-
-    /// Before a credential is checked on `name`: on a replica, makes sure the namespace's
-    /// configuration (its own `jwt_key`) is known, copying the namespace first if need be,
-    /// so no request is let in under a key the replica has not heard of yet.
-    pub async fn learn_config(&self, name: &NamespaceName) -> Result<(), Error> {
-        match &self.inner.replicas {
-            Some(replicas) if !replicas.config_known(name) => self.get(name).await.map(drop),
-            _ => Ok(()),
-        }
-    }
-
-    /// Whether this server is a replica (`--primary-grpc-url`).
-    pub fn is_replica(&self) -> bool {
-        self.inner.replicas.is_some()
-    }
-
-    /// Refuses on a replica what only its primary does (creating, deleting, configuring and
-    /// repairing namespaces).
-    fn primary_only(&self, name: &NamespaceName) -> Result<(), Error> {
-        match self.is_replica() {
-            true => Err(Error::NotPrimary(name.clone())),
-            false => Ok(()),
-        }
-    }
-
     /// The namespace, loaded on first use (on a replica, once its copy is ready).
     pub async fn get(&self, name: &NamespaceName) -> Result<Arc<Namespace>, Error> {
         self.check_running()?;
-        let adopted = match &self.inner.replicas {
-            Some(replicas) => {
-                if let Err(e) = replicas.ready(name, &self.inner.dir_of(name)).await {
-                    if let Error::NotFound(_) = e {
-                        self.forget_missing(name).await;
-                    }
-                    return Err(e);
-                }
-                self.adopt_config(replicas, name).await?
-            }
-            None => None,
-        };
+        let adopted = self.replica_ready(name).await?;
         let slot = self.slot(name);
         let mut guard = slot.ns.lock().await;
         let ns = self.load_locked(name, &slot, &mut guard).await?;
@@ -395,89 +308,6 @@ impl NamespaceStore {
         };
     }
 
-    /// Checks the namespace's data file and replication log from its files (it need not be
-    /// able to open) and names the repair that fixes what was found. Checks run one at a time.
-    pub async fn integrity_check(&self, name: &NamespaceName, full: bool) -> Result<Verdict, Error> {
-        self.check_running()?;
-        let _turn = self.inner.checks.acquire().await.map_err(|_| Error::ShuttingDown)?;
-        // A replica's copy has no log of its own: its data file is checked.
-        let copy = match self.is_replica() {
-            true => Some(self.get(name).await?.replica().map(|copy| copy.progress().applied)),
-            false => None,
-        };
-        let dir = self.inner.dir_of(name);
-        let name = name.clone();
-        blocking::run_in_background(move || match copy {
-            Some(applied) => Ok(repair::integrity_check_copy(&dir, full, applied.flatten())),
-            None if dir.is_dir() => Ok(repair::integrity_check(&dir, full)),
-            None => Err(Error::NotFound(name)),
-        })
-        .await
-        .map_err(internal)?
-    }
-
-    /// Rebuilds the namespace's replication log from its live data (see
-    /// `Database::reset_replication`). A namespace that cannot open is refused, and stays
-    /// unloaded for the next attempt.
-    pub async fn reset_replication(&self, name: &NamespaceName) -> Result<Reset, Error> {
-        if self.is_replica() {
-            self.get(name).await?;
-            return Err(Error::NotPrimary(name.clone()));
-        }
-        let ns = match self.get(name).await {
-            Ok(ns) => ns,
-            Err(e) if !e.is_open_failure() => return Err(e),
-            Err(e) => {
-                // Say whether the data itself is what keeps it from opening.
-                let data = self.inner.dir_of(name).join(crate::replication::DATA);
-                let check = blocking::run_in_background(move || check_data_file(&data, false)).await.map_err(internal)?;
-                let source = if check.ok { ResetError::Unopenable(e.to_string()) } else { ResetError::DataCorrupt(check.message) };
-                return Err(Error::Reset { name: name.clone(), source });
-            }
-        };
-        let name = name.clone();
-        blocking::run(move || ns.repair(|db| db.reset_replication())).await.map_err(internal)??.map_err(|source| Error::Reset { name, source })
-    }
-
-    /// Rebuilds the namespace's data file from its replication log: online (see
-    /// `Database::rebuild_data`) when it can, otherwise (its data file's header is damaged,
-    /// say, so it cannot open or take the rebuilt pages) closed, rebuilt while unloaded under
-    /// its lifecycle lock, and opened again; streams still holding the closed one fail.
-    pub async fn rebuild_data(&self, name: &NamespaceName) -> Result<Rebuilt, Error> {
-        if self.is_replica() {
-            self.get(name).await?;
-            return Err(Error::NotPrimary(name.clone()));
-        }
-        let rebuild_error = |source| Error::Rebuild { name: name.clone(), source };
-        match self.get(name).await {
-            Ok(ns) => match blocking::run(move || ns.repair(|db| db.rebuild_data())).await.map_err(internal)?? {
-                Ok(rebuilt) => return Ok(rebuilt),
-                Err(RebuildError::Failed(e)) => {
-                    tracing::warn!(namespace = %name, error = %e, "rebuilding the data online failed: the namespace is closed and rebuilt unloaded")
-                }
-                Err(e) => return Err(rebuild_error(e)),
-            },
-            Err(e) if !e.is_open_failure() => return Err(e),
-            Err(e) => tracing::warn!(namespace = %name, error = %e, "the namespace cannot open: its data file is rebuilt while it is unloaded"),
-        }
-        let slot = self.slot(name);
-        let mut guard = slot.ns.lock().await;
-        if let Some(ns) = guard.take() {
-            self.inner.loaded.fetch_sub(1, Ordering::AcqRel);
-            blocking::run(move || {
-                if let Err(e) = ns.close() {
-                    tracing::warn!(namespace = %ns.name, error = %e, "closing a namespace for a rebuild of its data failed");
-                }
-            })
-            .await
-            .map_err(internal)?;
-        }
-        let dir = self.inner.dir_of(name);
-        let rebuilt = blocking::run(move || repair::rebuild_unloaded(&dir)).await.map_err(internal)?.map_err(rebuild_error)?;
-        self.load_locked(name, &slot, &mut guard).await?;
-        Ok(rebuilt)
-    }
-
     /// Moves the namespace's SQLite WAL into its data file.
     pub async fn checkpoint(&self, name: &NamespaceName) -> Result<(), Error> {
         let ns = self.get(name).await?;
@@ -498,15 +328,7 @@ impl NamespaceStore {
                 block_reads: config.block_reads,
                 block_writes: config.block_writes,
                 replication: ns.db().logger().map(|logger| logger.stats()),
-                replica: ns.replica().map(|copy| {
-                    let progress = copy.progress();
-                    ReplicaStats {
-                        replicated_index: progress.applied,
-                        primary_index: progress.primary,
-                        lag_frames: progress.lag_frames(),
-                        lag_seconds: progress.behind_since.map_or(0.0, |since| since.elapsed().as_secs_f64()),
-                    }
-                }),
+                replica: ns.replica().map(|copy| ReplicaStats::of(&copy.progress())),
             }
         })
         .await
