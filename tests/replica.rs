@@ -87,6 +87,11 @@ async fn a_replica_serves_reads_from_its_copy_and_sends_writes_and_transactions_
     let (_, answer) = replica.pipeline(json!({"requests": [sequence, exec("SELECT count(*) FROM s")]})).await;
     assert_eq!(answer["results"][0]["type"], "ok", "{answer}");
     assert_eq!(result_rows(&answer, 1), &json!([[{"type": "integer", "value": "2"}]]), "{answer}");
+    // A trigger on a table the same sequence creates: its body's `;` do not split it.
+    let sql = "CREATE TABLE u (x); CREATE TRIGGER tr AFTER INSERT ON u BEGIN INSERT INTO s VALUES ('t;1'); INSERT INTO s VALUES (3); END; INSERT INTO u VALUES (1);";
+    let (_, answer) = replica.pipeline(json!({"requests": [{"type": "sequence", "sql": sql}, exec("SELECT count(*) FROM s")]})).await;
+    assert_eq!(answer["results"][0]["type"], "ok", "{answer}");
+    assert_eq!(result_rows(&answer, 1), &json!([[{"type": "integer", "value": "4"}]]), "{answer}");
 
     // A statement error on the primary comes back as the client's error, with SQLite's code.
     let (_, answer) = replica.pipeline(json!({"requests": [exec("INSERT INTO t VALUES (1, x'00')")]})).await;

@@ -27,8 +27,9 @@ pub struct Remote {
     client_id: String,
     /// The primary holds a transaction of this stream.
     in_transaction: bool,
-    /// The primary's frame_no after this stream's last write, until the copy has it.
-    written: Option<u64>,
+    /// The primary's frame_no after this stream's last write, until the copy has it (with
+    /// how many times the copy had started over then: see `Follower::wait_for_write`).
+    written: Option<(u64, u64)>,
     /// The transaction the primary held for this stream was lost (a call failed inside it):
     /// like an expired baton, the stream runs nothing more, so no later statement of the
     /// transaction runs outside it.
@@ -88,12 +89,15 @@ impl Remote {
     }
 
     /// Waits until the copy has the stream's last write.
-    /// Reported once: the next read tries afresh.
+    /// Until it has, every read on the copy waits again (bounded) and fails.
     pub fn catch_up(&mut self) -> Result<(), StmtError> {
-        match self.written.take() {
-            Some(frame_no) if !self.copy.catch_up(frame_no) => Err(StmtError::ReplicaBehind(frame_no)),
-            _ => Ok(()),
+        if let Some((frame_no, restarts)) = self.written {
+            if !self.copy.catch_up(frame_no, restarts) {
+                return Err(StmtError::ReplicaBehind(frame_no));
+            }
+            self.written = None;
         }
+        Ok(())
     }
 
     /// Runs `program` on the primary; each step's outcome. Blocking; given up if the
@@ -122,7 +126,10 @@ impl Remote {
             }
         };
         self.in_transaction = state == State::Txn as i32;
-        self.written = current_frame_no.max(self.written);
+        if let Some(frame_no) = current_frame_no {
+            let restarts = self.copy.progress().restarts;
+            self.written = Some(self.written.filter(|(w, r)| *r == restarts && *w > frame_no).unwrap_or((frame_no, restarts)));
+        }
         program::outcomes(results).map_err(|e| StmtError::Primary { code: tonic::Code::Internal, message: e.to_string() })
     }
 
@@ -135,9 +142,11 @@ impl Remote {
     }
 
     /// Ends the stream's session on the primary (its transaction, if any, rolls back). Does
-    /// not wait.
-    fn disconnect(&self, ns: &NamespaceName) {
-        let (writes, ns, client_id) = (self.copy.writes.clone(), ns.clone(), self.client_id.clone());
+    /// not wait; the stream goes on under a new `client_id`, so neither a late `Disconnect`
+    /// nor a late call of the old session reaches what it does next.
+    fn disconnect(&mut self, ns: &NamespaceName) {
+        let client_id = std::mem::replace(&mut self.client_id, uuid::Uuid::new_v4().simple().to_string());
+        let (writes, ns) = (self.copy.writes.clone(), ns.clone());
         self.copy.runtime.spawn(async move {
             if let Err(e) = writes.disconnect(&ns, &client_id).await {
                 tracing::debug!(namespace = %ns, error = %e, "ending a stream's session on the primary failed; it expires there");

@@ -5,14 +5,13 @@
 //! [`PrimaryWrites`] (see `hrana::forward`).
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::transport::Channel;
 
 use super::{DatabaseConfig, Error, NamespaceName};
-use crate::blocking;
 use crate::replica::{follower, Follower, PrimaryWrites, Progress, Readiness};
 
 /// How long a request waits for a namespace's first copy; past it the request is refused
@@ -60,9 +59,10 @@ impl ReplicaCopy {
         self.runtime.block_on(call)
     }
 
-    /// Waits (blocking) until the copy has applied `frame_no`; whether it has.
-    pub fn catch_up(&self, frame_no: u64) -> bool {
-        self.runtime.block_on(self.follower.wait_for(frame_no, CATCH_UP_WAIT))
+    /// Waits (blocking) until the copy has a write made at `frame_no` (see
+    /// `Follower::wait_for_write`); whether it has.
+    pub fn catch_up(&self, frame_no: u64, restarts: u64) -> bool {
+        self.runtime.block_on(self.follower.wait_for_write(frame_no, restarts, CATCH_UP_WAIT))
     }
 
     pub fn progress(&self) -> Progress {
@@ -106,17 +106,20 @@ impl Replicas {
     }
 
     /// The configuration the primary gave for `name` since it was last taken, if any: to be
-    /// stored and obeyed. Marks the namespace's configuration known.
+    /// stored and obeyed, then marked known ([`Self::mark_known`]).
     pub fn new_config(&self, name: &NamespaceName) -> Option<DatabaseConfig> {
         let mut followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
         let followed = followers.get_mut(name)?;
-        if !followed.config.has_changed().unwrap_or(false) {
+        if !followed.config.has_changed().unwrap_or(false) || followed.config.borrow().is_none() {
             return None;
         }
-        let config = followed.config.borrow_and_update().as_deref().cloned()?;
-        drop(followers);
+        let config = followed.config.borrow_and_update().as_deref().cloned();
+        config
+    }
+
+    /// Notes that `name`'s configuration is stored and obeyed.
+    pub fn mark_known(&self, name: &NamespaceName) {
         self.known.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone());
-        Some(config)
     }
 
     /// Whether this replica holds `name`'s configuration (see `known`).
@@ -174,11 +177,6 @@ impl Replicas {
         if let Some(follower) = self.running(name) {
             return Ok(follower);
         }
-        let owned: PathBuf = dir.to_owned();
-        blocking::run(move || std::fs::create_dir_all(&owned))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .map_err(|source| Error::Io { name: name.clone(), path: dir.to_owned(), source })?;
         let mut followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(followed) = followers.get(name).filter(|f| f.follower.is_running() || f.follower.now().missing) {
             return Ok(followed.follower.clone());
@@ -191,10 +189,24 @@ impl Replicas {
         let turn = self.next_channel.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let channel = self.channels[turn % self.channels.len()].clone();
         let follower = Arc::new(Follower::start(channel, name.clone(), self.token.clone(), dir.to_owned()));
-        let mut config = follower.config();
-        config.mark_changed();
+        let config = follower.config();
         followers.insert(name.clone(), Followed { follower: follower.clone(), config });
         Ok(follower)
+    }
+
+    /// Removes `dir`, what a follower made for `name` which the primary does not have, if it
+    /// never held a copy (no replicated index) and no follower has started for it since.
+    /// Blocking; called with the namespace's slot locked and nothing loaded in it.
+    pub fn remove_unfollowed(&self, name: &NamespaceName, dir: &Path) -> std::io::Result<()> {
+        // Held across the removal: no follower starts for the name meanwhile.
+        let followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
+        if followers.contains_key(name) || std::fs::metadata(dir.join(follower::INDEX)).is_ok_and(|m| m.len() > 0) {
+            return Ok(());
+        }
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// The follower of `name`, if one runs (or ended because the primary has no such
@@ -203,18 +215,5 @@ impl Replicas {
         let followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
         let followed = followers.get(name)?;
         (followed.follower.is_running() || followed.follower.now().missing).then(|| followed.follower.clone())
-    }
-}
-
-/// Removes `dir` if it never held a copy (no replicated index): what a follower made for a
-/// name the primary does not have. Blocking; called with the namespace's slot locked and
-/// nothing loaded in it.
-pub(super) fn remove_if_never_followed(dir: &Path) -> std::io::Result<()> {
-    if std::fs::metadata(dir.join(follower::INDEX)).is_ok_and(|m| m.len() > 0) {
-        return Ok(());
-    }
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
     }
 }

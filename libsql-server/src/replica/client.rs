@@ -43,6 +43,8 @@ pub struct Progress {
     pub missing: bool,
     /// Since when the copy has been behind what it knows of the primary (`None`: caught up).
     pub behind_since: Option<std::time::Instant>,
+    /// How many times the copy started over from another log (frame numbers restart then).
+    pub restarts: u64,
 }
 
 impl Progress {
@@ -179,19 +181,18 @@ impl ReplicatorClient for PrimaryClient {
         let session = AsciiMetadataValue::try_from(hello.session_token.to_vec())
             .map_err(|_| Error::Client("the primary's session token is not ASCII".into()))?;
         let primary = hello.current_replication_index;
-        let config = hello.config.clone();
+        // A primary that gives no configuration gives the default one (no key of its own).
+        let config = hello.config.clone().unwrap_or_default();
         self.meta.init_from_hello(hello)?;
         self.meta.flush().await?;
         self.session = Some(session);
-        if let Some(config) = config {
-            self.config.send_if_modified(|known| {
-                let changed = known.as_deref() != Some(&config);
-                if changed {
-                    *known = Some(Arc::new(config));
-                }
-                changed
-            });
-        }
+        self.config.send_if_modified(|known| {
+            let changed = known.as_deref() != Some(&config);
+            if changed {
+                *known = Some(Arc::new(config));
+            }
+            changed
+        });
         self.received.store(self.meta.current_frame_no().unwrap_or(NONE), Ordering::Release);
         self.progress.send_modify(|p| {
             p.primary = primary;

@@ -65,8 +65,8 @@ pub struct Follower {
 }
 
 impl Follower {
-    /// Starts following namespace `ns` of the primary behind `channel` into `dir`, which
-    /// exists.
+    /// Starts following namespace `ns` of the primary behind `channel` into `dir` (made if
+    /// missing).
     pub fn start(channel: Channel, ns: NamespaceName, token: Option<String>, dir: PathBuf) -> Follower {
         let (progress, receiver) = watch::channel(Progress::default());
         let (config, config_receiver) = watch::channel(None);
@@ -109,6 +109,17 @@ impl Follower {
         *self.progress.borrow()
     }
 
+    /// Waits until the copy has a write its client made on the primary at `frame_no`, when
+    /// the copy had started over `restarts` times: it has applied that frame, or has started
+    /// over from a newer log since (whose opening state holds the write) and applied some of
+    /// it; at most `timeout`. Whether it has.
+    pub async fn wait_for_write(&self, frame_no: u64, restarts: u64, timeout: Duration) -> bool {
+        let mut progress = self.progress.clone();
+        let has = move |p: &Progress| p.applied.is_some_and(|applied| p.restarts != restarts || applied >= frame_no);
+        let reached = async move { progress.wait_for(has).await.is_ok() };
+        tokio::time::timeout(timeout, reached).await.unwrap_or(false)
+    }
+
     /// Waits until the copy has applied `frame_no` (a write its client made on the primary),
     /// at most `timeout`; whether it has.
     pub async fn wait_for(&self, frame_no: u64, timeout: Duration) -> bool {
@@ -142,6 +153,7 @@ async fn run(channel: Channel, ns: NamespaceName, token: Option<String>, dir: Pa
                 progress.send_modify(|p| {
                     p.applied = None;
                     p.greeted = false;
+                    p.restarts += 1;
                 });
             }
             e => {
@@ -164,6 +176,14 @@ async fn follow(
     progress: &watch::Sender<Progress>,
     config: &ConfigWatch,
 ) -> Error {
+    // The namespace's directory is made here, each attempt (a name the primary turned out
+    // not to have may have had its directory removed).
+    let owned = dir.to_owned();
+    match blocking::run(move || std::fs::create_dir_all(owned)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Error::Internal(e.into()),
+        Err(e) => return Error::Internal(e.into()),
+    }
     let client = match PrimaryClient::new(channel.clone(), ns, token, dir, progress.clone(), config.clone()).await {
         Ok(client) => client,
         Err(e) => return e,

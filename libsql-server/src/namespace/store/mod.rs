@@ -171,14 +171,15 @@ impl NamespaceStore {
     /// The namespace, loaded on first use (on a replica, once its copy is ready).
     pub async fn get(&self, name: &NamespaceName) -> Result<Arc<Namespace>, Error> {
         self.check_running()?;
-        let adopted = self.replica_ready(name).await?;
+        self.replica_ready(name).await?;
         let slot = self.slot(name);
         let mut guard = slot.ns.lock().await;
+        let adopted = self.adopt_config(name).await?;
         let ns = self.load_locked(name, &slot, &mut guard).await?;
-        drop(guard);
         if let Some(config) = adopted {
             ns.db().set_config(config);
         }
+        drop(guard);
         self.evict_idle(Some(name)).await;
         Ok(ns)
     }

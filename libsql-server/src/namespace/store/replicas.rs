@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::{internal, NamespaceStore};
 use crate::blocking;
-use crate::namespace::replica::{self, Replicas};
+use crate::namespace::replica::Replicas;
 use crate::namespace::{DatabaseConfig, Error, NamespaceName};
 use crate::replica::Progress;
 
@@ -46,10 +46,10 @@ impl ReplicaStats {
 
 impl NamespaceStore {
     /// On a replica, before `name` is loaded: its copy ready (a name the primary does not
-    /// have is forgotten), and the configuration the primary gave since, if any, taken up.
-    pub(super) async fn replica_ready(&self, name: &NamespaceName) -> Result<Option<DatabaseConfig>, Error> {
+    /// have is forgotten).
+    pub(super) async fn replica_ready(&self, name: &NamespaceName) -> Result<(), Error> {
         let Some(replicas) = &self.inner.replicas else {
-            return Ok(None);
+            return Ok(());
         };
         replicas.prune(self.inner.settings.max_active, |name| self.is_loaded(name));
         if let Err(e) = replicas.ready(name, &self.inner.dir_of(name)).await {
@@ -58,7 +58,7 @@ impl NamespaceStore {
             }
             return Err(e);
         }
-        self.adopt_config(replicas, name).await
+        Ok(())
     }
 
     /// On a replica: where each followed namespace's copy stands.
@@ -69,13 +69,18 @@ impl NamespaceStore {
     /// On a replica: the configuration the primary gave for `name` since it was last taken,
     /// stored (so it holds after a restart) and its `jwt_key` obeyed; to be set on the
     /// loaded namespace.
-    async fn adopt_config(&self, replicas: &Replicas, name: &NamespaceName) -> Result<Option<DatabaseConfig>, Error> {
+    /// Called with the namespace's slot locked, so configurations are taken up in turn.
+    pub(super) async fn adopt_config(&self, name: &NamespaceName) -> Result<Option<DatabaseConfig>, Error> {
+        let Some(replicas) = &self.inner.replicas else {
+            return Ok(None);
+        };
         let Some(config) = replicas.new_config(name) else {
             return Ok(None);
         };
         let (meta, stored, name2) = (self.inner.meta.clone(), config.clone(), name.clone());
         blocking::run(move || meta.put(&name2, &stored)).await.map_err(internal)??;
         self.set_jwt_key(name, config.jwt_key.clone());
+        replicas.mark_known(name);
         Ok(Some(config))
     }
 
@@ -85,8 +90,12 @@ impl NamespaceStore {
         let slot = self.slot(name);
         let guard = slot.ns.lock().await;
         if guard.is_none() {
-            let dir = self.inner.dir_of(name);
-            if let Ok(Err(e)) = blocking::run(move || replica::remove_if_never_followed(&dir)).await {
+            let (store, name2) = (self.clone(), name.clone());
+            let removed = blocking::run(move || {
+                let dir = store.inner.dir_of(&name2);
+                store.inner.replicas.as_ref().map_or(Ok(()), |replicas| replicas.remove_unfollowed(&name2, &dir))
+            });
+            if let Ok(Err(e)) = removed.await {
                 tracing::warn!(namespace = %name, error = %e, "removing the directory of a namespace the primary does not have failed");
             }
             self.forget_slot_if_unused(name, &slot);
@@ -98,7 +107,14 @@ impl NamespaceStore {
     /// so no request is let in under a key the replica has not heard of yet.
     pub async fn learn_config(&self, name: &NamespaceName) -> Result<(), Error> {
         match &self.inner.replicas {
-            Some(replicas) if !replicas.config_known(name) => self.get(name).await.map(drop),
+            Some(replicas) if !replicas.config_known(name) => {
+                self.get(name).await?;
+                // Still unknown (its follower was pruned meanwhile, say): not let in yet.
+                match replicas.config_known(name) {
+                    true => Ok(()),
+                    false => Err(Error::Bootstrapping(name.clone())),
+                }
+            }
             _ => Ok(()),
         }
     }
