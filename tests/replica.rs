@@ -305,3 +305,32 @@ async fn a_transaction_the_primary_lost_runs_none_of_its_later_statements() {
     let (_, answer) = replica.pipeline(json!({"requests": [exec("INSERT INTO t VALUES (4, 'd')")]})).await;
     assert_eq!(answer["results"][0]["type"], "ok", "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_the_primary_refuses_to_copy_fail_fast_and_do_not_hold_up_the_others() {
+    let signer = crate::common::tokens::Signer::generate();
+    let key_dir = tempfile::tempdir().unwrap();
+    let key_file = key_dir.path().join("key.pem");
+    std::fs::write(&key_file, signer.pem()).unwrap();
+    let key = key_file.to_str().unwrap().to_owned();
+    let primary = Sqld::start(&["--enable-namespaces", "--auth-jwt-key-file", &key]);
+    let names: Vec<String> = (0..20).map(|i| format!("other{i}")).chain(["mine".to_owned()]).collect();
+    for name in &names {
+        assert_eq!(primary.admin_post(&format!("/v1/namespaces/{name}/create")).await.0, StatusCode::OK);
+    }
+    // The replica's token grants one namespace only: the primary refuses to copy the others.
+    let token = signer.token(json!({"id": "mine"}));
+    let replica = Sqld::replica_of(&primary, &["--enable-namespaces", "--auth-jwt-key-file", &key, "--primary-auth-token", &token]);
+    let user = signer.token(json!({}));
+    let read = json!({"requests": [exec("SELECT 1")]});
+    for name in &names[..20] {
+        let started = std::time::Instant::now();
+        let (status, answer) = pipeline_as(&replica, name, Some(&user), read.clone()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{name}: {answer}");
+        assert_eq!(answer["code"], "REPLICA_BOOTSTRAPPING", "{answer}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "{name}: waited {:?}", started.elapsed());
+    }
+    // More refused namespaces than copies may run at once, and the one it may copy still is.
+    let (status, answer) = pipeline_as(&replica, "mine", Some(&user), read).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}

@@ -44,6 +44,15 @@ struct Followed {
     config: tokio::sync::watch::Receiver<Option<Arc<DatabaseConfig>>>,
 }
 
+impl Followed {
+    /// Copying, and getting on with it: not ready yet, not failing (a follower the primary
+    /// keeps refusing does not hold a place among the copies, and may be pruned).
+    fn bootstrapping(&self) -> bool {
+        let progress = self.follower.now();
+        self.follower.is_running() && !progress.missing && !progress.ready() && !progress.failing
+    }
+}
+
 /// What a loaded replica namespace holds beside its database.
 #[derive(Clone)]
 pub struct ReplicaCopy {
@@ -146,18 +155,15 @@ impl Replicas {
         progress
     }
 
-    /// Stops the followers of namespaces `keep` does not keep (not loaded), bootstrapping
-    /// ones aside, once there are more than `max` followers: a name asked for once is not
-    /// followed for good.
+    /// Stops the followers of namespaces `keep` does not keep (not loaded), those still
+    /// bootstrapping aside, once there are more than `max` followers: a name asked for once
+    /// is not followed for good, nor one the primary keeps refusing.
     pub fn prune(&self, max: usize, keep: impl Fn(&NamespaceName) -> bool) {
         let mut followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
         if followers.len() <= max {
             return;
         }
-        followers.retain(|name, f| {
-            let progress = f.follower.now();
-            keep(name) || (f.follower.is_running() && !progress.missing && !progress.ready())
-        });
+        followers.retain(|name, f| keep(name) || f.bootstrapping());
     }
 
     /// Stops following every namespace (shutdown).
@@ -182,7 +188,7 @@ impl Replicas {
             return Ok(followed.follower.clone());
         }
         // None, or one whose task ended otherwise (it never does, barring a panic).
-        let bootstrapping = followers.values().filter(|f| f.follower.is_running() && !f.follower.now().ready()).count();
+        let bootstrapping = followers.values().filter(|f| f.bootstrapping()).count();
         if bootstrapping >= MAX_BOOTSTRAPPING {
             return Err(Error::Bootstrapping(name.clone()));
         }

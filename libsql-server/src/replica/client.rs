@@ -45,6 +45,9 @@ pub struct Progress {
     pub behind_since: Option<std::time::Instant>,
     /// How many times the copy started over from another log (frame numbers restart then).
     pub restarts: u64,
+    /// The last attempt to follow failed (the primary out of reach, or refusing), and no
+    /// hello has succeeded since.
+    pub failing: bool,
 }
 
 impl Progress {
@@ -177,7 +180,19 @@ impl ReplicatorClient for PrimaryClient {
     /// must then be discarded (see `follower`), since another primary's (or a rebuilt log's)
     /// frames cannot be applied on top of it.
     async fn handshake(&mut self) -> Result<(), Error> {
-        let hello = self.client.hello(self.request(HelloRequest::new())).await?.into_inner();
+        let hello = match self.client.hello(self.request(HelloRequest::new())).await {
+            Ok(hello) => hello.into_inner(),
+            Err(status) => {
+                // The replicator retries a while by itself; whoever waits for the copy
+                // learns now that it is not coming yet (a namespace the primary does not
+                // have is told apart: it is missing, not failing).
+                let e = Error::from(status);
+                if !matches!(e, Error::NamespaceDoesntExist) {
+                    self.progress.send_if_modified(|p| !std::mem::replace(&mut p.failing, true));
+                }
+                return Err(e);
+            }
+        };
         let session = AsciiMetadataValue::try_from(hello.session_token.to_vec())
             .map_err(|_| Error::Client("the primary's session token is not ASCII".into()))?;
         let primary = hello.current_replication_index;
@@ -197,6 +212,7 @@ impl ReplicatorClient for PrimaryClient {
         self.progress.send_modify(|p| {
             p.primary = primary;
             p.greeted = true;
+            p.failing = false;
             p.settle();
         });
         Ok(())

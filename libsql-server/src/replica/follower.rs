@@ -91,14 +91,16 @@ impl Follower {
 
     /// Waits until the copy holds a state of the primary's log to read from (and, with
     /// `greeted`, until a hello gave the primary's configuration), at most `timeout`; what it
-    /// came to.
+    /// came to. A copy that is not ready is `Pending` at once while following fails (the
+    /// primary out of reach, or refusing): nothing is gained by waiting for the retries.
     pub async fn ready(&self, timeout: Duration, greeted: bool) -> Readiness {
         let mut progress = self.progress.clone();
+        let usable = move |p: &Progress| p.ready() && (p.greeted || !greeted);
         let settled = async move {
-            match progress.wait_for(|p| (p.ready() && (p.greeted || !greeted)) || p.missing).await {
+            match progress.wait_for(|p| usable(p) || p.missing || p.failing).await {
                 Ok(p) if p.missing => Readiness::Missing,
-                Ok(_) => Readiness::Ready,
-                Err(_) => Readiness::Pending,
+                Ok(p) if usable(&p) => Readiness::Ready,
+                Ok(_) | Err(_) => Readiness::Pending,
             }
         };
         tokio::time::timeout(timeout, settled).await.unwrap_or(Readiness::Pending)
@@ -158,6 +160,7 @@ async fn run(channel: Channel, ns: NamespaceName, token: Option<String>, dir: Pa
             }
             e => {
                 tracing::warn!(namespace = %ns, error = %e, retry_in = ?retry, "following the primary failed; retrying");
+                progress.send_if_modified(|p| !std::mem::replace(&mut p.failing, true));
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(RETRY_MAX);
                 continue;
