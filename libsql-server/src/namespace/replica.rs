@@ -115,19 +115,27 @@ impl Replicas {
     }
 
     /// The configuration the primary gave for `name` since it was last taken, if any: to be
-    /// stored and obeyed, then marked known ([`Self::mark_known`]).
+    /// stored and obeyed, then taken ([`Self::mark_known`]; until then it is given again).
     pub fn new_config(&self, name: &NamespaceName) -> Option<DatabaseConfig> {
-        let mut followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
-        let followed = followers.get_mut(name)?;
-        if !followed.config.has_changed().unwrap_or(false) || followed.config.borrow().is_none() {
+        let followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
+        let followed = followers.get(name)?;
+        if !followed.config.has_changed().unwrap_or(false) {
             return None;
         }
-        let config = followed.config.borrow_and_update().as_deref().cloned();
+        let config = followed.config.borrow().as_deref().cloned();
         config
     }
 
-    /// Notes that `name`'s configuration is stored and obeyed.
-    pub fn mark_known(&self, name: &NamespaceName) {
+    /// Notes that `config`, given for `name`, is stored and obeyed.
+    pub fn mark_known(&self, name: &NamespaceName, config: &DatabaseConfig) {
+        let mut followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(followed) = followers.get_mut(name) {
+            // Taken, unless a newer one came meanwhile.
+            if followed.config.borrow().as_deref() == Some(config) {
+                followed.config.borrow_and_update();
+            }
+        }
+        drop(followers);
         self.known.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone());
     }
 

@@ -80,7 +80,7 @@ impl NamespaceStore {
         let (meta, stored, name2) = (self.inner.meta.clone(), config.clone(), name.clone());
         blocking::run(move || meta.put(&name2, &stored)).await.map_err(internal)??;
         self.set_jwt_key(name, config.jwt_key.clone());
-        replicas.mark_known(name);
+        replicas.mark_known(name, &config);
         Ok(Some(config))
     }
 
