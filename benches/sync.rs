@@ -218,6 +218,16 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// A table row: `what`, then the p50, p90 and p99 of the sorted `d`.
+fn print_row(what: &str, d: &[Duration]) {
+    println!("{:<52} {:>9.2} ms {:>9.2} ms {:>9.2} ms", what, ms(percentile(d, 0.5)), ms(percentile(d, 0.9)), ms(percentile(d, 0.99)));
+}
+
+/// The p50, p90 and p99 of the sorted `d`, in ms, for the JSON.
+fn percentiles_ms(d: &[Duration]) -> serde_json::Value {
+    json!({"p50": ms(percentile(d, 0.5)), "p90": ms(percentile(d, 0.9)), "p99": ms(percentile(d, 0.99))})
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut results = Vec::new();
@@ -307,17 +317,14 @@ async fn main() {
         sqld.stop();
         lags.sort();
         commits.sort();
-        let row = |what: String, d: &[Duration]| {
-            println!("{:<52} {:>9.2} ms {:>9.2} ms {:>9.2} ms", what, ms(percentile(d, 0.5)), ms(percentile(d, 0.9)), ms(percentile(d, 0.99)))
-        };
-        row(format!("commit -> visible, {}", kind.name()), &lags);
-        row("  baseline: the commit itself".into(), &commits);
+        print_row(&format!("commit -> visible, {}", kind.name()), &lags);
+        print_row("  baseline: the commit itself", &commits);
         println!("  (background load: {LOAD_COMMITS_PER_SEC} commits/s requested, {background} committed meanwhile)");
         results.push(json!({
             "workload": "steady-state lag under a write load",
             "replica": kind.name(),
-            "lag_ms": {"p50": ms(percentile(&lags, 0.5)), "p90": ms(percentile(&lags, 0.9)), "p99": ms(percentile(&lags, 0.99))},
-            "commit_ms": {"p50": ms(percentile(&commits, 0.5)), "p90": ms(percentile(&commits, 0.9)), "p99": ms(percentile(&commits, 0.99))},
+            "lag_ms": percentiles_ms(&lags),
+            "commit_ms": percentiles_ms(&commits),
             "background_commits": background,
             "background_commits_per_sec_requested": LOAD_COMMITS_PER_SEC,
         }));
@@ -334,7 +341,7 @@ async fn main() {
         while !replica.sees("SELECT count(*) FROM t", 0).await {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let Replica::Server(_, _, replica_url) = &replica else { unreachable!("a replica server") };
+        let Replica::Server(_, _, replica_url) = &replica else { unreachable!("only replica servers are measured here") };
         let replica_url = replica_url.clone();
         let (mut through, mut direct, mut read_back) = (Vec::new(), Vec::new(), 0);
         for probe in 0..200i64 {
@@ -349,17 +356,14 @@ async fn main() {
         sqld.stop();
         through.sort();
         direct.sort();
-        let row = |what: String, d: &[Duration]| {
-            println!("{:<52} {:>9.2} ms {:>9.2} ms {:>9.2} ms", what, ms(percentile(d, 0.5)), ms(percentile(d, 0.9)), ms(percentile(d, 0.99)))
-        };
-        row(format!("through {}", kind.name()), &through);
-        row("  baseline: the same pipeline on the primary".into(), &direct);
+        print_row(&format!("through {}", kind.name()), &through);
+        print_row("  baseline: the same pipeline on the primary", &direct);
         println!("  (the replica's stream read its own write back in {read_back} of 200)");
         results.push(json!({
             "workload": "write through a replica, read back on the same stream",
             "replica": kind.name(),
-            "through_ms": {"p50": ms(percentile(&through, 0.5)), "p90": ms(percentile(&through, 0.9)), "p99": ms(percentile(&through, 0.99))},
-            "primary_ms": {"p50": ms(percentile(&direct, 0.5)), "p90": ms(percentile(&direct, 0.9)), "p99": ms(percentile(&direct, 0.99))},
+            "through_ms": percentiles_ms(&through),
+            "primary_ms": percentiles_ms(&direct),
             "read_back_of_200": read_back,
         }));
     }

@@ -135,17 +135,7 @@ async fn bad_grpc_input_gets_the_statuses_replicas_expect_and_the_server_goes_on
     assert_eq!(status, 200, "{body}");
     let token = signer.token(json!({}));
     let pipeline = json!({"requests": [{"type": "execute", "stmt": {"sql": "CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)"}}]});
-    let response = hyper::Client::new()
-        .request(
-            hyper::Request::post(format!("{}/v2/pipeline", sqld.url()))
-                .header("x-namespace", "tenant")
-                .header("authorization", format!("Bearer {token}"))
-                .body(hyper::Body::from(pipeline.to_string()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(sqld.pipeline_as("tenant", Some(&token), pipeline).await.0, 200);
     let only_other = signer.token(json!({"id": "other"}));
     let tok = Some(token.as_str());
     let mut c = client(&sqld).await;

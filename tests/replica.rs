@@ -33,6 +33,18 @@ async fn assert_in_step(primary: &Sqld, replica: &Sqld, sql: &str) {
         .await;
 }
 
+/// A primary whose table `t` is filled by `fill` (an INSERT), a connection to it, and a
+/// replica of it that holds the same rows.
+async fn primary_and_replica(fill: &str) -> (Sqld, libsql::Connection, Sqld) {
+    let primary = Sqld::start(&[]);
+    let conn = primary.connect().await;
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
+    conn.execute(fill, ()).await.unwrap();
+    let replica = Sqld::replica_of(&primary, &[]);
+    assert_in_step(&primary, &replica, ALL).await;
+    (primary, conn, replica)
+}
+
 async fn count_on(sqld: &Sqld) -> i64 {
     let (status, answer) = sqld.pipeline(json!({"requests": [exec("SELECT count(*) FROM t")]})).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
@@ -41,12 +53,7 @@ async fn count_on(sqld: &Sqld) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_serves_reads_from_its_copy_and_sends_writes_and_transactions_to_the_primary() {
-    let primary = Sqld::start(&[]);
-    let conn = primary.connect().await;
-    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
-    conn.execute("INSERT INTO t SELECT value, randomblob(100) FROM generate_series(1, 20000)", ()).await.unwrap();
-    let replica = Sqld::replica_of(&primary, &[]);
-    assert_in_step(&primary, &replica, ALL).await;
+    let (primary, _, replica) = primary_and_replica("INSERT INTO t SELECT value, randomblob(100) FROM generate_series(1, 20000)").await;
 
     // A write through the replica lands on the primary, and the same stream reads it at once,
     // in the same request and in the next one (by its baton).
@@ -108,12 +115,7 @@ async fn a_replica_serves_reads_from_its_copy_and_sends_writes_and_transactions_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_answers_for_its_copy_and_refuses_what_only_a_primary_does() {
-    let primary = Sqld::start(&[]);
-    let conn = primary.connect().await;
-    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
-    conn.execute("INSERT INTO t VALUES (1, x'01')", ()).await.unwrap();
-    let replica = Sqld::replica_of(&primary, &[]);
-    assert_in_step(&primary, &replica, ALL).await;
+    let (primary, conn, replica) = primary_and_replica("INSERT INTO t VALUES (1, x'01')").await;
 
     let last = primary.admin_get("/v1/namespaces/default/stats").await["replication"]["last_frame_no"].clone();
     let stats = replica.admin_get("/v1/namespaces/default/stats").await;
@@ -156,12 +158,8 @@ async fn a_replica_answers_for_its_copy_and_refuses_what_only_a_primary_does() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_follows_a_rebuild_and_a_kill_of_the_primary_and_resumes_from_its_copy_after_its_own_kill() {
-    let mut primary = Sqld::start(&[]);
-    let conn = primary.connect().await;
-    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)", ()).await.unwrap();
-    conn.execute("INSERT INTO t SELECT value, randomblob(200) FROM generate_series(1, 20000)", ()).await.unwrap();
-    let mut replica = Sqld::replica_of(&primary, &[]);
-    assert_in_step(&primary, &replica, ALL).await;
+    let (mut primary, conn, mut replica) =
+        primary_and_replica("INSERT INTO t SELECT value, randomblob(200) FROM generate_series(1, 20000)").await;
 
     // The replica's kill -9: it resumes from its copy, taking only what it lacks.
     replica.signal("KILL");
@@ -199,7 +197,7 @@ async fn a_replica_serves_many_namespaces_each_copied_on_first_use() {
         assert_eq!(status, StatusCode::OK, "{body}");
         let insert = format!("INSERT INTO t SELECT value, {i} FROM generate_series(1, {})", 10 * (i + 1));
         let (status, body) =
-            primary.pipeline_on(name, json!({"requests": [exec("CREATE TABLE t (id INTEGER PRIMARY KEY, v)"), exec(&insert)]})).await;
+            primary.pipeline_as(name, None, json!({"requests": [exec("CREATE TABLE t (id INTEGER PRIMARY KEY, v)"), exec(&insert)]})).await;
         assert_eq!(status, StatusCode::OK, "{body}");
     }
     let replica = Sqld::replica_of(&primary, &["--enable-namespaces", "--max-active-namespaces", "3"]);
@@ -210,32 +208,21 @@ async fn a_replica_serves_many_namespaces_each_copied_on_first_use() {
             let expected = 10 * (i + 1) + round;
             replica
                 .wait_until("the replica's copy holds the tenant's rows", || async {
-                    let (status, answer) = replica.pipeline_on(name, json!({"requests": [exec("SELECT count(*) FROM t")]})).await;
+                    let (status, answer) = replica.pipeline_as(name, None, json!({"requests": [exec("SELECT count(*) FROM t")]})).await;
                     assert_eq!(status, StatusCode::OK, "{answer}");
                     result_rows(&answer, 0)[0][0]["value"] == expected.to_string()
                 })
                 .await;
             // A write to this tenant through the replica, read back at once.
             let insert = format!("INSERT INTO t VALUES ({}, {i})", 1000 + round);
-            let (_, answer) = replica.pipeline_on(name, json!({"requests": [exec(&insert), exec("SELECT count(*) FROM t")]})).await;
+            let (_, answer) = replica.pipeline_as(name, None, json!({"requests": [exec(&insert), exec("SELECT count(*) FROM t")]})).await;
             assert_eq!(result_rows(&answer, 1)[0][0]["value"], (expected + 1).to_string(), "{name}: {answer}");
         }
     }
     // A namespace the primary does not have: 404, and nothing left behind on the replica.
-    let (status, answer) = replica.pipeline_on("nosuch", json!({"requests": [exec("SELECT 1")]})).await;
+    let (status, answer) = replica.pipeline_as("nosuch", None, json!({"requests": [exec("SELECT 1")]})).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
     assert!(!replica.db_path().join("dbs/nosuch").exists());
-}
-
-/// A pipeline on namespace `ns` of `sqld` with `token` (if any): status and JSON.
-async fn pipeline_as(sqld: &Sqld, ns: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
-    let mut request = hyper::Request::post(format!("{}/v2/pipeline", sqld.url())).header("x-namespace", ns);
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    let response = hyper::Client::new().request(request.body(hyper::Body::from(body.to_string())).unwrap()).await.unwrap();
-    let status = response.status();
-    (status, serde_json::from_slice(&hyper::body::to_bytes(response.into_body()).await.unwrap()).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,35 +236,34 @@ async fn a_replica_obeys_the_namespace_key_the_primary_gives_and_never_lets_a_re
         .unwrap();
     assert_eq!(hyper::Client::new().request(request).await.unwrap().status(), StatusCode::OK);
     let create = json!({"requests": [exec("CREATE TABLE t (id INTEGER PRIMARY KEY, v)"), exec("INSERT INTO t VALUES (1, 'secret')")]});
-    assert_eq!(pipeline_as(&primary, "locked", Some(&full), create).await.0, StatusCode::OK);
+    assert_eq!(primary.pipeline_as("locked", Some(&full), create).await.0, StatusCode::OK);
 
     // The replica has no key of its own: the namespace's key comes from the primary, before
     // its first request is let in.
     let replica = Sqld::replica_of(&primary, &["--enable-namespaces", "--primary-auth-token", &full]);
     let read = json!({"requests": [exec("SELECT v FROM t")]});
-    let (status, answer) = pipeline_as(&replica, "locked", None, read.clone()).await;
+    let (status, answer) = replica.pipeline_as("locked", None, read.clone()).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
-    let (status, answer) = pipeline_as(&replica, "locked", Some(&read_only), read).await;
+    let (status, answer) = replica.pipeline_as("locked", Some(&read_only), read).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(result_rows(&answer, 0), &json!([[{"type": "text", "value": "secret"}]]), "{answer}");
 
     // A read-only grant writes nothing: not alone, not inside a transaction another grant
     // began on the same stream (whose statements all go to the primary).
-    let (_, answer) =
-        pipeline_as(&replica, "locked", Some(&read_only), json!({"requests": [exec("INSERT INTO t VALUES (2, 'ro')")]})).await;
+    let (_, answer) = replica.pipeline_as("locked", Some(&read_only), json!({"requests": [exec("INSERT INTO t VALUES (2, 'ro')")]})).await;
     assert_eq!(answer["results"][0]["error"]["code"], "AUTH_READ_ONLY", "{answer}");
     let (_, answer) =
-        pipeline_as(&replica, "locked", Some(&full), json!({"requests": [exec("BEGIN"), exec("INSERT INTO t VALUES (3, 'rw')")]})).await;
+        replica.pipeline_as("locked", Some(&full), json!({"requests": [exec("BEGIN"), exec("INSERT INTO t VALUES (3, 'rw')")]})).await;
     assert_eq!(answer["results"][1]["type"], "ok", "{answer}");
     let baton = answer["baton"].as_str().unwrap().to_owned();
     let body = json!({"baton": baton, "requests": [exec("INSERT INTO t VALUES (4, 'ro')"), exec("COMMIT")]});
-    let (_, answer) = pipeline_as(&replica, "locked", Some(&read_only), body).await;
+    let (_, answer) = replica.pipeline_as("locked", Some(&read_only), body).await;
     assert_eq!(answer["results"][0]["error"]["code"], "AUTH_READ_ONLY", "{answer}");
     assert_eq!(answer["results"][1]["error"]["code"], "AUTH_READ_ONLY", "{answer}");
     let baton = answer["baton"].as_str().unwrap().to_owned();
-    let (_, answer) = pipeline_as(&replica, "locked", Some(&full), json!({"baton": baton, "requests": [exec("COMMIT")]})).await;
+    let (_, answer) = replica.pipeline_as("locked", Some(&full), json!({"baton": baton, "requests": [exec("COMMIT")]})).await;
     assert_eq!(answer["results"][0]["type"], "ok", "{answer}");
-    let (_, answer) = pipeline_as(&primary, "locked", Some(&full), json!({"requests": [exec("SELECT group_concat(id) FROM t")]})).await;
+    let (_, answer) = primary.pipeline_as("locked", Some(&full), json!({"requests": [exec("SELECT group_concat(id) FROM t")]})).await;
     assert_eq!(result_rows(&answer, 0)[0][0]["value"], "1,3", "{answer}");
 }
 
@@ -325,12 +311,12 @@ async fn namespaces_the_primary_refuses_to_copy_fail_fast_and_do_not_hold_up_the
     let read = json!({"requests": [exec("SELECT 1")]});
     for name in &names[..20] {
         let started = std::time::Instant::now();
-        let (status, answer) = pipeline_as(&replica, name, Some(&user), read.clone()).await;
+        let (status, answer) = replica.pipeline_as(name, Some(&user), read.clone()).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{name}: {answer}");
         assert_eq!(answer["code"], "REPLICA_BOOTSTRAPPING", "{answer}");
         assert!(started.elapsed() < std::time::Duration::from_secs(20), "{name}: waited {:?}", started.elapsed());
     }
     // More refused namespaces than copies may run at once, and the one it may copy still is.
-    let (status, answer) = pipeline_as(&replica, "mine", Some(&user), read).await;
+    let (status, answer) = replica.pipeline_as("mine", Some(&user), read).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
 }

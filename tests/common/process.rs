@@ -38,18 +38,19 @@ impl Sqld {
 
     /// A replica of `primary` (`--primary-grpc-url` its gRPC port), with `args` besides.
     pub fn replica_of(primary: &Sqld, args: &[&str]) -> Sqld {
-        let url = format!("http://{}", primary.grpc);
-        let mut all = vec!["--primary-grpc-url", url.as_str()];
-        all.extend_from_slice(args);
-        Sqld::start(&all)
+        Sqld::start(&Self::as_replica_of(primary, args).iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     /// Restarts a replica made by [`Self::replica_of`] on the same directory and ports.
     pub fn respawn_replica_of(&mut self, primary: &Sqld, args: &[&str]) {
-        let url = format!("http://{}", primary.grpc);
-        let mut all = vec!["--primary-grpc-url", url.as_str()];
-        all.extend_from_slice(args);
-        self.spawn(&all);
+        self.spawn(&Self::as_replica_of(primary, args).iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    /// `args` with the flag that makes a server a replica of `primary`.
+    fn as_replica_of(primary: &Sqld, args: &[&str]) -> Vec<String> {
+        let mut all = vec!["--primary-grpc-url".to_owned(), format!("http://{}", primary.grpc)];
+        all.extend(args.iter().map(|a| a.to_string()));
+        all
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -184,10 +185,14 @@ impl Sqld {
         self.post("/v2/pipeline", body.to_string()).await
     }
 
-    /// A Hrana pipeline on namespace `ns` (the `x-namespace` header): status and JSON.
-    pub async fn pipeline_on(&self, ns: &str, body: serde_json::Value) -> (hyper::StatusCode, serde_json::Value) {
-        let request = hyper::Request::post(format!("{}/v2/pipeline", self.url())).header("x-namespace", ns).body(hyper::Body::from(body.to_string())).unwrap();
-        Self::answer(request).await
+    /// A Hrana pipeline on namespace `ns` (the `x-namespace` header), with `token` if any:
+    /// status and JSON.
+    pub async fn pipeline_as(&self, ns: &str, token: Option<&str>, body: serde_json::Value) -> (hyper::StatusCode, serde_json::Value) {
+        let mut request = hyper::Request::post(format!("{}/v2/pipeline", self.url())).header("x-namespace", ns);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        Self::answer(request.body(hyper::Body::from(body.to_string())).unwrap()).await
     }
 
     /// A POST to the user API: the answer's status and JSON.

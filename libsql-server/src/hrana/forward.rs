@@ -54,6 +54,30 @@ impl Remote {
     /// Where statements `sqls` run. Blocking: a read first waits for the copy to have the
     /// stream's last write.
     pub fn route<'a>(&mut self, conn: &mut Connection, sqls: impl IntoIterator<Item = &'a str>) -> Result<Route, StmtError> {
+        // A write, a transaction, or a statement the copy cannot prepare (a table it does not
+        // have yet): the primary decides.
+        self.decide(conn, |conn| sqls.into_iter().all(|sql| conn.classify(sql).iter().all(|(_, local)| *local)))
+    }
+
+    /// Where a `sequence` runs: `None` on the copy, or its statements, each its own text, for
+    /// the primary. The text is classified once.
+    pub fn route_sequence(&mut self, conn: &mut Connection, sql: &str) -> Result<Option<Vec<String>>, StmtError> {
+        let mut classified = None;
+        let route = self.decide(conn, |conn| {
+            let statements = conn.classify(sql);
+            let local = statements.iter().all(|(_, local)| *local);
+            classified = Some(statements);
+            local
+        })?;
+        Ok(match route {
+            Route::Copy => None,
+            Route::Primary => Some(classified.unwrap_or_else(|| conn.classify(sql)).into_iter().map(|(text, _)| text).collect()),
+        })
+    }
+
+    /// Where a request runs, given whether `local` says the copy can run all of it (asked
+    /// only outside a remote transaction, once the copy has the stream's last write).
+    fn decide(&mut self, conn: &mut Connection, local: impl FnOnce(&mut Connection) -> bool) -> Result<Route, StmtError> {
         if self.lost {
             return Err(StmtError::Primary {
                 code: tonic::Code::Aborted,
@@ -66,19 +90,10 @@ impl Remote {
             return self.primary_allowed(conn);
         }
         self.catch_up()?;
-        for sql in sqls {
-            // A write, a transaction, or a statement the copy cannot prepare (a table it does
-            // not have yet): the primary decides.
-            if !conn.classify(sql).iter().all(|(_, local)| *local) {
-                return self.primary_allowed(conn);
-            }
+        match local(conn) {
+            true => Ok(Route::Copy),
+            false => self.primary_allowed(conn),
         }
-        Ok(Route::Copy)
-    }
-
-    /// The statements of a SQL text (for a `sequence`), each as its own text.
-    pub fn split(conn: &mut Connection, sql: &str) -> Vec<String> {
-        conn.classify(sql).into_iter().map(|(text, _)| text).collect()
     }
 
     fn primary_allowed(&self, conn: &Connection) -> Result<Route, StmtError> {
@@ -88,8 +103,8 @@ impl Remote {
         }
     }
 
-    /// Waits until the copy has the stream's last write.
-    /// Until it has, every read on the copy waits again (bounded) and fails.
+    /// Waits until the copy has the stream's last write. Until it has, every read on the copy
+    /// waits again (bounded) and fails.
     pub fn catch_up(&mut self) -> Result<(), StmtError> {
         if let Some((frame_no, restarts)) = self.written {
             if !self.copy.catch_up(frame_no, restarts) {

@@ -137,19 +137,10 @@ impl Stream {
                 Some(result) => StreamResponse::Batch(BatchStreamResp { result }),
                 None => return Ok(None),
             },
-            StreamRequest::Sequence(req) => {
-                let Stream { conn: Some(conn), sqls, remote: Some(remote), ns, .. } = self else {
-                    return Ok(None);
-                };
-                ns.check_live()?;
-                let sql = sqls.resolve(req.sql.as_deref(), req.sql_id)?;
-                if let Route::Copy = remote.route(conn, [sql])? {
-                    return Ok(None);
-                }
-                let statements = Remote::split(conn, sql);
-                remote.sequence(ns.name(), conn, &statements)?;
-                StreamResponse::Sequence(SequenceStreamResp {})
-            }
+            StreamRequest::Sequence(req) => match self.forward_sequence(req.sql.as_deref(), req.sql_id)? {
+                Some(()) => StreamResponse::Sequence(SequenceStreamResp {}),
+                None => return Ok(None),
+            },
             StreamRequest::Describe(_) => {
                 if let Some(remote) = &mut self.remote {
                     remote.catch_up()?;
@@ -163,30 +154,54 @@ impl Stream {
         }))
     }
 
-    /// On a replica, runs `stmt` on the primary if it must run there.
-    fn forward_execute(&mut self, stmt: &libsql_hrana::proto::Stmt, budget: &mut ResponseBudget) -> Result<Option<libsql_hrana::proto::StmtResult>, StmtError> {
+    /// On a replica: the stream's connection, stored SQL texts, standing with the primary and
+    /// namespace name (`None` on a primary, or once the stream is closed).
+    fn remote_parts(&mut self) -> Result<Option<(&mut Connection, &mut SqlStore, &mut Remote, &NamespaceName)>, StmtError> {
         let Stream { conn: Some(conn), sqls, remote: Some(remote), ns, .. } = self else {
             return Ok(None);
         };
         ns.check_live()?;
+        Ok(Some((conn, sqls, remote, ns.name())))
+    }
+
+    /// On a replica, runs `stmt` on the primary if it must run there.
+    fn forward_execute(
+        &mut self,
+        stmt: &libsql_hrana::proto::Stmt,
+        budget: &mut ResponseBudget,
+    ) -> Result<Option<libsql_hrana::proto::StmtResult>, StmtError> {
+        let Some((conn, sqls, remote, ns)) = self.remote_parts()? else {
+            return Ok(None);
+        };
         let sql = sqls.resolve(stmt.sql.as_deref(), stmt.sql_id)?;
         match remote.route(conn, [sql])? {
             Route::Copy => Ok(None),
-            Route::Primary => remote.execute(ns.name(), conn, sqls, budget, stmt).map(Some),
+            Route::Primary => remote.execute(ns, conn, sqls, budget, stmt).map(Some),
         }
     }
 
     /// On a replica, runs `batch` on the primary if any of its steps must run there.
     fn forward_batch(&mut self, batch: &Batch, budget: &mut ResponseBudget) -> Result<Option<BatchResult>, StmtError> {
-        let Stream { conn: Some(conn), sqls, remote: Some(remote), ns, .. } = self else {
+        let Some((conn, sqls, remote, ns)) = self.remote_parts()? else {
             return Ok(None);
         };
-        ns.check_live()?;
         // A step whose text cannot be found fails wherever the batch runs.
         let texts = batch.steps.iter().filter_map(|step| sqls.resolve(step.stmt.sql.as_deref(), step.stmt.sql_id).ok());
         match remote.route(conn, texts)? {
             Route::Copy => Ok(None),
-            Route::Primary => remote.batch(ns.name(), conn, sqls, budget, batch).map(Some),
+            Route::Primary => remote.batch(ns, conn, sqls, budget, batch).map(Some),
+        }
+    }
+
+    /// On a replica, runs a `sequence` on the primary if any of its statements must run there.
+    fn forward_sequence(&mut self, sql: Option<&str>, sql_id: Option<i32>) -> Result<Option<()>, StmtError> {
+        let Some((conn, sqls, remote, ns)) = self.remote_parts()? else {
+            return Ok(None);
+        };
+        let sql = sqls.resolve(sql, sql_id)?;
+        match remote.route_sequence(conn, sql)? {
+            None => Ok(None),
+            Some(statements) => remote.sequence(ns, conn, &statements).map(Some),
         }
     }
 

@@ -359,9 +359,7 @@ fn replica_lag(out: &mut String, progress: &[(crate::namespace::NamespaceName, c
     }
     let series: [(&str, &str, fn(&crate::replica::Progress) -> f64); 3] = [
         ("sqld_replica_lag_frames", "Frames of the primary's log a replica's copy has not applied yet, by namespace.", |p| p.lag_frames() as f64),
-        ("sqld_replica_lag_seconds", "Since when a replica's copy has been behind its primary (0: caught up), by namespace.", |p| {
-            p.behind_since.map_or(0.0, |since| since.elapsed().as_secs_f64())
-        }),
+        ("sqld_replica_lag_seconds", "Since when a replica's copy has been behind its primary (0: caught up), by namespace.", |p| p.lag_seconds()),
         ("sqld_replica_replicated_index", "The frame_no of the primary's log a replica's copy has applied, by namespace.", |p| {
             p.applied.map_or(0.0, |applied| applied as f64)
         }),

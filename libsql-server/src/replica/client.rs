@@ -65,6 +65,11 @@ impl Progress {
         }
     }
 
+    /// Seconds since the copy fell behind what it knows of the primary (0 when caught up).
+    pub fn lag_seconds(&self) -> f64 {
+        self.behind_since.map_or(0.0, |since| since.elapsed().as_secs_f64())
+    }
+
     /// Notes a move of `applied` or `primary`: starts or ends the time behind.
     fn settle(&mut self) {
         if self.lag_frames() == 0 {

@@ -35,10 +35,7 @@ impl NamespaceStore {
     /// `Database::reset_replication`). A namespace that cannot open is refused, and stays
     /// unloaded for the next attempt.
     pub async fn reset_replication(&self, name: &NamespaceName) -> Result<Reset, Error> {
-        if self.is_replica() {
-            self.get(name).await?;
-            return Err(Error::NotPrimary(name.clone()));
-        }
+        self.repaired_on_primary_only(name).await?;
         let ns = match self.get(name).await {
             Ok(ns) => ns,
             Err(e) if !e.is_open_failure() => return Err(e),
@@ -62,10 +59,7 @@ impl NamespaceStore {
     /// say, so it cannot open or take the rebuilt pages) closed, rebuilt while unloaded under
     /// its lifecycle lock, and opened again; streams still holding the closed one fail.
     pub async fn rebuild_data(&self, name: &NamespaceName) -> Result<Rebuilt, Error> {
-        if self.is_replica() {
-            self.get(name).await?;
-            return Err(Error::NotPrimary(name.clone()));
-        }
+        self.repaired_on_primary_only(name).await?;
         let rebuild_error = |source| Error::Rebuild { name: name.clone(), source };
         match self.get(name).await {
             Ok(ns) => match blocking::run(move || ns.repair(|db| db.rebuild_data())).await.map_err(internal)?? {

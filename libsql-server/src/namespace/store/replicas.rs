@@ -39,7 +39,7 @@ impl ReplicaStats {
             replicated_index: progress.applied,
             primary_index: progress.primary,
             lag_frames: progress.lag_frames(),
-            lag_seconds: progress.behind_since.map_or(0.0, |since| since.elapsed().as_secs_f64()),
+            lag_seconds: progress.lag_seconds(),
         }
     }
 }
@@ -131,6 +131,16 @@ impl NamespaceStore {
             true => Err(Error::NotPrimary(name.clone())),
             false => Ok(()),
         }
+    }
+
+    /// On a replica, a repair is refused once `name` is found (a missing one is 404): its
+    /// copy is the primary's log's, which only the primary repairs.
+    pub(super) async fn repaired_on_primary_only(&self, name: &NamespaceName) -> Result<(), Error> {
+        if self.is_replica() {
+            self.get(name).await?;
+            return Err(Error::NotPrimary(name.clone()));
+        }
+        Ok(())
     }
 
     /// Whether `name` is loaded (or being loaded or closed: its slot is locked).
