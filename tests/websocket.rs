@@ -379,7 +379,9 @@ async fn a_sockets_streams_run_side_by_side() {
     request(&mut ws, 5, json!({"type": "execute", "stream_id": 1, "stmt": stmt("INSERT INTO t VALUES (1)")})).await.unwrap();
     // Stream 2's write (waiting for the lock) and stream 1's commit, sent back to back.
     let started = std::time::Instant::now();
-    send(&mut ws, json!({"type": "request", "request_id": 6, "request": {"type": "execute", "stream_id": 2, "stmt": stmt("INSERT INTO t VALUES (2)")}})).await;
+    // It writes how many rows it saw: 1 if it ran after the commit.
+    let write = stmt("INSERT INTO t SELECT 10 + count(*) FROM t");
+    send(&mut ws, json!({"type": "request", "request_id": 6, "request": {"type": "execute", "stream_id": 2, "stmt": write}})).await;
     send(&mut ws, json!({"type": "request", "request_id": 7, "request": {"type": "execute", "stream_id": 1, "stmt": stmt("COMMIT")}}))
         .await;
     let mut answered = Vec::new();
@@ -388,11 +390,13 @@ async fn a_sockets_streams_run_side_by_side() {
         assert_eq!(answer["type"], "response_ok", "{answer}");
         answered.push(answer["request_id"].as_i64().unwrap());
     }
-    // The commit is answered first: the write behind it waited for it, not the other way.
-    assert_eq!(answered, [7, 6]);
+    // Both answered (in either order: each stream's answer is sent as its own work ends),
+    // and the write ran after the commit, not the other way: it saw the committed row.
+    answered.sort();
+    assert_eq!(answered, [6, 7]);
     assert!(started.elapsed() < std::time::Duration::from_secs(10), "the write waited {:?}", started.elapsed());
-    let counted = request(&mut ws, 8, json!({"type": "execute", "stream_id": 2, "stmt": stmt("SELECT count(*) FROM t")})).await.unwrap();
-    assert_eq!(counted["result"]["rows"][0][0]["value"], "2");
+    let rows = request(&mut ws, 8, json!({"type": "execute", "stream_id": 2, "stmt": stmt("SELECT group_concat(x) FROM (SELECT x FROM t ORDER BY x)")})).await.unwrap();
+    assert_eq!(rows["result"]["rows"][0][0]["value"], "1,11");
 }
 
 /// A WebSocket request takes one of the `--max-concurrent-requests` places, as an HTTP request
