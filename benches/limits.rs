@@ -24,7 +24,7 @@ use serde_json::json;
 
 mod common;
 
-use common::{close, int, stmt, Http};
+use common::{close, cpu_us, int, stmt, Http};
 
 const ROUNDS: usize = 6;
 const INSERTS: usize = 2_000;
@@ -141,17 +141,6 @@ fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
-}
-
-/// CPU time (user + system) the process `pid` has used so far, in microseconds.
-fn cpu_us(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces): utime and stime are 14th and 15th.
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after.split(' ').collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / per_second * 1e6
 }
 
 /// Starts `bin` (run by `launcher`, valgrind say, when given) on `dir` and a free port, and

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use clap::Parser;
 
 use crate::auth::{Auth, ConfigError as AuthConfigError};
-use crate::database::Limits;
+use crate::database::{IdleBudget, Limits};
 use crate::limit_hits::LimitHits;
 use crate::ws::SocketLimits;
 
@@ -131,6 +131,13 @@ pub struct Config {
     #[arg(long, env = "SQLD_MAX_STATEMENT_MEMORY", default_value = "128MB", value_parser = size_arg)]
     pub max_statement_memory: usize,
 
+    /// Idle SQLite connections kept open for reuse across all namespaces, beyond the 8 each
+    /// namespace keeps (a namespace keeps at most 64): each holds up to its page cache (about
+    /// 2 MB). Too few, and a namespace with more requests at once than it keeps opens and
+    /// closes a connection for each.
+    #[arg(long, env = "SQLD_MAX_IDLE_CONNECTIONS", default_value_t = crate::database::DEFAULT_IDLE_BUDGET)]
+    pub max_idle_connections: usize,
+
     /// Largest total of the answers being built or sent at once; past it, `RESPONSES_EXHAUSTED`.
     #[arg(long, env = "SQLD_MAX_TOTAL_RESPONSE_SIZE", default_value = "32MB", value_parser = size_arg)]
     pub max_total_response_size: usize,
@@ -210,6 +217,7 @@ impl Config {
                 statement_memory: (self.max_statement_memory > 0).then_some(self.max_statement_memory as u64),
                 halt: Arc::new(AtomicBool::new(false)),
                 hits: Arc::default(),
+                idle_connections: IdleBudget::new(self.max_idle_connections),
             },
             log: LogSettings::from_flags(self.max_log_size, self.max_log_duration),
             recovery: RecoveryOptions::from_env(),

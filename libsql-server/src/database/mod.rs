@@ -8,6 +8,7 @@ mod functions;
 pub mod interrupt;
 mod memory;
 mod policy;
+mod pool;
 mod push;
 mod rebuild;
 mod reset;
@@ -28,6 +29,8 @@ pub use memory::install as meter_statement_memory;
 pub use check::{check_data_file, DataCheck};
 pub use rebuild::{replay_checked, RebuildError, Rebuilt};
 pub use reset::{Reset, ResetError};
+pub use pool::IdleBudget;
+use pool::IdlePool;
 pub use push::{check_frames, PushError, PushOutcome, PushTarget};
 pub use write_gate::{WriteGate, WritePermit};
 
@@ -39,8 +42,9 @@ pub use crate::replication::format::PAGE_SIZE;
 use crate::replication::wal::ReplicationWal;
 use crate::replication::ReplicationLogger;
 
-/// Idle connections kept open per namespace: opening one costs far more than a request.
-const MAX_IDLE_CONNECTIONS: usize = 8;
+/// `--max-idle-connections`' default: idle connections kept across every database beyond
+/// each one's own eight.
+pub const DEFAULT_IDLE_BUDGET: usize = 256;
 
 /// SQLite's own default: checkpoint once the WAL holds this many frames.
 const AUTO_CHECKPOINT_FRAMES: u32 = 1000;
@@ -76,6 +80,8 @@ pub struct Limits {
     pub halt: Arc<AtomicBool>,
     /// Where hits of these limits are counted.
     pub hits: Arc<LimitHits>,
+    /// Places for idle connections beyond each database's own, shared by every database.
+    pub idle_connections: Arc<IdleBudget>,
 }
 
 impl Limits {
@@ -89,6 +95,7 @@ impl Limits {
             statement_memory: None,
             halt: Arc::new(AtomicBool::new(false)),
             hits: Arc::default(),
+            idle_connections: IdleBudget::new(DEFAULT_IDLE_BUDGET),
         }
     }
 }
@@ -207,7 +214,7 @@ const COMPACTION_GATE_WAIT: Duration = Duration::from_secs(30);
 
 pub struct Database {
     shared: Arc<Shared>,
-    idle: Mutex<Vec<Connection>>,
+    idle: IdlePool<Connection>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -231,6 +238,7 @@ impl Database {
     }
 
     fn open_with(path: &Path, config: DatabaseConfig, limits: Limits, logger: Option<Arc<ReplicationLogger>>) -> Result<Self, Error> {
+        let idle = IdlePool::new(limits.idle_connections.clone());
         let db = Database {
             shared: Arc::new(Shared {
                 gate: Arc::new(WriteGate::default()),
@@ -242,7 +250,7 @@ impl Database {
                 config_version: AtomicU64::new(0),
                 limits,
             }),
-            idle: Mutex::new(Vec::new()),
+            idle,
         };
         let conn = db.connection()?;
         db.recycle(conn);
@@ -289,7 +297,7 @@ impl Database {
 
     /// A connection from the pool, or a new one.
     pub fn connection(&self) -> Result<Connection, Error> {
-        if let Some(conn) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+        if let Some(conn) = self.idle.take() {
             return Ok(conn);
         }
         let conn = open_engine_connection(&self.shared.path, &self.shared.logger)?;
@@ -305,10 +313,8 @@ impl Database {
             return;
         }
         conn.interrupt().rearm();
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE_CONNECTIONS {
-            idle.push(conn);
-        }
+        // One the pool has no room for is closed here, outside its lock.
+        drop(self.idle.put(conn));
     }
 
     /// Runs a checkpoint on a connection of the pool. Returns SQLite's (busy, log frames,
@@ -337,7 +343,7 @@ impl Database {
     pub fn close(&self) -> Result<(), Error> {
         self.wait_for_compaction();
         let result = self.checkpoint(CheckpointMode::Truncate);
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        drop(self.idle.drain());
         result.map(|_| ())
     }
 

@@ -24,7 +24,7 @@ use crate::blocking;
 use crate::database::interrupt::CancelOnDrop;
 use crate::database::Access;
 use crate::limit_hits::{Limit, LimitHits};
-use crate::namespace::{NamespaceName, NamespaceStore};
+use crate::namespace::{Namespace, NamespaceName, NamespaceStore};
 
 /// The Hrana service of one server: the namespace store plus the parked streams. Cloned for
 /// every request (axum's state), so it is one shared pointer.
@@ -43,6 +43,23 @@ impl std::ops::Deref for Hrana {
 
     fn deref(&self) -> &Service {
         &self.0
+    }
+}
+
+/// Where a request's stream comes from: one held between requests (parked under a baton, or a
+/// WebSocket's), or a new one on a namespace, opened on the blocking thread that runs the
+/// request.
+enum StreamSource {
+    Held(Stream),
+    Open(Arc<Namespace>, Option<u64>),
+}
+
+impl StreamSource {
+    async fn into_stream(self) -> Result<Stream, RequestError> {
+        match self {
+            StreamSource::Held(stream) => Ok(stream),
+            StreamSource::Open(ns, origin) => blocking::run(move || Stream::open(ns, origin)).await?,
+        }
     }
 }
 
@@ -104,16 +121,17 @@ impl Hrana {
         Ok(Answered { answer: (baton, entries), budget })
     }
 
-    /// Runs `f` on `stream` on the blocking pool (stopped if the request's client goes away),
-    /// then parks the stream if it is still open: its baton, `f`'s result, and the budget.
+    /// Runs `f` on the stream of `source` on the blocking pool (stopped if the request's client
+    /// goes away), then parks the stream if it is still open: its baton, `f`'s result, and the
+    /// budget.
     async fn run_on<R: Send + 'static>(
         &self,
-        stream: Stream,
+        source: StreamSource,
         access: Access,
         hold: Hold,
         f: impl FnOnce(&mut Stream, &mut ResponseBudget) -> R + Send + 'static,
     ) -> Result<(Option<String>, R, ResponseBudget), RequestError> {
-        let (stream, result, budget) = self.run_held(stream, access, hold, f).await?;
+        let (stream, result, budget) = self.run_from(source, access, hold, f).await?;
         Ok(((!stream.is_closed()).then(|| self.streams.park(stream)), result, budget))
     }
 
@@ -127,18 +145,35 @@ impl Hrana {
         hold: Hold,
         f: impl FnOnce(&mut Stream, &mut ResponseBudget) -> R + Send + 'static,
     ) -> Result<(Stream, R, ResponseBudget), RequestError> {
+        self.run_from(StreamSource::Held(stream), access, hold, f).await
+    }
+
+    /// Runs `f` on the stream of `source` in one trip to the blocking pool: a new stream is
+    /// opened there, on the thread that runs `f` (each trip is a hand-off between threads, the
+    /// largest cost of a small request).
+    async fn run_from<R: Send + 'static>(
+        &self,
+        source: StreamSource,
+        access: Access,
+        hold: Hold,
+        f: impl FnOnce(&mut Stream, &mut ResponseBudget) -> R + Send + 'static,
+    ) -> Result<(Stream, R, ResponseBudget), RequestError> {
         let cancel = CancelOnDrop::new();
-        stream.attach(&cancel.target());
+        let target = cancel.target();
         let mut budget = self.budgets.start(hold);
-        let (stream, result, budget) = blocking::run(move || {
-            let mut stream = stream;
+        let ran = blocking::run(move || -> Result<_, RequestError> {
+            let mut stream = match source {
+                StreamSource::Held(stream) => stream,
+                StreamSource::Open(ns, origin) => Stream::open(ns, origin)?,
+            };
+            stream.attach(&target);
             stream.grant(access);
             let result = f(&mut stream, &mut budget);
-            (stream, result, budget)
+            Ok((stream, result, budget))
         })
-        .await?;
+        .await??;
         cancel.disarm();
-        Ok((stream, result, budget))
+        Ok(ran)
     }
 
     /// Runs `f` on the stream a proxy client (a replica forwarding its writes) keeps under
@@ -154,7 +189,7 @@ impl Hrana {
     ) -> Result<(R, bool, ResponseBudget), RequestError> {
         let stream = match self.streams.take(key, ns) {
             Ok(stream) => stream,
-            Err(RequestError::UnknownBaton) => self.stream_for(ns, None, true, None).await?,
+            Err(RequestError::UnknownBaton) => self.stream_for(ns, None, true, None).await?.into_stream().await?,
             Err(e) => {
                 self.streams.forget(key);
                 return Err(e);
@@ -188,8 +223,7 @@ impl Hrana {
     /// server's and the namespace's stream bounds until the returned [`Held`] is dropped.
     pub async fn open_held(&self, ns: &NamespaceName) -> Result<(Stream, Held), RequestError> {
         let held = self.streams.hold(ns).map_err(|why| self.refused_room(ns, why))?;
-        let ns = self.store.get(ns).await?;
-        let stream = blocking::run(move || Stream::open(ns, None)).await??;
+        let stream = StreamSource::Open(self.store.get(ns).await?, None).into_stream().await?;
         Ok((stream, held))
     }
 
@@ -223,34 +257,27 @@ impl Hrana {
         hold: Hold,
         f: impl FnOnce(&mut Stream, &mut ResponseBudget) -> R + Send + 'static,
     ) -> Result<Answered<R>, RequestError> {
-        let ns = self.store.get(ns).await?;
-        let cancel = CancelOnDrop::new();
-        let target = cancel.target();
-        let mut budget = self.budgets.start(hold);
-        let result = blocking::run(move || -> Result<Answered<R>, RequestError> {
-            let mut stream = Stream::open(ns, None)?;
-            stream.attach(&target);
-            stream.grant(access);
-            let answer = f(&mut stream, &mut budget);
-            stream.close();
-            Ok(Answered { answer, budget })
-        })
-        .await?;
-        cancel.disarm();
-        result
+        let source = StreamSource::Open(self.store.get(ns).await?, None);
+        let (_, answer, budget) = self
+            .run_from(source, access, hold, move |stream, budget| {
+                let answer = f(stream, budget);
+                stream.close();
+                answer
+            })
+            .await?;
+        Ok(Answered { answer, budget })
     }
 
-    /// The stream of `baton`, or a new one. A new stream that will stay open (`parks`) must
-    /// find room among the parked streams first, before it runs anything.
-    async fn stream_for(&self, ns: &NamespaceName, baton: Option<&str>, parks: bool, origin: Option<u64>) -> Result<Stream, RequestError> {
+    /// The stream of `baton`, or a new one to open. A new stream that will stay open (`parks`)
+    /// must find room among the parked streams first, before it runs anything.
+    async fn stream_for(&self, ns: &NamespaceName, baton: Option<&str>, parks: bool, origin: Option<u64>) -> Result<StreamSource, RequestError> {
         match baton {
-            Some(baton) => self.streams.take(baton, ns),
+            Some(baton) => self.streams.take(baton, ns).map(StreamSource::Held),
             None => {
                 if parks {
                     self.check_room(ns, origin)?;
                 }
-                let ns = self.store.get(ns).await?;
-                Ok(blocking::run(move || Stream::open(ns, origin)).await??)
+                Ok(StreamSource::Open(self.store.get(ns).await?, origin))
             }
         }
     }
