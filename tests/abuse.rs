@@ -124,6 +124,45 @@ fn slow_headers_and_idle_keep_alive_connections_are_closed() {
     );
 }
 
+/// An idle keep-alive connection lives for the idle timeout, not the header-read timeout (a
+/// client reusing it after a few seconds got "other side closed", which the Hrana client
+/// reports as "Client was closed"), and every answer says how long it may be reused; a head
+/// is timed from its first byte, however long the connection was idle before it.
+#[test]
+fn idle_keep_alive_connections_last_the_idle_timeout_and_say_so() {
+    run_sim(
+        |config| {
+            config.header_read_timeout_s = 2;
+            config.idle_connection_timeout_s = 12;
+        },
+        async {
+            let body = json!({"requests": [execute("SELECT 1"), close()]}).to_string();
+            let request = format!(
+                "POST /v2/pipeline HTTP/1.1\r\nhost: primary\r\nx-namespace: default\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let mut conn = raw(request.as_bytes()).await;
+            let mut answer = vec![0u8; 4096];
+            for round in 0..2 {
+                let n = conn.read(&mut answer).await.unwrap();
+                let text = String::from_utf8_lossy(&answer[..n]).to_lowercase();
+                assert!(text.starts_with("http/1.1 200"), "round {round}: {text}");
+                assert!(text.contains("\r\nkeep-alive: timeout=11\r\n"), "round {round}: {text}");
+                // Idle for three header-read timeouts, well within the idle timeout.
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                // The next request's head arrives in two parts, a second apart: within its limit.
+                let (head, rest) = request.split_at(20);
+                conn.write_all(head.as_bytes()).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                conn.write_all(rest.as_bytes()).await.unwrap();
+            }
+            let n = conn.read(&mut answer).await.unwrap();
+            assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"), "the third request on the connection");
+            Ok(())
+        },
+    );
+}
+
 #[test]
 fn connections_over_the_limit_get_503_and_the_others_are_served() {
     run_sim(

@@ -102,12 +102,16 @@ pub async fn serve(
         let (header_read_timeout, idle_timeout, hits) = (limits.header_read_timeout, limits.idle_timeout, limits.hits.clone());
         tokio::spawn(async move {
             let _place = place;
-            let activity = Arc::new(Activity::new());
-            let service = Tracked { router, activity: activity.clone(), id: ConnectionId(NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed)) };
+            let activity = Arc::new(Activity::new(matches!(protocol, Protocol::Http1)));
+            let keep_alive = matches!(protocol, Protocol::Http1).then(|| keep_alive_header(idle_timeout));
+            let id = ConnectionId(NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed));
+            let service = Tracked { router, activity: activity.clone(), id, keep_alive };
             let io = Watched { io, activity: activity.clone() };
             let mut http = hyper::server::conn::Http::new();
             match protocol {
-                Protocol::Http1 => http.http1_only(true).http1_header_read_timeout(header_read_timeout),
+                // The head's time limit is the watchdog's (hyper's would run from the end of
+                // the previous answer, so it closed idle keep-alive connections).
+                Protocol::Http1 => http.http1_only(true),
                 Protocol::Http2 { max_streams } => http.http2_only(true).http2_max_concurrent_streams(max_streams),
             };
             let conn = http.serve_connection(io, service).with_upgrades();
@@ -118,9 +122,13 @@ pub async fn serve(
                     conn.as_mut().graceful_shutdown();
                     Some(conn.await)
                 }
-                stalled = activity.should_close(idle_timeout, header_read_timeout) => {
-                    if stalled {
-                        hits.hit(Limit::StalledReader, format_args!("a client left its answer unread for {header_read_timeout:?}"));
+                why = activity.should_close(idle_timeout, header_read_timeout) => {
+                    match why {
+                        Closing::StalledReader => {
+                            hits.hit(Limit::StalledReader, format_args!("a client left its answer unread for {header_read_timeout:?}"))
+                        }
+                        Closing::SlowHead => tracing::debug!("a client took over {header_read_timeout:?} to send a request's head"),
+                        Closing::Idle => {}
                     }
                     // An idle connection closes at once; one stuck on a client that does not
                     // read gets a moment, then is dropped (its answer's budget with it).
@@ -179,6 +187,16 @@ struct Tracked {
     router: Router,
     activity: Arc<Activity>,
     id: ConnectionId,
+    /// HTTP/1: the `keep-alive` header every kept-alive answer carries.
+    keep_alive: Option<http::HeaderValue>,
+}
+
+/// `keep-alive: timeout=N`: how long the client may leave the connection idle and still
+/// reuse it. One second less than the server waits, so a client that honours it (Node's
+/// fetch does) never sends a request on a connection the server is closing.
+fn keep_alive_header(idle_timeout: Duration) -> http::HeaderValue {
+    let seconds = idle_timeout.as_secs().saturating_sub(1).max(1);
+    http::HeaderValue::from_str(&format!("timeout={seconds}")).expect("a valid header value")
 }
 
 impl Service<hyper::Request<hyper::Body>> for Tracked {
@@ -193,10 +211,17 @@ impl Service<hyper::Request<hyper::Body>> for Tracked {
     fn call(&mut self, mut request: hyper::Request<hyper::Body>) -> Self::Future {
         request.extensions_mut().insert(self.id);
         let in_flight = self.activity.begin();
+        let keep_alive = self.keep_alive.clone().filter(|_| request.version() == http::Version::HTTP_11);
         let answer = self.router.call(request);
         Box::pin(async move {
-            let answer = answer.await;
+            let mut answer = answer.await;
             drop(in_flight);
+            if let (Some(value), Ok(response)) = (keep_alive, &mut answer) {
+                let closes = response.headers().get(http::header::CONNECTION).is_some_and(|c| c.as_bytes().eq_ignore_ascii_case(b"close"));
+                if !closes && response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                    response.headers_mut().insert(http::header::HeaderName::from_static("keep-alive"), value);
+                }
+            }
             answer
         })
     }
@@ -205,6 +230,8 @@ impl Service<hyper::Request<hyper::Body>> for Tracked {
 /// Whether a connection has a request in flight, and since when it has had none.
 struct Activity {
     state: std::sync::Mutex<ActivityState>,
+    /// HTTP/1: a request's head is timed from its first byte.
+    times_heads: bool,
 }
 
 struct ActivityState {
@@ -213,14 +240,29 @@ struct ActivityState {
     idle_since: Instant,
     /// Since when a write to the client has been waiting for it to read.
     write_blocked_since: Option<Instant>,
+    /// When the first bytes of a request arrived that has not started yet (its head is still
+    /// coming).
+    head_since: Option<Instant>,
+}
+
+/// Why a connection is closed by its watchdog.
+#[derive(Debug, PartialEq, Eq)]
+enum Closing {
+    /// No request in flight for the idle timeout.
+    Idle,
+    /// An answer the client has not read for the header-read timeout.
+    StalledReader,
+    /// A request's head not complete within the header-read timeout of its first byte.
+    SlowHead,
 }
 
 /// Marks a request in flight until dropped.
 struct InFlight(Arc<Activity>);
 
 impl Activity {
-    fn new() -> Self {
-        Activity { state: std::sync::Mutex::new(ActivityState { running: 0, idle_since: Instant::now(), write_blocked_since: None }) }
+    fn new(times_heads: bool) -> Self {
+        let state = ActivityState { running: 0, idle_since: Instant::now(), write_blocked_since: None, head_since: None };
+        Activity { state: std::sync::Mutex::new(state), times_heads }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, ActivityState> {
@@ -228,39 +270,60 @@ impl Activity {
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
-        self.state().running += 1;
+        let mut state = self.state();
+        state.running += 1;
+        state.head_since = None;
         InFlight(self.clone())
+    }
+
+    /// Bytes came from the client: with no request in flight, a request's head has begun.
+    fn read_bytes(&self) {
+        if self.times_heads {
+            let mut state = self.state();
+            if state.running == 0 {
+                state.head_since.get_or_insert_with(Instant::now);
+            }
+        }
     }
 
     fn write_blocked(&self) {
         self.state().write_blocked_since.get_or_insert_with(Instant::now);
     }
 
-    /// An answer going out counts as activity: a slow download is not an idle connection.
-    fn write_moved(&self) {
+    /// The client took what was written (or there was nothing to take); with `wrote`, bytes
+    /// went out, which counts as activity: a slow download is not an idle connection. (A
+    /// flush with nothing to send is not: the watchdog's own wake-ups poll the connection,
+    /// which flushes.)
+    fn write_moved(&self, wrote: bool) {
         let mut state = self.state();
         state.write_blocked_since = None;
-        state.idle_since = Instant::now();
+        if wrote {
+            state.idle_since = Instant::now();
+        }
     }
 
-    /// Resolves once the connection should close: no request in flight for `idle`, or an
-    /// answer the client has not read for `stall` (checked at least every `stall`). True for
-    /// the second.
-    async fn should_close(&self, idle: Duration, stall: Duration) -> bool {
+    /// Resolves once the connection should close: no request in flight for `idle`, an answer
+    /// the client has not read for `stall`, or a request's head still incomplete `stall` after
+    /// its first byte (checked at least every `stall`).
+    async fn should_close(&self, idle: Duration, stall: Duration) -> Closing {
         loop {
             let now = Instant::now();
-            let (idle_until, stall_until) = {
+            let (idle_until, stall_until, head_until) = {
                 let state = self.state();
                 let idle_until = if state.running > 0 { now + idle } else { state.idle_since + idle };
-                (idle_until, state.write_blocked_since.map(|since| since + stall))
+                (idle_until, state.write_blocked_since.map(|since| since + stall), state.head_since.map(|since| since + stall))
             };
             if stall_until.is_some_and(|t| now >= t) {
-                return true;
+                return Closing::StalledReader;
+            }
+            if head_until.is_some_and(|t| now >= t) {
+                return Closing::SlowHead;
             }
             if now >= idle_until {
-                return false;
+                return Closing::Idle;
             }
-            tokio::time::sleep_until(idle_until.min(stall_until.unwrap_or(idle_until)).min(now + stall)).await;
+            let next = [stall_until, head_until].into_iter().flatten().fold(idle_until, Instant::min);
+            tokio::time::sleep_until(next.min(now + stall)).await;
         }
     }
 }
@@ -273,18 +336,21 @@ impl Drop for InFlight {
     }
 }
 
-/// A client connection whose writes are watched: a write that waits on the client (it does
-/// not read its answer) is noted in the connection's activity.
+/// A client connection whose reads and writes are watched: bytes that start a request, and a
+/// write that waits on the client (it does not read its answer), are noted in the
+/// connection's activity.
 struct Watched<T> {
     io: T,
     activity: Arc<Activity>,
 }
 
 impl<T> Watched<T> {
-    fn note<R>(&self, poll: Poll<R>) -> Poll<R> {
-        match poll {
+    /// Notes a write's or a flush's outcome; `wrote` tells whether bytes went out.
+    fn note<R>(&self, poll: Poll<io::Result<R>>, wrote: impl FnOnce(&R) -> bool) -> Poll<io::Result<R>> {
+        match &poll {
             Poll::Pending => self.activity.write_blocked(),
-            Poll::Ready(_) => self.activity.write_moved(),
+            Poll::Ready(Ok(done)) => self.activity.write_moved(wrote(done)),
+            Poll::Ready(Err(_)) => self.activity.write_moved(false),
         }
         poll
     }
@@ -292,19 +358,24 @@ impl<T> Watched<T> {
 
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.read_bytes();
+        }
+        poll
     }
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.note(poll)
+        self.note(poll, |&n| n > 0)
     }
 
     fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.note(poll)
+        self.note(poll, |&n| n > 0)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -313,7 +384,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let poll = Pin::new(&mut self.io).poll_flush(cx);
-        self.note(poll)
+        self.note(poll, |()| false)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
