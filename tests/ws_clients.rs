@@ -56,12 +56,14 @@ fn the_node_client_over_websocket_passes_its_token_in_hello() {
     assert!(refused.contains("AUTH_BAD_SIGNATURE"), "{refused}");
 }
 
-/// Runs `hrana_client.js` in `mode` (`http` or `ws`) asking for Hrana `version`.
-fn hrana_client(sqld: &Sqld, mode: &str, version: u8) -> Value {
+/// Runs `hrana_client.js` in `mode` (`http` or `ws`) asking for Hrana `version`, the library
+/// offering only the WebSocket subprotocols `offer` when given (all of its list otherwise).
+fn hrana_client(sqld: &Sqld, mode: &str, version: u8, offer: Option<&str>) -> Value {
     let url = format!("{mode}://{}", sqld.user);
     let output = Command::new("node")
         .arg(clients_dir().join("hrana_client.js"))
         .args([mode, &url, &version.to_string()])
+        .args(offer)
         .current_dir(clients_dir())
         .output()
         .expect("running node");
@@ -73,15 +75,26 @@ fn hrana_client(sqld: &Sqld, mode: &str, version: u8) -> Value {
 async fn the_hrana_client_library_over_every_transport_and_version() {
     let sqld = Sqld::start(&[]);
     let mut rows = 0;
-    for (mode, version) in [("http", 3), ("ws", 3), ("ws", 2), ("http", 2)] {
-        let summary = tokio::task::block_in_place(|| hrana_client(&sqld, mode, version));
+    // (transport, version asked, subprotocols offered, version spoken)
+    let runs = [
+        ("http", 3, None, 3),
+        ("ws", 3, None, 3),
+        ("ws", 2, None, 2),
+        ("http", 2, None, 2),
+        ("ws", 3, Some("hrana3"), 3),
+        ("ws", 2, Some("hrana1"), 1),
+    ];
+    for (mode, version, offer, spoken) in runs {
+        let summary = tokio::task::block_in_place(|| hrana_client(&sqld, mode, version, offer));
         rows += 1;
-        let autocommit = if version == 3 { json!(true) } else { Value::Null };
+        let autocommit = if spoken == 3 { json!(true) } else { Value::Null };
+        // Hrana 1 has no describe.
+        let (columns, params) = if spoken >= 2 { (json!(["one", "x"]), json!(["?1"])) } else { (Value::Null, Value::Null) };
         assert_eq!(
             summary,
-            json!({"version": version, "affected": 1, "count": rows, "skipped": true, "failed": "SQLITE_ERROR",
-                   "recovered": "recovered", "columns": ["one", "x"], "params": ["?1"], "autocommit": autocommit}),
-            "{mode} v{version}"
+            json!({"version": spoken, "affected": 1, "count": rows, "skipped": true, "failed": "SQLITE_ERROR",
+                   "recovered": "recovered", "columns": columns, "params": params, "autocommit": autocommit}),
+            "{mode} v{version} offering {offer:?}"
         );
     }
     // Hrana 3 over HTTP went through protobuf (the batch through a cursor), over WebSocket
@@ -89,8 +102,11 @@ async fn the_hrana_client_library_over_every_transport_and_version() {
     let metrics = hyper::Client::new().get(format!("http://{}/metrics", sqld.admin).parse().unwrap()).await.unwrap();
     let metrics = String::from_utf8(hyper::body::to_bytes(metrics.into_body()).await.unwrap().to_vec()).unwrap();
     assert!(metrics.contains("route=\"/v3-protobuf/cursor\",status=\"200\""), "{metrics}");
-    assert!(metrics.contains("sqld_ws_requests_total{type=\"open_cursor\"} 1"), "{metrics}");
+    assert!(metrics.contains("sqld_ws_requests_total{type=\"open_cursor\"} 2"), "{metrics}");
     // The library offers hrana3-protobuf first for Hrana 3: that is what its socket spoke.
     assert!(metrics.contains("sqld_ws_sockets_opened_total{protocol=\"hrana3-protobuf\"} 1"), "{metrics}");
     assert!(metrics.contains("sqld_ws_sockets_opened_total{protocol=\"hrana2\"} 1"), "{metrics}");
+    // Offered alone, Hrana 3 over JSON (its batch through a cursor) and Hrana 1.
+    assert!(metrics.contains("sqld_ws_sockets_opened_total{protocol=\"hrana3\"} 1"), "{metrics}");
+    assert!(metrics.contains("sqld_ws_sockets_opened_total{protocol=\"hrana1\"} 1"), "{metrics}");
 }
