@@ -1,7 +1,8 @@
 //! The replication log's cost and its rebuild time, each beside a baseline in the same run.
 //!
 //! `cargo bench --bench log` prints a table and writes `bench-results/log.json`:
-//! * write throughput with the log on (the server's `Database`) beside a bare `libsql-sys`
+//! * write throughput with the log on (the server's `Database`, each statement admitted as a
+//!   request's is: write gate, time limits) beside a bare `libsql-sys`
 //!   connection with the same durability: every acknowledged commit survives a power cut.
 //!   The bare connection gets that from SQLite (WAL, `synchronous=FULL`); the server from the
 //!   log, fsynced before SQLite commits with `synchronous=OFF`, the data file rewritten from

@@ -102,6 +102,7 @@ async fn measure(side: usize, seconds: u64, connections: u64) -> Vec<Figures> {
         let cpu = cpu_us(server.0.id()) - cpu_before;
         let requests = run["requests"].as_f64().unwrap();
         assert_eq!(run["errors"], 0, "{}: {workload}: wrk counted errors: {run}", SIDES[side]);
+        assert_eq!(run["hrana_errors"], 0, "{}: {workload}: answers held Hrana errors: {run}", SIDES[side]);
         // Every insert answered was made (and a few more may have been in flight at the end).
         let inserted = (count(&http).await - rows_before) as f64;
         let expected = requests * (1.0 - read_share);
@@ -138,8 +139,9 @@ fn wrk(addr: SocketAddr, read_share: f64, seconds: u64, connections: u64) -> Val
     serde_json::from_str(line).unwrap()
 }
 
-/// wrk's script: each request a point read with chance `read_share`, else an insert; at the
-/// end, one `BENCH {json}` line.
+/// wrk's script: each request a point read with chance `read_share`, else an insert; answers
+/// holding a Hrana error are counted (they are HTTP 200s); at the end, one `BENCH {json}`
+/// line.
 fn lua(read_share: f64) -> String {
     let read = r#"{"requests":[{"type":"execute","stmt":{"sql":"SELECT v FROM kv WHERE k = ?","args":[{"type":"integer","value":"%d"}]}},{"type":"close"}]}"#;
     let insert = r#"{"requests":[{"type":"execute","stmt":{"sql":"INSERT INTO kv (v) VALUES (randomblob(100))"}},{"type":"close"}]}"#;
@@ -149,6 +151,18 @@ wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 local read = '{read}'
 local insert = '{insert}'
+local threads = {{}}
+setup = function(thread)
+  table.insert(threads, thread)
+end
+init = function(args)
+  hrana_errors = 0
+end
+response = function(status, headers, body)
+  if string.find(body, '"type":"error"', 1, true) then
+    hrana_errors = hrana_errors + 1
+  end
+end
 request = function()
   if math.random() < {read_share} then
     return wrk.format(nil, "/v2/pipeline", nil, string.format(read, math.random(1, {KEYS})))
@@ -157,9 +171,13 @@ request = function()
 end
 done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format('BENCH {{"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"errors":%d}}\n',
+  local hrana = 0
+  for _, thread in ipairs(threads) do
+    hrana = hrana + thread:get("hrana_errors")
+  end
+  io.write(string.format('BENCH {{"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"errors":%d,"hrana_errors":%d}}\n',
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    e.connect + e.read + e.write + e.status + e.timeout))
+    e.connect + e.read + e.write + e.status + e.timeout, hrana))
 end
 "#
     )

@@ -158,6 +158,13 @@ fn idle_keep_alive_connections_last_the_idle_timeout_and_say_so() {
             }
             let n = conn.read(&mut answer).await.unwrap();
             assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"), "the third request on the connection");
+
+            // A head that never ends is closed by the head's own limit, well before the idle
+            // timeout would close the connection.
+            let mut slow = raw(b"POST /v2/pipeline HTTP/1.1\r\nhost: primary\r\nx-slow: 1").await;
+            let mut rest = Vec::new();
+            let closed = tokio::time::timeout(Duration::from_secs(8), slow.read_to_end(&mut rest)).await;
+            assert!(closed.is_ok(), "a slow head was closed within 8 s (idle timeout 12 s)");
             Ok(())
         },
     );

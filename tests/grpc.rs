@@ -360,6 +360,24 @@ async fn stream_exec_sessions_run_programs_and_one_that_vanishes_releases_the_wr
     assert_eq!(rows(&other, "SELECT id FROM t").await, vec![vec![libsql::Value::Integer(2)]]);
 }
 
+/// A streaming call is a request in flight until it ends: a `StreamExec` session that stays
+/// quiet past the idle timeout keeps its HTTP/2 connection (no pings here: tonic sends none
+/// unless asked), and its next program is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_exec_session_outlives_the_idle_timeout() {
+    let sqld = Sqld::start(&["--idle-connection-timeout-s", "2"]);
+    let mut proxy = ProxyClient::new(tonic::transport::Endpoint::from_shared(format!("http://{}", sqld.grpc)).unwrap().connect_lazy());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut answers = proxy.stream_exec(tokio_stream_of(rx)).await.unwrap().into_inner();
+    tx.send(exec(1, &["SELECT 1"])).await.unwrap();
+    assert_eq!(answers.message().await.unwrap().unwrap().request_id, 1);
+    // Quiet for twice the idle timeout: the behaviour under test is the passing of time.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    tx.send(exec(2, &["SELECT 2"])).await.unwrap();
+    let answer = answers.message().await.expect("the session's connection is still open").expect("an answer");
+    assert_eq!(answer.request_id, 2);
+}
+
 /// A request stream for a client-streaming call, from a channel.
 fn tokio_stream_of<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<T>) -> impl Stream<Item = T> + Send + 'static {
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })

@@ -103,7 +103,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let _place = place;
             let activity = Arc::new(Activity::new(matches!(protocol, Protocol::Http1)));
-            let keep_alive = matches!(protocol, Protocol::Http1).then(|| keep_alive_header(idle_timeout));
+            let keep_alive = matches!(protocol, Protocol::Http1).then(|| keep_alive_header(idle_timeout)).flatten();
             let id = ConnectionId(NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed));
             let service = Tracked { router, activity: activity.clone(), id, keep_alive };
             let io = Watched { io, activity: activity.clone() };
@@ -187,16 +187,18 @@ struct Tracked {
     router: Router,
     activity: Arc<Activity>,
     id: ConnectionId,
-    /// HTTP/1: the `keep-alive` header every kept-alive answer carries.
+    /// HTTP/1: the `keep-alive` header every HTTP/1.1 answer but a 101 carries (hyper adds
+    /// `connection: close` where it will close; clients then ignore this one).
     keep_alive: Option<http::HeaderValue>,
 }
 
 /// `keep-alive: timeout=N`: how long the client may leave the connection idle and still
 /// reuse it. One second less than the server waits, so a client that honours it (Node's
-/// fetch does) never sends a request on a connection the server is closing.
-fn keep_alive_header(idle_timeout: Duration) -> http::HeaderValue {
-    let seconds = idle_timeout.as_secs().saturating_sub(1).max(1);
-    http::HeaderValue::from_str(&format!("timeout={seconds}")).expect("a valid header value")
+/// fetch does) never sends a request on a connection the server is closing; none when that
+/// leaves no time.
+fn keep_alive_header(idle_timeout: Duration) -> Option<http::HeaderValue> {
+    let seconds = idle_timeout.as_secs().checked_sub(1).filter(|&s| s > 0)?;
+    Some(http::HeaderValue::from_str(&format!("timeout={seconds}")).expect("a valid header value"))
 }
 
 impl Service<hyper::Request<hyper::Body>> for Tracked {
@@ -214,16 +216,50 @@ impl Service<hyper::Request<hyper::Body>> for Tracked {
         let keep_alive = self.keep_alive.clone().filter(|_| request.version() == http::Version::HTTP_11);
         let answer = self.router.call(request);
         Box::pin(async move {
-            let mut answer = answer.await;
-            drop(in_flight);
-            if let (Some(value), Ok(response)) = (keep_alive, &mut answer) {
-                let closes = response.headers().get(http::header::CONNECTION).is_some_and(|c| c.as_bytes().eq_ignore_ascii_case(b"close"));
-                if !closes && response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-                    response.headers_mut().insert(http::header::HeaderName::from_static("keep-alive"), value);
-                }
+            let Ok(mut response) = answer.await;
+            if let Some(value) = keep_alive.filter(|_| response.status() != http::StatusCode::SWITCHING_PROTOCOLS) {
+                response.headers_mut().insert(http::header::HeaderName::from_static("keep-alive"), value);
             }
-            answer
+            // In flight until its body is sent (or dropped): a streamed answer (a gRPC stream,
+            // a long download) is not an idle connection, and bytes read meanwhile (a
+            // pipelined request) do not start a head's timer.
+            Ok(response.map(|body| axum::body::boxed(Answering { body, in_flight: Some(in_flight) })))
         })
+    }
+}
+
+/// An answer's body, holding its request in flight until the body ends or is dropped.
+struct Answering<B> {
+    body: B,
+    in_flight: Option<InFlight>,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Answering<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_data(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Self::Data, Self::Error>>> {
+        let poll = Pin::new(&mut self.body).poll_data(cx);
+        if let Poll::Ready(None) = poll {
+            self.in_flight = None;
+        }
+        poll
+    }
+
+    fn poll_trailers(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Option<http::HeaderMap>, Self::Error>> {
+        let poll = Pin::new(&mut self.body).poll_trailers(cx);
+        if poll.is_ready() {
+            self.in_flight = None;
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -187,19 +187,17 @@ impl Server {
         }
         drop(in_flight_tx);
         if let Some(secs) = self.config.checkpoint_interval_s {
-            let mut stop = stop_rx.clone();
             let store = self.hrana.store().clone();
-            tokio::spawn(async move {
-                let mut ticker = tokio::time::interval(std::time::Duration::from_secs(secs));
-                ticker.tick().await;
-                loop {
-                    tokio::select! {
-                        _ = ticker.tick() => store.checkpoint_loaded().await,
-                        _ = stop.changed() => break,
-                    }
-                }
+            every(Duration::from_secs(secs), stop_rx.clone(), move || {
+                let store = store.clone();
+                async move { store.checkpoint_loaded().await }
             });
         }
+        let store = self.hrana.store().clone();
+        every(IDLE_SWEEP_PERIOD, stop_rx.clone(), move || {
+            let store = store.clone();
+            async move { store.expire_idle_connections().await }
+        });
 
         shutdown.await;
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
@@ -227,4 +225,25 @@ impl Server {
         }
         tracing::info!("shutdown complete");
     }
+}
+
+/// How often unused idle connections past each namespace's own are closed.
+const IDLE_SWEEP_PERIOD: Duration = Duration::from_secs(15);
+
+/// Runs `work` every `period` (the first time one period from now) until `stop` changes.
+fn every<F, Fut>(period: Duration, mut stop: watch::Receiver<bool>, mut work: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(period);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => work().await,
+                _ = stop.changed() => break,
+            }
+        }
+    });
 }

@@ -317,6 +317,12 @@ impl Database {
         drop(self.idle.put(conn));
     }
 
+    /// Closes the idle connections past the database's own that have gone unused for a while
+    /// (see `pool`), giving their places in the shared budget back.
+    pub fn expire_idle(&self) {
+        drop(self.idle.expire(std::time::Instant::now()));
+    }
+
     /// Runs a checkpoint on a connection of the pool. Returns SQLite's (busy, log frames,
     /// checkpointed frames).
     /// A checkpoint that moved the whole WAL into the data file also syncs the data file and

@@ -336,13 +336,24 @@ impl NamespaceStore {
         .map_err(internal)
     }
 
+    /// The open namespaces nobody is locking.
+    fn unlocked_loaded(&self) -> Vec<Arc<Namespace>> {
+        let slots: Vec<_> = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        slots.iter().filter_map(|slot| slot.ns.try_lock().ok().and_then(|g| g.clone())).collect()
+    }
+
+    /// Closes, in every open namespace, the idle connections past its own that went unused
+    /// for a while (the periodic sweep that gives the shared idle budget back).
+    pub async fn expire_idle_connections(&self) {
+        let loaded = self.unlocked_loaded();
+        if let Err(e) = blocking::run(move || loaded.iter().for_each(|ns| ns.db().expire_idle())).await {
+            tracing::warn!(error = %e, "closing unused idle connections failed");
+        }
+    }
+
     /// Checkpoints every open namespace nobody is locking (the periodic checkpoint).
     pub async fn checkpoint_loaded(&self) {
-        let slots: Vec<_> = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
-        for slot in slots {
-            let Some(ns) = slot.ns.try_lock().ok().and_then(|g| g.clone()) else {
-                continue;
-            };
+        for ns in self.unlocked_loaded() {
             let name = ns.name().clone();
             match blocking::run(move || ns.db().checkpoint(CheckpointMode::Passive)).await {
                 Ok(Ok(_)) => {}
