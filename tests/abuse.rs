@@ -31,6 +31,15 @@ async fn answer_then_close(stream: &mut turmoil::net::TcpStream) -> Option<(u16,
     Some((status, json(body.as_bytes())))
 }
 
+/// A whole HTTP/1.1 request: a pipeline running `SELECT 1` on `default`.
+fn select_one_request() -> String {
+    let body = json!({"requests": [execute("SELECT 1"), close()]}).to_string();
+    format!("POST /v2/pipeline HTTP/1.1\r\nhost: primary\r\nx-namespace: default\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+}
+
+/// The start of a request whose head never ends (slowloris).
+const HEAD_THAT_NEVER_ENDS: &[u8] = b"POST /v2/pipeline HTTP/1.1\r\nhost: primary\r\nx-slow: 1";
+
 async fn still_serving() {
     let (status, answer) = pipeline("default", json!({"requests": [execute("SELECT 1"), close()]})).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
@@ -96,17 +105,13 @@ fn slow_headers_and_idle_keep_alive_connections_are_closed() {
         },
         async {
             // A head that never ends (slowloris): closed without an answer.
-            let mut slow = raw(b"POST /v2/pipeline HTTP/1.1\r\nhost: primary\r\nx-slow: 1").await;
+            let mut slow = raw(HEAD_THAT_NEVER_ENDS).await;
             let mut rest = Vec::new();
             let read = tokio::time::timeout(Duration::from_secs(60), slow.read_to_end(&mut rest)).await.expect("closed");
             assert!(read.is_err() || rest.is_empty() || String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 408"), "{rest:?}");
 
             // A complete request, then silence: the server closes the idle connection.
-            let body = json!({"requests": [execute("SELECT 1"), close()]}).to_string();
-            let request = format!(
-                "POST /v2/pipeline HTTP/1.1\r\nhost: primary\r\nx-namespace: default\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
+            let request = select_one_request();
             let mut idle = raw(request.as_bytes()).await;
             let mut answer = vec![0u8; 4096];
             let n = idle.read(&mut answer).await.unwrap();
@@ -136,11 +141,7 @@ fn idle_keep_alive_connections_last_the_idle_timeout_and_say_so() {
             config.idle_connection_timeout_s = 12;
         },
         async {
-            let body = json!({"requests": [execute("SELECT 1"), close()]}).to_string();
-            let request = format!(
-                "POST /v2/pipeline HTTP/1.1\r\nhost: primary\r\nx-namespace: default\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
+            let request = select_one_request();
             let mut conn = raw(request.as_bytes()).await;
             let mut answer = vec![0u8; 4096];
             for round in 0..2 {
@@ -161,7 +162,7 @@ fn idle_keep_alive_connections_last_the_idle_timeout_and_say_so() {
 
             // A head that never ends is closed by the head's own limit, well before the idle
             // timeout would close the connection.
-            let mut slow = raw(b"POST /v2/pipeline HTTP/1.1\r\nhost: primary\r\nx-slow: 1").await;
+            let mut slow = raw(HEAD_THAT_NEVER_ENDS).await;
             let mut rest = Vec::new();
             let closed = tokio::time::timeout(Duration::from_secs(8), slow.read_to_end(&mut rest)).await;
             assert!(closed.is_ok(), "a slow head was closed within 8 s (idle timeout 12 s)");
