@@ -3,9 +3,10 @@
 //! For a namespace of 20k rows, 200k rows and about 1 GiB (`REPAIR_BENCH_GIB` changes the
 //! last): `reset-replication` and `rebuild-data` beside copying the data file with an fsync
 //! (each 20 times, 5 at the largest size, so a p95 is more than the slowest run), `integrity-check` quick and full; point-read p99 of the namespace
-//! being reset and of a bystander namespace, idle, during back-to-back resets and during
-//! back-to-back copies of the data file (the I/O baseline); and the
-//! longest write stall on the namespace while it is reset.
+//! being reset and of a bystander namespace, idle, during back-to-back resets, and during two
+//! baselines: back-to-back copies of the data file (the I/O a rebuild of it makes at least)
+//! and back-to-back 4 KB durable writes (the least any durable change makes); and the longest
+//! write stall on the namespace while it is reset.
 //!
 //! `cargo bench --bench repair` prints a table and writes `bench-results/repair.json`.
 
@@ -116,6 +117,16 @@ enum During<'a> {
     /// Back-to-back copies (with fsync) of this data file to that path: the I/O any rebuild
     /// of the file makes at least, as a baseline for the calls'.
     Copies(&'a Path, &'a Path),
+    /// Back-to-back 4 KB writes, each made durable (fsync), to this path: the least I/O any
+    /// durable change makes, as a floor for what the machine's I/O costs readers.
+    DurableWrites(&'a Path),
+}
+
+/// Writes 4 KB at the start of `path` and fsyncs it.
+fn durable_write(path: &Path) {
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[7u8; 4096], 0).unwrap();
+    file.sync_all().unwrap();
 }
 
 /// Read p99 of `a` and of `bystander` over `window`, while `during` runs; and how many
@@ -135,6 +146,10 @@ async fn read_p99s(sqld: &Sqld, rows: u64, during: During<'_>, window: Duration)
             During::Copies(data, to) => {
                 let (data, to) = (data.to_owned(), to.to_owned());
                 tokio::task::spawn_blocking(move || copy_with_fsync(&data, &to)).await.unwrap();
+            }
+            During::DurableWrites(path) => {
+                let path = path.to_owned();
+                tokio::task::spawn_blocking(move || durable_write(&path)).await.unwrap();
             }
             During::Nothing => tokio::time::sleep(Duration::from_millis(50)).await,
         }
@@ -209,10 +224,17 @@ async fn run(name: &str, rows: u64, row_bytes: u64) -> Value {
     let quick = checks(false).await;
     let full = checks(true).await;
     let window = Duration::from_secs(4);
+    // What the calls above wrote is on the disk before reads are timed, and idle is timed
+    // before and after the busy phases: the lower p99 of each is the baseline.
+    tokio::task::spawn_blocking(|| unsafe { libc::sync() }).await.unwrap();
     let (idle_a, idle_b, _) = read_p99s(&sqld, rows, During::Nothing, window).await;
     let (busy_a, busy_b, resets_during) = read_p99s(&sqld, rows, During::Calls("/v1/namespaces/a/reset-replication"), window).await;
     let copy_to = tmp.path().join("copy");
     let (copying_a, copying_b, _) = read_p99s(&sqld, rows, During::Copies(&data, &copy_to), window).await;
+    let small = tmp.path().join("durable-writes");
+    let (syncing_a, syncing_b, _) = read_p99s(&sqld, rows, During::DurableWrites(&small), window).await;
+    let (idle_after_a, idle_after_b, _) = read_p99s(&sqld, rows, During::Nothing, window).await;
+    let (idle_a, idle_b) = (idle_a.min(idle_after_a), idle_b.min(idle_after_b));
     let stall = write_stall_during_reset(&sqld).await;
     sqld.stop();
     let copy_p95 = percentile(copies.clone(), 0.95);
@@ -230,9 +252,11 @@ async fn run(name: &str, rows: u64, row_bytes: u64) -> Value {
         "read_p99_during_resets_ms": busy_a,
         "bystander_read_p99_idle_ms": idle_b,
         "bystander_read_p99_during_resets_ms": busy_b,
-        "resets_during_reads": resets_during,
+        "resets_per_s_during_reads": resets_during as f64 / window.as_secs_f64(),
         "read_p99_during_copies_ms": copying_a,
         "bystander_read_p99_during_copies_ms": copying_b,
+        "read_p99_during_durable_writes_ms": syncing_a,
+        "bystander_read_p99_during_durable_writes_ms": syncing_b,
         "longest_write_stall_ms": stall,
         "all": {"copies": copies, "resets": resets, "rebuilds": rebuilds},
     })
@@ -248,15 +272,15 @@ fn main() {
     writeln!(out, "\nrepair calls, client-side elapsed (2-core VM); baseline: copy + fsync of the data file").unwrap();
     writeln!(
         out,
-        "{:<10} {:>7} {:>9} {:>9} {:>6} {:>10} {:>6} {:>8} {:>8} {:>24} {:>24} {:>9}",
-        "size", "MB", "copy p95", "reset p95", "×copy", "rebuild p95", "×copy", "quick", "full", "read p99 idle/reset/copy", "bystander p99", "w stall"
+        "{:<10} {:>7} {:>9} {:>9} {:>6} {:>11} {:>6} {:>8} {:>8} {:>9}",
+        "size", "MB", "copy p95", "reset p95", "×copy", "rebuild p95", "×copy", "quick", "full", "w stall"
     )
     .unwrap();
     for r in &results {
         let f = |k: &str| r[k].as_f64().unwrap();
         writeln!(
             out,
-            "{:<10} {:>7.0} {:>9.1} {:>9.1} {:>6.2} {:>10.1} {:>6.2} {:>8.1} {:>8.1} {:>6.2} /{:>6.2} /{:>6.2}    {:>6.2} /{:>6.2} /{:>6.2} {:>9.1}",
+            "{:<10} {:>7.0} {:>9.1} {:>9.1} {:>6.2} {:>11.1} {:>6.2} {:>8.1} {:>8.1} {:>9.1}",
             r["namespace"].as_str().unwrap(),
             f("data_mb"),
             f("copy_fsync_p95_ms"),
@@ -266,13 +290,32 @@ fn main() {
             f("rebuild_over_copy"),
             f("check_quick_median_ms"),
             f("check_full_median_ms"),
-            f("read_p99_idle_ms"),
-            f("read_p99_during_resets_ms"),
-            f("read_p99_during_copies_ms"),
-            f("bystander_read_p99_idle_ms"),
-            f("bystander_read_p99_during_resets_ms"),
-            f("bystander_read_p99_during_copies_ms"),
             f("longest_write_stall_ms"),
+        )
+        .unwrap();
+    }
+    writeln!(out, "\npoint-read p99 (ms) of the namespace / a bystander: idle, during back-to-back resets, and two I/O baselines").unwrap();
+    writeln!(
+        out,
+        "{:<10} {:>13} {:>13} {:>8} {:>13} {:>13} {:>13}",
+        "size", "idle", "resets", "resets/s", "×idle", "data copies", "4 KB fsyncs"
+    )
+    .unwrap();
+    for r in &results {
+        let f = |k: &str| r[k].as_f64().unwrap();
+        let pair = |a: f64, b: f64| format!("{a:.2} / {b:.2}");
+        let idle = (f("read_p99_idle_ms"), f("bystander_read_p99_idle_ms"));
+        let resets = (f("read_p99_during_resets_ms"), f("bystander_read_p99_during_resets_ms"));
+        writeln!(
+            out,
+            "{:<10} {:>13} {:>13} {:>8.0} {:>13} {:>13} {:>13}",
+            r["namespace"].as_str().unwrap(),
+            pair(idle.0, idle.1),
+            pair(resets.0, resets.1),
+            f("resets_per_s_during_reads"),
+            pair(resets.0 / idle.0, resets.1 / idle.1),
+            pair(f("read_p99_during_copies_ms"), f("bystander_read_p99_during_copies_ms")),
+            pair(f("read_p99_during_durable_writes_ms"), f("bystander_read_p99_during_durable_writes_ms")),
         )
         .unwrap();
     }

@@ -161,6 +161,31 @@ fn reset_replication_on_nonexistent_namespace_returns_404() {
     });
 }
 
+/// A reset with nothing in SQLite's WAL leaves that WAL alone: a stream's connection keeps its
+/// page cache (its `data_version` stays), while a write on another stream still moves it. A
+/// checkpoint of the empty WAL restarted it, which made every pooled connection drop its cache.
+#[test]
+fn a_reset_with_an_empty_wal_leaves_the_readers_page_caches_alone() {
+    with_server(|_| async {
+        namespace_with_rows("a").await;
+        // The first reset moves the rows' WAL frames into the data file.
+        assert_eq!(reset("a").await.0, StatusCode::OK);
+        let read_version = |baton: Value| async move {
+            let (status, answer) = pipeline("a", json!({"baton": baton, "requests": [execute("PRAGMA data_version")]})).await;
+            assert_eq!(status, StatusCode::OK, "{answer}");
+            (rows(&answer, 0)[0][0].clone(), answer["baton"].clone())
+        };
+        let (before, baton) = read_version(Value::Null).await;
+        assert_eq!(reset("a").await.0, StatusCode::OK);
+        let (after, baton) = read_version(baton).await;
+        assert_eq!(before, after, "the stream's connection dropped its page cache in a reset that had nothing to checkpoint");
+        exec("a", "INSERT INTO t (v) VALUES (x'00')").await;
+        let (written, _) = read_version(baton).await;
+        assert_ne!(after, written, "data_version did not see another connection's write");
+        Ok(())
+    });
+}
+
 #[test]
 fn reset_replication_is_idempotent() {
     with_server(|dbs| async move {

@@ -187,6 +187,15 @@ impl Shared {
 }
 
 impl Shared {
+    /// With the write gate held: whether SQLite's WAL file has no bytes (or does not exist).
+    /// Only writers add to it, and they hold the gate, so it then holds nothing to checkpoint.
+    fn wal_is_empty(&self) -> bool {
+        match std::fs::metadata(wal_path(&self.path)) {
+            Ok(wal) => wal.len() == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        }
+    }
+
     /// With the write gate held: moves all of SQLite's WAL into the data file and empties it,
     /// on a connection of its own, making up to `attempts` tries of waiting
     /// [`CHECKPOINT_READER_WAIT`] for readers. False if readers kept it from finishing.
@@ -356,10 +365,15 @@ impl Database {
     /// Size in bytes of the data file and of SQLite's WAL beside it.
     pub fn file_sizes(&self) -> (u64, u64) {
         let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        let mut wal = self.shared.path.clone().into_os_string();
-        wal.push("-wal");
-        (size(&self.shared.path), size(Path::new(&wal)))
+        (size(&self.shared.path), size(&wal_path(&self.shared.path)))
     }
+}
+
+/// SQLite's WAL beside the data file at `data`.
+fn wal_path(data: &Path) -> PathBuf {
+    let mut wal = data.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
 }
 
 fn open_engine_connection(path: &Path, logger: &Option<Arc<ReplicationLogger>>) -> Result<EngineConnection, Error> {

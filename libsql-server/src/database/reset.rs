@@ -63,39 +63,51 @@ impl Database {
         let logger = shared.log()?;
         let (pin, at) = {
             let _permit = shared.gate.acquire(RESET_GATE_WAIT).ok_or(ResetError::Busy("the write lock stayed busy"))?;
-            let checkpointed = match shared.checkpoint_fully(CHECKPOINT_ATTEMPTS) {
+            // An empty WAL is not checkpointed: that would restart it, which makes every pooled
+            // connection drop its page cache.
+            let emptied = if shared.wal_is_empty() { Ok(true) } else { shared.checkpoint_fully(CHECKPOINT_ATTEMPTS) };
+            let checkpointed = match emptied {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(ResetError::Busy("readers kept SQLite's WAL from a full checkpoint")),
                 Err(e) => Err(e.into()),
             };
-            if let Err(e) = checkpointed {
-                // A data file SQLite cannot even checkpoint is judged by the check.
-                let check = check_data_file(&shared.path, false);
-                return Err(if check.ok { e } else { ResetError::DataCorrupt(check.message) });
+            let pinned =
+                checkpointed.and_then(|()| Checker::open(&shared.path).and_then(Checker::pin).map_err(|e| ResetError::Database(e.into())));
+            match pinned {
+                Ok(pin) => (pin, logger.position()),
+                Err(e) => {
+                    // A data file SQLite cannot even checkpoint or read is judged by the check.
+                    let check = check_data_file(&shared.path, false);
+                    return Err(if check.ok { e } else { ResetError::DataCorrupt(check.message) });
+                }
             }
-            let pin = Checker::open(&shared.path).and_then(Checker::pin).map_err(Error::from)?;
-            (pin, logger.position())
         };
         let pinned = started.elapsed();
         let old_log_id = logger.log_id();
-        // No lock is held here, so the image and the check run at background priority: the
-        // other namespaces' requests (and this one's) come first.
+        // No lock is held here, so the image and the check run at background priority, on
+        // threads named for them: the other namespaces' requests (and this one's) come first.
+        let background = |name: &str| std::thread::Builder::new().name(name.into());
+        let no_thread = |_: std::io::Error| ResetError::Busy("no thread could be started for the reset");
         let (prepared, check) = std::thread::scope(|scope| {
-            let checker = scope.spawn(move || {
-                crate::blocking::lower_priority();
-                let check = pin.check(false);
-                (pin, check)
-            });
-            let imager = scope.spawn(|| {
-                crate::blocking::lower_priority();
-                logger.prepare_reset(&shared.path, at)
-            });
+            let checker = background("sqld-reset-check")
+                .spawn_scoped(scope, move || {
+                    crate::blocking::lower_priority();
+                    let check = pin.check(false);
+                    (pin, check)
+                })
+                .map_err(no_thread)?;
+            let imager = background("sqld-reset-image")
+                .spawn_scoped(scope, || {
+                    crate::blocking::lower_priority();
+                    logger.prepare_reset(&shared.path, at)
+                })
+                .map_err(no_thread)?;
             let prepared = imager.join().unwrap_or_else(|_| panic!("writing the new log's image panicked"));
             let (pin, check) = checker.join().unwrap_or_else(|_| panic!("the data check panicked"));
             // The image is written: the data file may move on.
             drop(pin);
-            (prepared, check)
-        });
+            Ok::<_, ResetError>((prepared, check))
+        })?;
         let DataCheck { ok, message } = check;
         if !ok {
             return Err(ResetError::DataCorrupt(message));

@@ -61,7 +61,13 @@ impl ReplicationLogger {
         durable::sync_file(data).map_err(|e| LogError::io(data, e))?;
         let path = self.dir.join(WALLOG_REBUILD);
         self.resetting.store(true, Ordering::Release);
-        match recovery::new_log_with_image(&path, data) {
+        // The image reaches the disk here, without the write gate (and at the caller's
+        // priority), so the swap, which writers wait for, syncs only the frames it catches up
+        // and the header.
+        let imaged = recovery::new_log_with_image(&path, data).and_then(|(file, header, last_checksum)| {
+            file.sync_data().map(|()| (file, header, last_checksum)).map_err(|e| LogError::io(&path, e))
+        });
+        match imaged {
             Ok((file, header, last_checksum)) => {
                 Ok(PreparedReset { logger: self, path, file, header, last_checksum, image_pages: header.frame_count, at, done: false })
             }
@@ -87,7 +93,8 @@ impl ReplicationLogger {
         self.catch_up(&mut prepared)?;
         let io = |p: &Path, e| LogError::io(p, e);
         let (path, file) = (&prepared.path, &prepared.file);
-        // One sync for frames and header: nothing reads this file before the rename.
+        // The image is synced already; one sync for the frames caught up and the header:
+        // nothing reads this file before the rename.
         file.write_all_at(&prepared.header.encode(), 0).and_then(|()| file.sync_all()).map_err(|e| io(path, e))?;
         failpoint::check("reset.before_swap", path).map_err(|e| io(path, e))?;
         let wallog = self.dir.join(WALLOG);
