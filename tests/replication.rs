@@ -454,6 +454,46 @@ fn crashes_inside_reset_replication_recover_on_next_open() {
     }
 }
 
+/// A reset moves the old log's snapshots and retired logs aside under the write gate and frees
+/// them after it (freeing a large file's blocks takes a while; writers do not wait for it). A
+/// crash before they are freed leaves them aside, where nothing reads them, and the next open
+/// removes them.
+#[test]
+fn a_reset_frees_the_old_snapshots_after_the_swap_and_the_next_open_frees_what_a_crash_left() {
+    let aside = |dir: &Path| {
+        std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(".dropped-")).count()
+    };
+    let stale = |dir: &Path| {
+        for name in ["snapshots", "to_compact"] {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+            std::fs::write(dir.join(name).join("old"), vec![7u8; 1 << 20]).unwrap();
+        }
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    primary.exec("CREATE TABLE t (k, v); INSERT INTO t SELECT value, randomblob(2000) FROM generate_series(1, 500);");
+    stale(tmp.path());
+    primary.db().reset_replication().unwrap();
+    assert_eq!(aside(tmp.path()), 0, "a reset frees what it moved aside before it answers");
+    assert!(!tmp.path().join("snapshots").exists() && !tmp.path().join("to_compact").exists());
+
+    stale(tmp.path());
+    {
+        let _armed = failpoint::arm("log.dropped_aside", tmp.path());
+        assert!(primary.db().reset_replication().is_err(), "the failpoint stops the reset once the old snapshots are aside");
+    }
+    assert_eq!(aside(tmp.path()), 2);
+    assert!(!tmp.path().join("snapshots").exists() && !tmp.path().join("to_compact").exists());
+    primary.exec("INSERT INTO t VALUES (-1, 'after')");
+    primary.crash();
+
+    let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
+    assert_eq!(aside(tmp.path()), 0, "the next open frees what a crash left aside");
+    assert_eq!(primary.count("SELECT count(*) FROM t"), 501);
+    primary.assert_replay_equals_data();
+    primary.close();
+}
+
 /// A reset holds writers only while it pins the data file and while it swaps the new log in:
 /// a write made while the new log's image is built is not held (it would wait for the write
 /// lock on this very thread, and fail), and it is in the new log.

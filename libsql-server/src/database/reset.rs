@@ -114,9 +114,15 @@ impl Database {
         }
         let prepared = prepared?;
         meanwhile();
-        let _permit = shared.gate.acquire(RESET_GATE_WAIT).ok_or(ResetError::Busy("the write lock stayed busy"))?;
-        let swapping = Instant::now();
-        let (log_id, generation, pages) = logger.finish_reset(prepared)?;
-        Ok(Reset { old_log_id, log_id, generation, pages, elapsed: started.elapsed(), writers_held: (pinned, swapping.elapsed()) })
+        let (log_id, generation, pages, swapped) = {
+            let _permit = shared.gate.acquire(RESET_GATE_WAIT).ok_or(ResetError::Busy("the write lock stayed busy"))?;
+            let swapping = Instant::now();
+            let (log_id, generation, pages) = logger.finish_reset(prepared)?;
+            (log_id, generation, pages, swapping.elapsed())
+        };
+        // The old log's snapshots and retired logs were moved aside in the swap; their blocks
+        // are freed here, while writers go on.
+        logger.remove_dropped();
+        Ok(Reset { old_log_id, log_id, generation, pages, elapsed: started.elapsed(), writers_held: (pinned, swapped) })
     }
 }

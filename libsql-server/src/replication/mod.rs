@@ -44,6 +44,9 @@ pub const WALLOG_NEW: &str = "wallog.new";
 pub const WALLOG_REBUILD: &str = "wallog.rebuild";
 pub const SNAPSHOTS_DIR: &str = "snapshots";
 pub const TO_COMPACT_DIR: &str = "to_compact";
+/// How the snapshots and retired logs of a log a reset replaced begin their names once moved
+/// aside, to be removed without the write gate (freeing their blocks takes a while).
+pub const DROPPED_PREFIX: &str = ".dropped-";
 pub const SENTINEL: &str = ".sentinel";
 /// Beside a log that holds frames of a transaction that did not commit and could not be
 /// discarded: recovery must not roll the data file forward from it.

@@ -28,7 +28,9 @@ use super::generation;
 use super::synced::{self, SyncedThrough};
 use super::image::{write_image, ImageTarget};
 use super::logger::{create_log_file, frame_offset, read_log_header, LogSettings, ReplicationLogger};
-use super::{failpoint, LogError, DATA, DATA_WAL, LOG_UNTRUSTED, SENTINEL, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG, WALLOG_NEW};
+use super::{
+    failpoint, LogError, DATA, DATA_WAL, DROPPED_PREFIX, LOG_UNTRUSTED, SENTINEL, SNAPSHOTS_DIR, TO_COMPACT_DIR, WALLOG, WALLOG_NEW,
+};
 use crate::durable;
 
 /// Why the log was rebuilt, and what it cost.
@@ -217,6 +219,7 @@ pub fn rebuild(dir: &Path, data: &Path, reason: &'static str) -> Result<Rebuild,
     durable::sync_dir(dir).map_err(|e| io(dir, e))?;
     failpoint::check("recovery.after_swap", &wallog).map_err(|e| LogError::io(&wallog, e))?;
     drop_old_log(dir, header.log_id, pages)?;
+    remove_dropped(dir);
     Ok(Rebuild { reason, pages, took: started.elapsed() })
 }
 
@@ -237,12 +240,16 @@ pub(super) fn new_log_with_image(path: &Path, data: &Path) -> Result<(File, LogH
 /// Once a new log (`log_id`, opening with an image of `image_pages` pages of `data`) is the
 /// wallog: the old log's snapshots, retired logs and marks go, and the data file is recorded
 /// durable through the image (it was synced before the image was taken), so a roll-forward
-/// replays only what comes after it.
+/// replays only what comes after it. The snapshots and retired logs are only moved aside
+/// (renamed to `.dropped-*`, which nothing reads): freeing their blocks takes a while (some
+/// 100 ms for 256 MB here), so it is left to `remove_dropped`, which the caller runs without
+/// the write gate; the next open removes whatever a crash left aside.
 pub(super) fn drop_old_log(dir: &Path, log_id: Uuid, image_pages: u64) -> Result<(), LogError> {
     let io = |p: &Path, e| LogError::io(p, e);
     for stale in [SNAPSHOTS_DIR, TO_COMPACT_DIR] {
         let path = dir.join(stale);
-        match std::fs::remove_dir_all(&path) {
+        let aside = dir.join(format!("{DROPPED_PREFIX}{stale}-{}", Uuid::new_v4()));
+        match std::fs::rename(&path, &aside) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(&path, e)),
@@ -251,10 +258,21 @@ pub(super) fn drop_old_log(dir: &Path, log_id: Uuid, image_pages: u64) -> Result
     let _ = std::fs::remove_file(dir.join(WALLOG_NEW));
     let _ = std::fs::remove_file(dir.join(LOG_UNTRUSTED));
     durable::sync_dir(dir).map_err(|e| io(dir, e))?;
+    failpoint::check("log.dropped_aside", dir).map_err(|e| io(dir, e))?;
     if image_pages > 0 {
         synced::record_presynced(dir, SyncedThrough { log_id, start_frame_no: 0, frame_no: image_pages - 1 });
     }
     Ok(())
+}
+
+/// Removes what `drop_old_log` moved aside in `dir` (and anything a crash left aside).
+pub(super) fn remove_dropped(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(DROPPED_PREFIX)) {
+        if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+            tracing::warn!(path = %entry.path().display(), error = %e, "removing a replaced log's snapshots failed; the next open tries again");
+        }
+    }
 }
 
 /// Moves everything in SQLite's WAL into the data file (a directory written by the libSQL

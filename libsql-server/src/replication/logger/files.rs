@@ -60,9 +60,11 @@ pub(in crate::replication) fn create_log_file(path: &Path, header: &LogHeader) -
 }
 
 /// What an interrupted reset or data rebuild left beside the log: a half-built log
-/// (`wallog.rebuild`) and scratch replays (`.rebuild-*`). Nothing reads them.
+/// (`wallog.rebuild`), scratch replays (`.rebuild-*`) and a replaced log's snapshots moved
+/// aside (`.dropped-*`). Nothing reads them.
 pub(super) fn remove_leftovers(dir: &Path) {
     let _ = std::fs::remove_file(dir.join(WALLOG_REBUILD));
+    crate::replication::recovery::remove_dropped(dir);
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(".rebuild-")) {
             let _ = std::fs::remove_dir_all(entry.path());

@@ -143,13 +143,20 @@ impl ReplicationLogger {
         Ok(())
     }
 
-    /// After the new log is the wallog: the old log's snapshots and retired logs go, and the
-    /// data file is recorded durable through the new log's image.
+    /// After the new log is the wallog: the old log's snapshots and retired logs go (moved
+    /// aside; [`Self::remove_dropped`] frees them), and the data file is recorded durable
+    /// through the new log's image.
     fn after_swap(&self, prepared: &PreparedReset<'_>) -> Result<(), LogError> {
         let io = |p: &Path, e| LogError::io(p, e);
         durable::sync_dir(&self.dir).map_err(|e| io(&self.dir, e))?;
         failpoint::check("reset.after_swap", &self.dir).map_err(|e| io(&self.dir, e))?;
         recovery::drop_old_log(&self.dir, prepared.header.log_id, prepared.image_pages)
+    }
+
+    /// Frees what resets moved aside (the snapshots and retired logs of the logs they
+    /// replaced). Run without the write gate: writers do not wait for it.
+    pub fn remove_dropped(&self) {
+        recovery::remove_dropped(&self.dir);
     }
 
     /// After a reset failed: if its new log was already swapped in, appending to the old one
