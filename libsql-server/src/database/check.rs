@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use libsql_sys::rusqlite::{config::DbConfig, OpenFlags};
+use libsql_sys::rusqlite::{config::DbConfig, ErrorCode, OpenFlags};
 use libsql_sys::wal::Sqlite3WalManager;
 
 /// How much of a data file a check reads through a memory map (the rest by reads).
@@ -19,17 +19,29 @@ pub struct DataCheck {
     pub ok: bool,
     /// `ok`, the first lines SQLite reported, or why the file could not be read.
     pub message: String,
+    /// Whether the verdict is about what the file holds: the check ran, or SQLite refused the
+    /// file as corrupt or not a database. False when the check could not run for another
+    /// reason (I/O, memory, too many open files): `ok` is then false, but says nothing of
+    /// the data.
+    pub judged: bool,
+}
+
+impl DataCheck {
+    fn failed(e: &libsql_sys::rusqlite::Error) -> Self {
+        let judged = matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase));
+        DataCheck { ok: false, message: e.to_string(), judged }
+    }
 }
 
 /// `PRAGMA quick_check` (or `integrity_check` with `full`) of the database file at `path`. A
 /// missing file is an empty database, which passes.
 pub fn check_data_file(path: &Path, full: bool) -> DataCheck {
     if !path.exists() {
-        return DataCheck { ok: true, message: "ok".into() };
+        return DataCheck { ok: true, message: "ok".into(), judged: true };
     }
     match Checker::open(path) {
         Ok(checker) => checker.check(full),
-        Err(e) => DataCheck { ok: false, message: e.to_string() },
+        Err(e) => DataCheck::failed(&e),
     }
 }
 
@@ -67,9 +79,9 @@ impl Checker {
             rows.take(REPORT_LINES).collect::<Result<Vec<_>, _>>()
         });
         match lines {
-            Ok(lines) if lines == ["ok"] => DataCheck { ok: true, message: "ok".into() },
-            Ok(lines) => DataCheck { ok: false, message: lines.join("\n") },
-            Err(e) => DataCheck { ok: false, message: e.to_string() },
+            Ok(lines) if lines == ["ok"] => DataCheck { ok: true, message: "ok".into(), judged: true },
+            Ok(lines) => DataCheck { ok: false, message: lines.join("\n"), judged: true },
+            Err(e) => DataCheck::failed(&e),
         }
     }
 }

@@ -24,6 +24,8 @@ pub enum ResetError {
     Unopenable(String),
     #[error("the live data fails SQLite's check, so the log was left as it was: {0}")]
     DataCorrupt(String),
+    #[error("the live data could not be checked, so the log was left as it was: {0}; try again")]
+    Unchecked(String),
     #[error(transparent)]
     Log(#[from] LogError),
     #[error(transparent)]
@@ -40,6 +42,16 @@ pub struct Reset {
     pub elapsed: Duration,
     /// How long writers waited: while the data file was made whole and pinned, and for the swap.
     pub writers_held: (Duration, Duration),
+}
+
+/// Why a reset refuses, given the data check: corrupt data, or a check that could not run (which
+/// says nothing of the data); `None` if the data passed.
+fn refusal(check: DataCheck) -> Option<ResetError> {
+    match check {
+        DataCheck { ok: true, .. } => None,
+        DataCheck { judged: true, message, .. } => Some(ResetError::DataCorrupt(message)),
+        DataCheck { judged: false, message, .. } => Some(ResetError::Unchecked(message)),
+    }
 }
 
 impl Database {
@@ -61,7 +73,7 @@ impl Database {
         let started = Instant::now();
         let shared = &self.shared;
         let logger = shared.log()?;
-        let (pin, at) = {
+        let pin_taken = {
             let _permit = shared.gate.acquire(RESET_GATE_WAIT).ok_or(ResetError::Busy("the write lock stayed busy"))?;
             // An empty WAL is not checkpointed: that would restart it, which makes every pooled
             // connection drop its page cache.
@@ -71,16 +83,15 @@ impl Database {
                 Ok(false) => Err(ResetError::Busy("readers kept SQLite's WAL from a full checkpoint")),
                 Err(e) => Err(e.into()),
             };
-            let pinned =
-                checkpointed.and_then(|()| Checker::open(&shared.path).and_then(Checker::pin).map_err(|e| ResetError::Database(e.into())));
-            match pinned {
-                Ok(pin) => (pin, logger.position()),
-                Err(e) => {
-                    // A data file SQLite cannot even checkpoint or read is judged by the check.
-                    let check = check_data_file(&shared.path, false);
-                    return Err(if check.ok { e } else { ResetError::DataCorrupt(check.message) });
-                }
-            }
+            checkpointed
+                .and_then(|()| Checker::open(&shared.path).and_then(Checker::pin).map_err(|e| ResetError::Database(e.into())))
+                .map(|pin| (pin, logger.position()))
+        };
+        // A data file SQLite cannot even checkpoint or read is judged by the check, which runs
+        // without the write gate.
+        let (pin, at) = match pin_taken {
+            Ok(taken) => taken,
+            Err(e) => return Err(refusal(check_data_file(&shared.path, false)).unwrap_or(e)),
         };
         let pinned = started.elapsed();
         let old_log_id = logger.log_id();
@@ -89,14 +100,14 @@ impl Database {
         let background = |name: &str| std::thread::Builder::new().name(name.into());
         let no_thread = |_: std::io::Error| ResetError::Busy("no thread could be started for the reset");
         let (prepared, check) = std::thread::scope(|scope| {
-            let checker = background("sqld-reset-check")
+            let checker = background("sqld-reset-chk")
                 .spawn_scoped(scope, move || {
                     crate::blocking::lower_priority();
                     let check = pin.check(false);
                     (pin, check)
                 })
                 .map_err(no_thread)?;
-            let imager = background("sqld-reset-image")
+            let imager = background("sqld-reset-img")
                 .spawn_scoped(scope, || {
                     crate::blocking::lower_priority();
                     logger.prepare_reset(&shared.path, at)
@@ -108,21 +119,20 @@ impl Database {
             drop(pin);
             Ok::<_, ResetError>((prepared, check))
         })?;
-        let DataCheck { ok, message } = check;
-        if !ok {
-            return Err(ResetError::DataCorrupt(message));
+        if let Some(refused) = refusal(check) {
+            return Err(refused);
         }
         let prepared = prepared?;
         meanwhile();
-        let (log_id, generation, pages, swapped) = {
+        let swapped = {
             let _permit = shared.gate.acquire(RESET_GATE_WAIT).ok_or(ResetError::Busy("the write lock stayed busy"))?;
             let swapping = Instant::now();
-            let (log_id, generation, pages) = logger.finish_reset(prepared)?;
-            (log_id, generation, pages, swapping.elapsed())
+            logger.finish_reset(prepared).map(|done| (done, swapping.elapsed()))
         };
-        // The old log's snapshots and retired logs were moved aside in the swap; their blocks
-        // are freed here, while writers go on.
+        // The old log's snapshots and retired logs were moved aside in the swap (also if it
+        // failed after that); their blocks are freed here, while writers go on.
         logger.remove_dropped();
+        let ((log_id, generation, pages), swapped) = swapped?;
         Ok(Reset { old_log_id, log_id, generation, pages, elapsed: started.elapsed(), writers_held: (pinned, swapped) })
     }
 }

@@ -59,7 +59,7 @@ impl From<namespace::Error> for ApiError {
                 RebuildError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
                 RebuildError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
-            E::Reset { source: ResetError::Busy(_), .. } => StatusCode::SERVICE_UNAVAILABLE,
+            E::Reset { source: ResetError::Busy(_) | ResetError::Unchecked(_), .. } => StatusCode::SERVICE_UNAVAILABLE,
             E::Reset { .. } | E::Database { .. } | E::Meta(_) | E::Log { .. } | E::Io { .. } | E::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -89,6 +89,7 @@ impl Error {
             Error::Reset { source, .. } => match source {
                 ResetError::Busy(_) => "REPAIR_BUSY",
                 ResetError::DataCorrupt(_) => "DATA_CORRUPT",
+                ResetError::Unchecked(_) => "CHECK_FAILED",
                 ResetError::Unopenable(_) => "UNOPENABLE",
                 ResetError::Log(_) | ResetError::Database(_) => "INTERNAL",
             },

@@ -43,7 +43,10 @@ impl NamespaceStore {
                 // Say whether the data itself is what keeps it from opening.
                 let data = self.inner.dir_of(name).join(crate::replication::DATA);
                 let check = blocking::run_in_background(move || check_data_file(&data, false)).await.map_err(internal)?;
-                let source = if check.ok { ResetError::Unopenable(e.to_string()) } else { ResetError::DataCorrupt(check.message) };
+                let source = match check.ok || !check.judged {
+                    true => ResetError::Unopenable(e.to_string()),
+                    false => ResetError::DataCorrupt(check.message),
+                };
                 return Err(Error::Reset { name: name.clone(), source });
             }
         };
