@@ -463,12 +463,12 @@ fn a_reset_frees_the_old_snapshots_after_the_swap_and_the_next_open_frees_what_a
     let aside = |dir: &Path| {
         std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(".dropped-")).count()
     };
-    let stale = |dir: &Path| {
-        for name in ["snapshots", "to_compact"] {
-            std::fs::create_dir_all(dir.join(name)).unwrap();
-            std::fs::write(dir.join(name).join("old"), vec![7u8; 1 << 20]).unwrap();
-        }
+    // A directory holding a file of 1 MB.
+    let filled = |dir: &Path| {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("old"), vec![7u8; 1 << 20]).unwrap();
     };
+    let stale = |dir: &Path| ["snapshots", "to_compact"].into_iter().for_each(|name| filled(&dir.join(name)));
     let tmp = tempfile::tempdir().unwrap();
     let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());
     primary.exec("CREATE TABLE t (k, v); INSERT INTO t SELECT value, randomblob(2000) FROM generate_series(1, 500);");
@@ -486,8 +486,7 @@ fn a_reset_frees_the_old_snapshots_after_the_swap_and_the_next_open_frees_what_a
     assert!(!tmp.path().join("snapshots").exists() && !tmp.path().join("to_compact").exists());
     primary.exec("INSERT INTO t VALUES (-1, 'after')");
     // What a crash between the move and the free leaves.
-    std::fs::create_dir_all(tmp.path().join(".dropped-snapshots-crashed")).unwrap();
-    std::fs::write(tmp.path().join(".dropped-snapshots-crashed/old"), vec![7u8; 1 << 20]).unwrap();
+    filled(&tmp.path().join(".dropped-snapshots-crashed"));
     primary.crash();
 
     let primary = Primary::open(tmp.path(), no_compaction(), RecoveryOptions::default());

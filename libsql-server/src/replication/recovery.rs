@@ -219,7 +219,6 @@ pub fn rebuild(dir: &Path, data: &Path, reason: &'static str) -> Result<Rebuild,
     durable::sync_dir(dir).map_err(|e| io(dir, e))?;
     failpoint::check("recovery.after_swap", &wallog).map_err(|e| LogError::io(&wallog, e))?;
     drop_old_log(dir, header.log_id, pages)?;
-    remove_dropped(dir);
     Ok(Rebuild { reason, pages, took: started.elapsed() })
 }
 
@@ -242,8 +241,9 @@ pub(super) fn new_log_with_image(path: &Path, data: &Path) -> Result<(File, LogH
 /// durable through the image (it was synced before the image was taken), so a roll-forward
 /// replays only what comes after it. The snapshots and retired logs are only moved aside
 /// (renamed to `.dropped-*`, which nothing reads): freeing their blocks takes a while (some
-/// 100 ms for 256 MB here), so it is left to `remove_dropped`, which the caller runs without
-/// the write gate; the next open removes whatever a crash left aside.
+/// 100 ms for 256 MB here), so it is left to `ReplicationLogger::remove_dropped`, which a reset
+/// runs without the write gate, and to the logger's open (which follows every rebuild here, and
+/// removes whatever a crash left aside).
 pub(super) fn drop_old_log(dir: &Path, log_id: Uuid, image_pages: u64) -> Result<(), LogError> {
     let io = |p: &Path, e| LogError::io(p, e);
     for stale in [SNAPSHOTS_DIR, TO_COMPACT_DIR] {
@@ -263,16 +263,6 @@ pub(super) fn drop_old_log(dir: &Path, log_id: Uuid, image_pages: u64) -> Result
         synced::record_presynced(dir, SyncedThrough { log_id, start_frame_no: 0, frame_no: image_pages - 1 });
     }
     Ok(())
-}
-
-/// Removes what `drop_old_log` moved aside in `dir` (and anything a crash left aside).
-pub(super) fn remove_dropped(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for entry in entries.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(DROPPED_PREFIX)) {
-        if let Err(e) = std::fs::remove_dir_all(entry.path()) {
-            tracing::warn!(path = %entry.path().display(), error = %e, "removing a replaced log's snapshots failed; the next open tries again");
-        }
-    }
 }
 
 /// Moves everything in SQLite's WAL into the data file (a directory written by the libSQL

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::durable;
 use crate::replication::format::{LogHeader, FRAME_SIZE, LOG_HEADER_SIZE};
-use crate::replication::{LogError, DATA, DATA_WAL, LOG_UNTRUSTED, WALLOG_REBUILD};
+use crate::replication::{LogError, DATA, DATA_WAL, DROPPED_PREFIX, LOG_UNTRUSTED, WALLOG_REBUILD};
 
 /// How far ahead of the frames the file is filled with zeros.
 const PREALLOCATE: u64 = 4 << 20;
@@ -64,10 +64,18 @@ pub(in crate::replication) fn create_log_file(path: &Path, header: &LogHeader) -
 /// aside (`.dropped-*`). Nothing reads them.
 pub(super) fn remove_leftovers(dir: &Path) {
     let _ = std::fs::remove_file(dir.join(WALLOG_REBUILD));
-    crate::replication::recovery::remove_dropped(dir);
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(".rebuild-")) {
-            let _ = std::fs::remove_dir_all(entry.path());
+    remove_trees(dir, &[".rebuild-", DROPPED_PREFIX]);
+}
+
+/// Removes the directory trees in `dir` whose names begin with one of `prefixes`, in one scan.
+pub(super) fn remove_trees(dir: &Path, prefixes: &[&str]) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.filter_map(|e| e.ok()) {
+        if !prefixes.iter().any(|p| entry.file_name().to_string_lossy().starts_with(p)) {
+            continue;
+        }
+        if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+            tracing::warn!(path = %entry.path().display(), error = %e, "removing a leftover beside the log failed; the next open tries again");
         }
     }
 }

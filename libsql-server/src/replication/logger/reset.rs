@@ -12,7 +12,7 @@ use super::{frame_offset, LogState, ReplicationLogger};
 use crate::durable;
 use crate::replication::format::{checksum, FrameHeader, LogHeader, FRAME_SIZE};
 use crate::replication::synced;
-use crate::replication::{failpoint, generation, recovery, LogError, WALLOG, WALLOG_REBUILD};
+use crate::replication::{failpoint, generation, recovery, LogError, DROPPED_PREFIX, WALLOG, WALLOG_REBUILD};
 
 /// Where the live log stood when the data file was pinned: its identity and committed frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,7 +156,7 @@ impl ReplicationLogger {
     /// Frees what resets moved aside (the snapshots and retired logs of the logs they
     /// replaced). Run without the write gate: writers do not wait for it.
     pub fn remove_dropped(&self) {
-        recovery::remove_dropped(&self.dir);
+        super::files::remove_trees(&self.dir, &[DROPPED_PREFIX]);
     }
 
     /// After a reset failed: if its new log was already swapped in, appending to the old one
